@@ -22,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from uda.errors import UserError
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A preset or an override that does not fit the recipe's schema."""
 
 
