@@ -127,6 +127,16 @@ def _load_preset_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
         raise ConfigError(f"In {path.name}: {err}") from None
 
 
+def _yaml_number_fix(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` (or one space-separated string) into a nested dict."""
     if overrides is None:
@@ -147,7 +157,7 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | str | None) -
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError:
                 raise ConfigError(f"Override {text!r}: the value is not valid YAML.") from None
-            items.append((key.strip(), value))
+            items.append((key.strip(), _yaml_number_fix(value)))
     nested: dict[str, Any] = {}
     for key, value in items:
         parts = key.split(".")

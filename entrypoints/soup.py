@@ -1,0 +1,35 @@
+"""`mlflow run . -e soup`: mix registered checkpoints by alias; move `serving` to a verified soup."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from uda import cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    cli.add_config_args(parser)
+    cli.add_device_arg(parser)
+    parser.add_argument("--target-root", required=True)
+    parser.add_argument("--model-name", default="cs2acdc-student")
+    parser.add_argument("--aliases", default="", help="comma-separated, e.g. iter-24000,iter-32000,iter-40000")
+    parser.add_argument("--weights", default="optuna", help="e.g. 3,3,4 (normalised), or optuna")
+    parser.add_argument("--method", default="", help="optuna, greedy or uniform")
+    parser.add_argument("--trials", default="")
+    parser.add_argument("--objective", default="", help="miou or teacher-agreement")
+    parser.add_argument("--promote", default="true", help="true, false or if-better")
+    parser.add_argument("--seed", default="0")
+    args = parser.parse_args(argv)
+    aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] or None
+    cfg = cli.resolve_config(
+        args.preset, args.cfg_options,
+        data__target__root=args.target_root, seed=cli.optional_int("seed", args.seed),
+        soup__aliases=aliases, soup__method=args.method or None,
+        soup__trials=cli.optional_int("trials", args.trials, minimum=1),
+        soup__objective=args.objective or None)
+    return cli.log_pending_step("soup", vars(args), cfg, "Souping")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_cli(main))

@@ -1,0 +1,114 @@
+"""Command-line plumbing shared by the thin scripts in ``entrypoints/``.
+
+Each script builds an ``argparse`` parser from these pieces, then calls
+``run_cli(main)``: a ``UserError`` becomes one ``error: …`` line and exit
+status 2, an interruption exit status 130; a bug keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from uda.config import load_config, merge_into, parse_overrides
+from uda.errors import UserError  # noqa: F401  (re-exported for entry points)
+
+log = logging.getLogger("uda")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--cfg-options`` (mmsegmentation's name for overrides)."""
+    parser.add_argument("--preset", default="default",
+                        help="preset name in uda/configs (default, cs2acdc) or a YAML path")
+    parser.add_argument("--cfg-options", default="",
+                        help="space-separated key.sub=value overrides of the preset")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+
+
+def optional_int(name: str, text: str, minimum: int | None = None) -> int | None:
+    """Parse an integer parameter where "" means "the preset's value"."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError
+        value = int(value)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {text!r}.") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def parse_bool(name: str, text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise UserError(f"{name} must be true or false, got {text!r}.")
+
+
+def resolve_config(preset: str, cfg_options: str, **dotted: Any) -> dict[str, Any]:
+    """Load ``preset`` with the entry point's own parameters applied, then ``cfg_options``.
+
+    Args:
+        preset: Preset name or YAML path.
+        cfg_options: Free-form ``key=value`` overrides; applied last.
+        **dotted: Entry-point parameters keyed by their dotted config key with
+            ``__`` for dots (``runner__max_iters=200``); ``None`` values are skipped.
+    """
+    overrides = {k.replace("__", "."): v for k, v in dotted.items() if v is not None}
+    return merge_into(load_config(preset, overrides), parse_overrides(cfg_options))
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available else ``cpu``; validate explicit names."""
+    import torch
+
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"Device {name!r} was requested but CUDA is not available here; use cpu.")
+    return str(device)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point's ``main`` and turn predictable failures into clean exits."""
+    logging.basicConfig(level=os.environ.get("UDA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Quieter MLflow/alembic start-up chatter; warnings and errors still show.
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(main(argv) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def log_pending_step(entry_point: str, params: dict[str, Any], cfg: dict[str, Any], what: str) -> int:
+    """Log the run of an entry point whose work lands in a later release, and say so."""
+    from uda.tracking import entry_point_run
+
+    with entry_point_run(entry_point, params, cfg) as run:
+        import mlflow
+
+        mlflow.set_tag("status", "not-implemented")
+        print(f"{entry_point}: {what} is not implemented yet; run {run.info.run_id} logged its "
+              "parameters and resolved config only.")
+    return 0

@@ -1,0 +1,84 @@
+"""MLflow bookkeeping shared by every entry point.
+
+One entry point = one MLflow run with its parameters logged, the resolved
+config logged as ``config.yaml`` and the git commit tagged. Under
+``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed;
+called directly, a run is created in the ``cs2acdc-uda`` experiment.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from uda.config import dump_config
+
+DEFAULT_EXPERIMENT = "cs2acdc-uda"
+CONFIG_ARTIFACT = "config.yaml"
+# MLflow rejects param values longer than this (mlflow.utils.validation).
+_MAX_PARAM_LENGTH = 6000
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` → ``{'a.b': 1}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    """The checked-out commit of the project, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_PARAM_LENGTH else text[:_MAX_PARAM_LENGTH - 3] + "..."
+
+
+@contextlib.contextmanager
+def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[str, Any] | None = None,
+                    nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume, under ``mlflow run``) the run of one entry point.
+
+    Args:
+        entry_point: Name of the entry point (``teacher``, ``distill``, …), tagged.
+        params: The entry point's own parameters, logged as given.
+        cfg: The resolved config: logged as the ``config.yaml`` artifact and
+            flattened into ``cfg.*`` params so runs can be compared in the UI.
+        nested: Start the run nested in the active one.
+    """
+    if os.environ.get("MLFLOW_RUN_ID") is None and mlflow.active_run() is None and not nested:
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else entry_point,
+                          nested=nested) as run:
+        tags = {"entry_point": entry_point}
+        commit = git_commit(Path(__file__).resolve().parent.parent)
+        if commit and "mlflow.source.git.commit" not in run.data.tags:
+            tags["mlflow.source.git.commit"] = commit
+        if cfg is not None and "name" in cfg:
+            tags["preset"] = str(cfg["name"])
+        mlflow.set_tags(tags)
+        logged = {k: _param_value(v) for k, v in params.items() if k not in run.data.params}
+        if cfg is not None:
+            logged.update({f"cfg.{k}": _param_value(v) for k, v in flatten(cfg).items()})
+            mlflow.log_text(dump_config(cfg), CONFIG_ARTIFACT)
+        # log_params raises if a key was already logged with another value (a resumed run).
+        existing = run.data.params
+        mlflow.log_params({k: v for k, v in logged.items() if k not in existing})
+        yield run
