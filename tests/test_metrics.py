@@ -187,3 +187,21 @@ def test_per_condition_merge():
     assert torch.equal(a.overall().matrix, both.overall().matrix)
     with pytest.raises(ValueError, match='cannot merge'):
         a.merge(PerConditionMetrics(conditions=('fog', )))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu_in_deterministic_mode():
+    rng = np.random.default_rng(4)
+    preds, gts = _random_maps(rng, 3, 19, shape=(64, 64))
+    cpu, gpu = ConfusionMatrix(), ConfusionMatrix(device='cuda')
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # bincount without weights is allowed
+    try:
+        for pred, gt in zip(preds, gts):
+            cpu.update(pred, gt)
+            gpu.update(torch.from_numpy(pred).cuda(), torch.from_numpy(gt).cuda())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert gpu.matrix.device.type == 'cuda'
+    assert torch.equal(gpu.matrix.cpu(), cpu.matrix)
+    assert gpu.miou() == cpu.miou()

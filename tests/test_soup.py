@@ -389,3 +389,17 @@ def test_optuna_search_bad_settings(kwargs, match):
 def test_optuna_search_rejects_non_finite_objective():
     with pytest.raises(SoupError, match='must be a finite number'):
         optuna_search(2, lambda w: float('nan'), trials=2)
+
+
+def test_mixed_state_dict_loads_into_the_module():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+              for _ in range(2)]
+    for model in models:  # give BN real statistics and counters
+        model.train()(torch.randn(2, 3, 8, 8))
+    mixed = mix_state_dicts([m.state_dict() for m in models], [1, 3])
+    target = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    target.load_state_dict(mixed, strict=True)
+    expected_mean = 0.25 * models[0][1].running_mean + 0.75 * models[1][1].running_mean
+    torch.testing.assert_close(target[1].running_mean, expected_mean)
+    assert target[1].num_batches_tracked.item() == 1

@@ -284,6 +284,27 @@ def check_compatible(
 # --------------------------------------------------------------------------
 # Mixing
 # --------------------------------------------------------------------------
+def _accumulate(state_dict: Mapping[str, torch.Tensor], weight: float,
+                running_sum: Dict[str, torch.Tensor],
+                kept: Dict[str, torch.Tensor]) -> None:
+    """Adds ``weight * state_dict`` to the running sums (a function, so that no
+    local variable keeps a tensor of the ingredient alive afterwards)."""
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach()
+        if not tensor.is_floating_point():
+            if key not in kept:
+                kept[key] = tensor.clone()
+            continue
+        accumulate_dtype = (torch.float64
+                            if tensor.dtype == torch.float64 else torch.float32)
+        total = running_sum.get(key)
+        if total is None:
+            # A fresh tensor: never aliases the loaded ingredient.
+            running_sum[key] = torch.mul(tensor.to(accumulate_dtype), weight)
+        else:
+            total.add_(tensor.to(total.device, accumulate_dtype), alpha=weight)
+
+
 @torch.no_grad()
 def mix_state_dicts(ingredients: Sequence[Ingredient],
                     weights: Sequence[float],
@@ -344,22 +365,7 @@ def mix_state_dicts(ingredients: Sequence[Ingredient],
         else:
             _raise_if_incompatible(reference, spec, index, names)
         if weight > 0:
-            for key, tensor in state_dict.items():
-                tensor = tensor.detach()
-                if not tensor.is_floating_point():
-                    if key not in kept:
-                        kept[key] = tensor.clone()
-                    continue
-                accumulate_dtype = (torch.float64 if tensor.dtype
-                                    == torch.float64 else torch.float32)
-                total = running_sum.get(key)
-                if total is None:
-                    # A fresh tensor: never aliases the loaded ingredient.
-                    running_sum[key] = torch.mul(
-                        tensor.to(accumulate_dtype), weight)
-                else:
-                    total.add_(tensor.to(total.device, accumulate_dtype),
-                               alpha=weight)
+            _accumulate(state_dict, weight, running_sum, kept)
         # Drop our reference before loading the next ingredient; otherwise two
         # ingredients are alive at once and the peak grows by one model.
         del state_dict
