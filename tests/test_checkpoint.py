@@ -1,0 +1,268 @@
+"""Checkpoint formats: ours, MIC/mmcv UDA, CKD distillation, backbone files."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from uda.models import (FORMAT_TAG, CheckpointError, CheckpointMismatchError,
+                        build_from_checkpoint, build_segmentor,
+                        load_checkpoint, read_model_cfg, save_checkpoint)
+
+
+def tiny_cfg(backbone='mit_nano', num_classes=5):
+    return {
+        'backbone': backbone, 'drop_path_rate': 0.0,
+        'num_classes': num_classes,
+        'decode_head': {'channels': 8, 'dilations': [1, 2]},
+        'hr_crop_size': [32, 32],
+        'test_cfg': {'mode': 'whole', 'crop_size': [64, 64],
+                     'stride': [32, 32], 'batched_slide': True},
+    }
+
+
+def build(seed, **kw):
+    torch.manual_seed(seed)
+    return build_segmentor(tiny_cfg(**kw)).eval()
+
+
+def assert_same_weights(model, state_dict):
+    own = model.state_dict()
+    assert own.keys() == state_dict.keys()
+    for key, value in state_dict.items():
+        torch.testing.assert_close(own[key], value, msg=key)
+
+
+def prefixed(state_dict, prefix):
+    return {prefix + k: v.clone() for k, v in state_dict.items()}
+
+
+@pytest.fixture(scope='module')
+def weights():
+    """Three distinct MiT-nano segmentor state dicts."""
+    return [build(seed).state_dict() for seed in (1, 2, 3)]
+
+
+# ------------------------------------------------------------ our format
+def test_own_format_round_trip(tmp_path):
+    model = build(0)
+    path = save_checkpoint(tmp_path / 'ckpt' / 'iter_8.pth', model,
+                           meta={'iteration': 8, 'miou': 0.5,
+                                 'run_id': 'abc', 'weights': [0.3, 0.7]})
+    assert os.listdir(path.parent) == ['iter_8.pth']  # no temp file left
+    raw = torch.load(path, weights_only=True)
+    assert raw['format'] == FORMAT_TAG and set(raw) == {
+        'format', 'model_cfg', 'state_dict', 'meta'}
+    assert read_model_cfg(path)['backbone'] == 'mit_nano'
+    rebuilt = build_from_checkpoint(path)
+    assert_same_weights(rebuilt, model.state_dict())
+    assert rebuilt.checkpoint_meta['iteration'] == 8
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(img), model(img))
+    report = load_checkpoint(build(5), path)
+    assert report.format == FORMAT_TAG and report.exact
+    assert report.loaded == len(model.state_dict())
+
+
+def test_save_state_dict_needs_cfg_and_plain_meta(tmp_path):
+    model = build(0)
+    with pytest.raises(ValueError, match='model_cfg'):
+        save_checkpoint(tmp_path / 'a.pth', model.state_dict())
+    save_checkpoint(tmp_path / 'soup.pth', model.state_dict(), tiny_cfg())
+    with pytest.raises(ValueError, match='meta.when'):
+        save_checkpoint(tmp_path / 'b.pth', model, meta={'when': object()})
+    assert sorted(os.listdir(tmp_path)) == ['soup.pth']
+
+
+def test_save_replaces_existing_file_atomically(tmp_path):
+    path = tmp_path / 'latest.pth'
+    save_checkpoint(path, build(0), meta={'iteration': 1})
+    save_checkpoint(path, build(1), meta={'iteration': 2})
+    assert build_from_checkpoint(path).checkpoint_meta == {'iteration': 2}
+    assert os.listdir(tmp_path) == ['latest.pth']
+
+
+# ------------------------------------------------------------ MIC / mmcv
+def _mic_file(tmp_path, weights):
+    model_sd, ema_sd, imnet_sd = weights
+    state = {**prefixed(model_sd, 'model.'), **prefixed(ema_sd, 'ema_model.'),
+             **prefixed(imnet_sd, 'imnet_model.')}
+    ckpt = {
+        # mmcv meta with numpy scalars, as real MIC checkpoints carry
+        'meta': {'mmcv_version': '1.3.7', 'iter': np.int64(40000),
+                 'CLASSES': ('road', 'sidewalk'), 'seed': np.int64(2)},
+        'state_dict': state,
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 6e-5}]},
+    }
+    path = tmp_path / 'iter_40000.pth'
+    torch.save(ckpt, path)
+    return path
+
+
+def test_mic_checkpoint_model_prefix_by_default(tmp_path, weights):
+    path = _mic_file(tmp_path, weights)
+    model = build(9)
+    report = load_checkpoint(model, path)
+    assert report.format == 'mmcv-uda' and report.prefix == 'model.'
+    assert report.exact and report.loaded == len(weights[0])
+    assert report.other_models == {'ema_model.': len(weights[1]),
+                                   'imnet_model.': len(weights[2])}
+    assert_same_weights(model, weights[0])
+    assert 'ema_model. ' in str(report) and 'mmcv-uda' in str(report)
+
+
+def test_mic_checkpoint_ema_prefix_selectable(tmp_path, weights):
+    path = _mic_file(tmp_path, weights)
+    model = build(9)
+    load_checkpoint(model, path, prefix='ema_model.')
+    assert_same_weights(model, weights[1])
+    with pytest.raises(CheckpointMismatchError,
+                       match="no 'ca_model.' weights.*model., ema_model., "
+                             "imnet_model."):
+        load_checkpoint(model, path, prefix='ca_model.')
+    with pytest.raises(ValueError, match='prefix must be'):
+        load_checkpoint(model, path, prefix='teacher.')
+
+
+def test_distillation_checkpoint_student_and_teacher(tmp_path, weights):
+    torch.manual_seed(4)
+    student = build_segmentor(tiny_cfg('fan_nano_p4_hybrid')).state_dict()
+    state = {**prefixed(student, 'model.'),
+             **prefixed(weights[0], 'ca_model.'),
+             **prefixed(weights[2], 'imnet_model.')}
+    path = tmp_path / 'distill.pth'
+    torch.save({'meta': {}, 'state_dict': state}, path)
+    fan = build_segmentor(tiny_cfg('fan_nano_p4_hybrid'))
+    assert load_checkpoint(fan, path).exact  # 'model.' = the student
+    assert_same_weights(fan, student)
+    teacher = build(9)
+    report = load_checkpoint(teacher, path, prefix='ca_model.')
+    assert report.exact and report.other_models['model.'] == len(student)
+    assert_same_weights(teacher, weights[0])
+
+
+def test_bare_segmentor_state_dicts(weights):
+    model = build(9)
+    report = load_checkpoint(model, {'state_dict': weights[1]})
+    assert report.format == 'segmentor' and report.prefix == ''
+    assert_same_weights(model, weights[1])
+    load_checkpoint(model, prefixed(weights[2], 'module.'))  # DDP wrapper
+    assert_same_weights(model, weights[2])
+
+
+# ------------------------------------------------------------ backbones
+def test_segformer_imagenet_file_reports_classifier_keys(tmp_path, weights):
+    backbone_sd = {k[len('backbone.'):]: v for k, v in weights[0].items()
+                   if k.startswith('backbone.')}
+    path = tmp_path / 'mit_nano.pth'
+    torch.save({**backbone_sd, 'head.weight': torch.zeros(1000, 128),
+                'head.bias': torch.zeros(1000)}, path)
+    model = build(9)
+    head_before = {k: v.clone() for k, v in model.state_dict().items()
+                   if k.startswith('decode_head.')}
+    report = load_checkpoint(model, path)
+    assert report.format == 'backbone'
+    assert report.unused == ['head.weight', 'head.bias']
+    assert report.exact and report.loaded == len(backbone_sd)
+    for key, value in backbone_sd.items():
+        torch.testing.assert_close(model.state_dict()['backbone.' + key],
+                                   value)
+    for key, value in head_before.items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_nvlabs_fan_file_renames_are_not_unused(tmp_path):
+    torch.manual_seed(6)
+    source = build_segmentor(tiny_cfg('fan_nano_p4_hybrid')).backbone
+    nvlabs = {}
+    for key, value in source.state_dict().items():
+        if key.startswith('pos_embed.'):  # NVlabs' name of the encoding
+            key = 'pos_embeder.' + key[len('pos_embed.'):]
+        nvlabs[key] = value.clone()
+    for kind in ('weight', 'bias'):  # fused class-attention qkv
+        parts = [nvlabs.pop(f'cls_attn_blocks.0.attn.{n}.{kind}')
+                 for n in 'qkv']
+        nvlabs[f'cls_attn_blocks.0.attn.qkv.{kind}'] = torch.cat(parts)
+    nvlabs['norm.weight'] = torch.ones(64)
+    nvlabs['head.weight'] = torch.zeros(1000, 64)
+    path = tmp_path / 'fan_nano.pth.tar'
+    torch.save({'state_dict': nvlabs}, path)
+    model = build_segmentor(tiny_cfg('fan_nano_p4_hybrid'))
+    report = load_checkpoint(model, path)
+    assert sorted(report.unused) == ['head.weight', 'norm.weight']
+    assert report.exact
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)
+
+
+def test_builder_pretrained_loads_backbone(tmp_path, weights):
+    backbone_sd = {k[len('backbone.'):]: v for k, v in weights[1].items()
+                   if k.startswith('backbone.')}
+    path = tmp_path / 'mit_nano.pth'
+    torch.save(backbone_sd, path)
+    model = build_segmentor({**tiny_cfg(), 'pretrained': str(path)})
+    for key, value in backbone_sd.items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        build_segmentor({**tiny_cfg(), 'pretrained': str(tmp_path /
+                                                          'missing.pth')})
+
+
+# ------------------------------------------------------------ rejections
+def test_wrong_backbone_is_rejected_with_keys(tmp_path, weights):
+    path = tmp_path / 'mit.pth'
+    torch.save({'state_dict': prefixed(weights[0], 'model.')}, path)
+    fan = build_segmentor(tiny_cfg('fan_nano_p4_hybrid'))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"prefix 'model.'\) does not fit this segmentor"
+                             r".*differ in shape.*missing keys, e\.g\. "
+                             r"backbone\..*unexpected keys, e\.g\. "
+                             r"backbone\.patch_embed1"):
+        load_checkpoint(fan, path)
+
+
+def test_partial_load_reports_missing(weights):
+    backbone_only = {k: v for k, v in weights[0].items()
+                     if k.startswith('backbone.')}
+    model = build(9)
+    with pytest.raises(CheckpointMismatchError, match='missing keys, e.g. '
+                       'decode_head.head.embed_layers.0.proj.weight'):
+        load_checkpoint(model, backbone_only)
+    report = load_checkpoint(model, backbone_only, strict=False)
+    assert report.loaded == len(backbone_only) and not report.unexpected
+    assert report.missing == [k for k in weights[0]
+                              if k.startswith('decode_head.')]
+    assert 'missing (' in str(report)
+
+
+def test_wrong_num_classes_names_shapes(weights):
+    model = build(9, num_classes=7)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'conv_seg\.weight: checkpoint \(5, 8, 1, 1\) '
+                             r'vs model \(7, 8, 1, 1\)'):
+        load_checkpoint(model, weights[0], strict=False)
+
+
+def test_corrupt_missing_and_unsafe_files(tmp_path):
+    good = save_checkpoint(tmp_path / 'good.pth', build(0))
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(good.read_bytes()[:2000])
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint at all')
+    model = build(1)
+    for path in (truncated, garbage):
+        with pytest.raises(CheckpointError, match='corrupt'):
+            load_checkpoint(model, path)
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        load_checkpoint(model, tmp_path / 'nope.pth')
+    unsafe = tmp_path / 'unsafe.pth'  # pickled objects weights_only refuses
+    torch.save({'state_dict': {}, 'hook': Exception('x')}, unsafe)
+    with pytest.raises(CheckpointError, match='refuses'):
+        load_checkpoint(model, unsafe)
+    with pytest.raises(CheckpointError, match='no state dict'):
+        load_checkpoint(model, {'meta': {}})
+    plain = tmp_path / 'plain.pth'
+    torch.save({'state_dict': build(0).state_dict()}, plain)
+    with pytest.raises(CheckpointError, match='not a cs2acdc-uda/1'):
+        build_from_checkpoint(plain)
