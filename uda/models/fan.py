@@ -31,6 +31,9 @@ reproduce published numbers):
   (the segmentation code; NVlabs' ImageNet code floors ``i / 2``).
 * LayerNorm eps: 1e-6 in ConvNeXt and block / class-attention norms, 1e-5 (the
   ``nn.LayerNorm`` default) in the channel-processing ``norm_v``.
+* ConvNeXt norms after the stem divide the channel variance by C - 1, not C
+  (``BesselLayerNorm2d``): what the reference's memory-layout-dependent ``LayerNorm2d``
+  computes in practice (stem norm: plain LayerNorm).
 * The channel-processing MLP has no activation after ``fc1`` (its ``act`` is
   never called in the reference); the only GELU is inside its depthwise block.
 * Class-attention blocks use ``tokens_norm=True`` and add the normed patch tokens
@@ -123,9 +126,9 @@ class BesselLayerNorm2d(nn.LayerNorm):
     This is what NVlabs' ConvNeXt ``LayerNorm2d`` (timm 0.5 era) effectively computes for every
     norm after the stem: the stem's norm hands on a channels-last-strided tensor, convolutions
     keep that layout, and on a non-contiguous input the reference normalises with
-    ``torch.var_mean`` (unbiased by default) instead of ``F.layer_norm``. That held on the GPUs
-    that trained the published weights (timm PR #1340 describes the layout effect) and holds on
-    current PyTorch on CPU and GPU, where the reference tensors of ``tests/test_fan.py`` were made.
+    ``torch.var_mean`` (unbiased by default) instead of ``F.layer_norm``. Verified against the
+    reference on CPU (``tests/test_fan.py``); timm PR #1340 reports the same layout effect on GPU,
+    where the published weights were trained (NVlabs: timm 0.5.4; distillation: torch 1.10 / CUDA).
 
     Args:
         num_channels: Channels (C).
@@ -137,9 +140,11 @@ class BesselLayerNorm2d(nn.LayerNorm):
         super().__init__(num_channels, eps=eps, **factory_kwargs)  # factory: device / dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=1)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        # statistics in fp32 so bf16/fp16 autocast does not degrade them (no-op in fp32)
+        x_float = x.float()
+        var, mean = torch.var_mean(x_float, dim=1, keepdim=True, correction=1)
+        x_float = (x_float - mean) * torch.rsqrt(var + self.eps)
+        return (x_float * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
 class HybridConvStem(nn.Module):
