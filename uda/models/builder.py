@@ -36,12 +36,8 @@ import torch.nn as nn
 
 from .hrda import DEFAULT_TEST_CFG, HRDASegmentor
 from .losses import LOSSES
+from .fan import FAN_VARIANTS, create_fan
 from .mit import MIT_VARIANTS, create_mit
-
-try:  # FAN is optional only while it is being written; see backbone_names()
-    from .fan import FAN_VARIANTS, create_fan
-except ImportError:  # pragma: no cover
-    FAN_VARIANTS, create_fan = {}, None
 
 __all__ = [
     'DEFAULT_MODEL_CFG', 'ModelConfigError', 'backbone_names',
@@ -233,8 +229,7 @@ def build_backbone(name: str, drop_path_rate: float = 0.0,
     """
     factories: dict[str, Callable[..., nn.Module]] = {}
     factories.update({n: create_mit for n in MIT_VARIANTS})
-    if create_fan is not None:
-        factories.update({n: create_fan for n in FAN_VARIANTS})
+    factories.update({n: create_fan for n in FAN_VARIANTS})
     if name not in factories:
         raise ModelConfigError(f'Unknown backbone {name!r}; valid: '
                                f'{", ".join(factories)}.')

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Benchmark the recipe's two hot paths in one run, fp32 eager vs bf16 + SDPA.
+
+* student training step: HRDA ``forward_train`` + backward of the student
+  preset (FAN-L hybrid, batch 2 of 1024x1024 crops in ``--preset full``);
+* teacher inference: HRDA slide inference of the teacher preset (MiT-B5) on
+  one 1920x1080 ACDC-sized image (how pseudo-labels and evaluation run).
+
+Modes (same weights, same inputs):
+
+``fp32-eager``  fp32, TF32 off, attention forced onto SDPA's math backend
+                (= the explicit softmax(QK^T)V of the reference code);
+``bf16-sdpa``   bf16 autocast, SDPA with its fused kernels (flash /
+                memory-efficient on GPU);
+``bf16-sdpa-compile``  the same with ``torch.compile`` on the backbone and
+                the two DAFormer heads (``--compile``).
+
+Reports the median seconds of ``--repeats`` timed runs after ``--warmup``
+runs (CUDA-synchronised) and the peak CUDA memory of each, as a Markdown
+table. Needs only torch, timm and pyyaml (no mmcv / mlflow).
+
+Usage::
+
+    python tools/benchmark_models.py --preset tiny --device cpu   # < 1 min
+    python tools/benchmark_models.py --preset full --device cuda [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from uda.config import load_config  # noqa: E402
+from uda.models import build_segmentor, count_parameters  # noqa: E402
+
+PRESETS = {'tiny': 'default', 'full': 'cs2acdc'}
+
+
+def _sdpa_context(math_only: bool):
+    """Force SDPA onto its math backend (explicit attention) if asked."""
+    if not math_only:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _autocast(device: str, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], device: str, warmup: int,
+            repeats: int) -> tuple[float, Optional[int]]:
+    """Median wall time of ``fn`` and the peak CUDA memory while timing."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == 'cuda' else None
+    return statistics.median(times), peak
+
+
+def _compile_parts(model: torch.nn.Module) -> None:
+    """Compile the fixed-shape parts; the HRDA glue (random crops, slide
+    stitching) stays eager to avoid recompiling per crop offset."""
+    model.backbone = torch.compile(model.backbone, dynamic=False)
+    head = model.decode_head
+    head.head = torch.compile(head.head, dynamic=False)
+    head.scale_attention = torch.compile(head.scale_attention, dynamic=False)
+
+
+def _modes(compile_: bool) -> list[dict[str, Any]]:
+    modes = [
+        dict(name='fp32-eager', dtype=None, math=True, compile=False),
+        dict(name='bf16-sdpa', dtype=torch.bfloat16, math=False,
+             compile=False),
+    ]
+    if compile_:
+        modes.append(dict(name='bf16-sdpa-compile', dtype=torch.bfloat16,
+                          math=False, compile=True))
+    return modes
+
+
+def run(preset: str, device: str, warmup: int, repeats: int,
+        compile_: bool) -> dict[str, Any]:
+    """Run every benchmark and return the results."""
+    cfg = load_config(PRESETS[preset])
+    src, tgt = cfg['data']['source'], cfg['data']['target']
+    batch = int(cfg['data']['samples_per_gpu'])
+    crop_h, crop_w = src['crop_size']
+    tgt_w, tgt_h = tgt['img_scale']  # mmseg img_scale is (w, h)
+    num_classes = cfg['student']['model'].get('num_classes', 19)
+    if device == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+
+    results: dict[str, Any] = {
+        'preset': preset, 'device': device,
+        'device_name': torch.cuda.get_device_name() if device == 'cuda'
+        else platform.processor() or 'cpu',
+        'torch': torch.__version__, 'rows': [], 'params': {}}
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(batch, 3, crop_h, crop_w, generator=gen).to(device)
+    label = torch.randint(0, num_classes, (batch, 1, crop_h, crop_w),
+                          generator=gen).to(device)
+    test_img = torch.randn(1, 3, tgt_h, tgt_w, generator=gen).to(device)
+
+    jobs = [
+        ('student', cfg['student']['model'], 'train fwd+bwd',
+         f'{batch}x{crop_h}x{crop_w}'),
+        ('teacher', cfg['teacher']['model'], 'slide inference',
+         f'1x{tgt_h}x{tgt_w}'),
+    ]
+    for role, model_cfg, task, shape in jobs:
+        torch.manual_seed(0)
+        base = build_segmentor(model_cfg).to(device)
+        results['params'][role] = (model_cfg['backbone'],
+                                   count_parameters(base))
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        baseline = None
+        for mode in _modes(compile_):
+            model = build_segmentor(model_cfg).to(device)
+            model.load_state_dict(state)
+            if mode['compile']:
+                _compile_parts(model)
+            if role == 'student':
+                model.train()
+                crop_gen = torch.Generator().manual_seed(1)
+
+                def step(model=model, mode=mode, crop_gen=crop_gen):
+                    with _sdpa_context(mode['math']), \
+                            _autocast(device, mode['dtype']):
+                        losses = model.forward_train(img, label,
+                                                     generator=crop_gen)
+                    loss = sum(v for k, v in losses.items() if 'loss' in k)
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)
+                fn = step
+            else:
+                model.eval()
+
+                def infer(model=model, mode=mode):
+                    with torch.no_grad(), _sdpa_context(mode['math']), \
+                            _autocast(device, mode['dtype']):
+                        model.inference(test_img, 'slide')
+                fn = infer
+            try:
+                seconds, peak = time_fn(fn, device, warmup, repeats)
+                error = None
+            except torch.cuda.OutOfMemoryError:
+                seconds, peak, error = float('nan'), None, 'OOM'
+                torch.cuda.empty_cache()
+            if mode['name'] == 'fp32-eager':
+                baseline = seconds
+            results['rows'].append({
+                'model': f'{role} ({model_cfg["backbone"]})', 'task': task,
+                'input': shape, 'mode': mode['name'], 'seconds': seconds,
+                'peak_mem_bytes': peak, 'error': error,
+                'speedup': (baseline / seconds) if baseline and seconds ==
+                seconds and seconds > 0 else None})
+            del model, fn
+            if device == 'cuda':
+                torch.cuda.empty_cache()
+        del base
+    return results
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """Render the results as a Markdown table plus parameter counts."""
+    lines = [
+        f"Device: {results['device_name']} ({results['device']}), torch "
+        f"{results['torch']}, preset `{results['preset']}`", '',
+        '| model | task | input | mode | s / iter (median) | peak memory '
+        '| speed-up vs fp32 |',
+        '|---|---|---|---|---:|---:|---:|'
+    ]
+    for row in results['rows']:
+        secs = row['error'] or f"{row['seconds']:.4f}"
+        mem = '-' if row['peak_mem_bytes'] is None else \
+            f"{row['peak_mem_bytes'] / 2**30:.2f} GiB"
+        speed = '-' if row['speedup'] is None else f"{row['speedup']:.2f}x"
+        lines.append(f"| {row['model']} | {row['task']} | {row['input']} | "
+                     f"{row['mode']} | {secs} | {mem} | {speed} |")
+    lines.append('')
+    for role, (name, count) in results['params'].items():
+        lines.append(f'- {role}: {name} HRDA/DAFormer, {count / 1e6:.2f} M '
+                     f'parameters')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='tiny',
+                        help='tiny: embedded default models and inputs; '
+                        'full: FAN-L student / MiT-B5 teacher at recipe '
+                        'resolution (default: tiny)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default=None,
+                        help='default: cuda if available, else cpu')
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='untimed runs first (default 1 tiny, 3 full)')
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='timed runs (default 3 tiny, 10 full)')
+    parser.add_argument('--compile', action='store_true',
+                        help='also measure bf16 + SDPA + torch.compile')
+    parser.add_argument('--json', type=Path, default=None,
+                        help='also write the results to this JSON file')
+    args = parser.parse_args(argv)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda, but CUDA is not available here.')
+    full = args.preset == 'full'
+    warmup = args.warmup if args.warmup is not None else (3 if full else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if full
+                                                             else 3)
+    if warmup < 0 or repeats < 1:
+        parser.error('--warmup must be >= 0 and --repeats >= 1.')
+    results = run(args.preset, device, warmup, repeats, args.compile)
+    print(to_markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
