@@ -7,7 +7,8 @@ import torch
 
 from uda.models import (FORMAT_TAG, CheckpointError, CheckpointMismatchError,
                         build_from_checkpoint, build_segmentor,
-                        load_checkpoint, read_model_cfg, save_checkpoint)
+                        load_checkpoint, read_checkpoint, read_model_cfg,
+                        save_checkpoint)
 
 
 def tiny_cfg(backbone='mit_nano', num_classes=5):
@@ -73,6 +74,21 @@ def test_save_state_dict_needs_cfg_and_plain_meta(tmp_path):
     with pytest.raises(ValueError, match='meta.when'):
         save_checkpoint(tmp_path / 'b.pth', model, meta={'when': object()})
     assert sorted(os.listdir(tmp_path)) == ['soup.pth']
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    model = build(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-5)
+    model.forward_train(torch.randn(1, 3, 64, 64),
+                        torch.zeros(1, 64, 64, dtype=torch.long))[
+                            'decode.loss_seg'].backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / 'resume.pth', model,
+                           meta={'iteration': 1},
+                           optimizer=opt.state_dict())
+    fresh = torch.optim.AdamW(build(0).parameters(), lr=6e-5)
+    fresh.load_state_dict(read_checkpoint(path)['optimizer'])
+    assert fresh.state_dict()['state'][0]['step'] == 1
 
 
 def test_save_replaces_existing_file_atomically(tmp_path):

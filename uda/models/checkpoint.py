@@ -4,7 +4,8 @@ Formats recognised by :func:`load_checkpoint` (``KeyReport.format``):
 
 ``cs2acdc-uda/1``
     Ours: ``{'format': 'cs2acdc-uda/1', 'model_cfg': <model section>,
-    'state_dict': <segmentor state dict>, 'meta': {...}}``; self-describing,
+    'state_dict': <segmentor state dict>, 'meta': {...}}`` (plus an optional
+    ``'optimizer'`` entry for resuming); self-describing,
     so :func:`build_from_checkpoint` rebuilds the model from the file alone.
 ``mmcv-uda``
     An mmcv training checkpoint of a UDA wrapper (MIC / DAFormer / HRDA, or
@@ -401,7 +402,8 @@ def _check_plain(value: Any, where: str) -> None:
 def save_checkpoint(path: Union[str, os.PathLike],
                     model: Union[nn.Module, Mapping[str, torch.Tensor]],
                     model_cfg: Optional[Mapping[str, Any]] = None,
-                    meta: Optional[Mapping[str, Any]] = None) -> Path:
+                    meta: Optional[Mapping[str, Any]] = None,
+                    optimizer: Optional[Mapping[str, Any]] = None) -> Path:
     """Write a self-describing ``cs2acdc-uda/1`` checkpoint atomically.
 
     The file is written to a temporary name in the same directory and moved
@@ -413,6 +415,9 @@ def save_checkpoint(path: Union[str, os.PathLike],
         model_cfg: The ``model`` config section; defaults to
             ``model.model_cfg`` (set by :func:`~uda.models.build_segmentor`).
         meta: Plain metadata (iteration, run id, metrics, ...).
+        optimizer: Optional ``optimizer.state_dict()`` (and scheduler state)
+            for resuming, stored under ``'optimizer'`` like mmcv; read it
+            back with ``read_checkpoint(path)['optimizer']``.
 
     Returns:
         The written path.
@@ -432,6 +437,9 @@ def save_checkpoint(path: Union[str, os.PathLike],
     state_dict = {k: v.detach().cpu() for k, v in state.items()}
     payload = {'format': FORMAT_TAG, 'model_cfg': model_cfg,
                'state_dict': state_dict, 'meta': meta}
+    if optimizer is not None:
+        _check_plain(optimizer, 'optimizer')
+        payload['optimizer'] = optimizer
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp',
