@@ -215,6 +215,8 @@ class TestPipeline:
             resize when installed) or 'auto' (mmseg when importable).
     """
 
+    __test__ = False  # not a pytest test class, despite its name
+
     def __init__(self, img_scale: Optional[Size],
                  backend: str = 'auto') -> None:
         if backend not in ('auto', 'mmseg', 'numpy'):
