@@ -322,23 +322,39 @@ def test_rcs_probabilities_follow_mic_formula():
 def test_rare_class_sampler(data):
     samples = scan_cityscapes(data.cityscapes_root, 'train')
     counts = _recount(samples)
+    present = np.flatnonzero(counts.sum(0))
+    # the largest threshold every present class still passes in some image
+    min_pixels = int(min(counts[:, c].max() for c in present)) - 1
     sampler = RareClassSampler.from_samples(samples, data.cityscapes_root,
-                                            temperature=0.01, min_pixels=10,
+                                            temperature=0.01, min_pixels=min_pixels,
                                             min_crop_ratio=2.0)
-    assert sampler.min_crop_pixels == 20
+    assert sampler.min_crop_pixels == 2 * min_pixels
+    assert sorted(sampler.samples_with_class) == present.tolist()
     for c, candidates in sampler.samples_with_class.items():
-        assert candidates.tolist() == np.flatnonzero(counts[:, c] > 10).tolist()
+        assert candidates.tolist() == np.flatnonzero(counts[:, c] > min_pixels).tolist()
     rng = np.random.default_rng(0)
     draws = [sampler.sample(rng) for _ in range(4000)]
-    assert all(counts[i, c] > 10 for i, c in draws)
+    assert all(counts[i, c] > min_pixels for i, c in draws)
     freq = Counter(c for _, c in draws)
     for c, p in zip(sampler.classes, sampler.probabilities):
         assert abs(freq[int(c)] / len(draws) - p) < 0.03
-    gt = torch.full((8, 8), 255)
-    gt[:3, :7] = 5
-    assert sampler.crop_is_enough(gt, 5) and not sampler.crop_is_enough(gt, 6)
     with pytest.raises(ValueError, match='min_pixels'):
         RareClassSampler(counts, min_pixels=10 ** 6)
+
+
+def test_crop_check_uses_min_pixels_times_crop_ratio():
+    sampler = RareClassSampler(np.full((1, 19), 100), min_pixels=10, min_crop_ratio=2.0)
+    gt = torch.full((8, 8), 255)
+    gt[:3, :7] = 5  # 21 pixels > 10 * 2
+    gt[3, :4] = 6  # 4 pixels
+    assert sampler.crop_is_enough(gt, 5) and not sampler.crop_is_enough(gt, 6)
+    assert sampler.crop_is_enough(gt.numpy(), 5)
+    gt[:3, :7] = 255
+    gt[0, :5] = 5
+    gt[1, :5] = 5  # exactly 20 pixels: MIC requires more than the threshold
+    assert not sampler.crop_is_enough(gt, 5)
+    no_crop_check = RareClassSampler(np.full((1, 19), 100), min_pixels=10, min_crop_ratio=0)
+    assert no_crop_check.crop_is_enough(gt, 6)
 
 
 def test_draw_rare_class_sample_redraws_crops_until_class_is_present(data):

@@ -5,7 +5,6 @@ train split and evaluated on source val and on the synthetic ACDC val split
 (fog/night/rain/snow). The generated data go through the real readers and
 the test pipeline, as in the project.
 """
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

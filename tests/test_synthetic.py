@@ -1,7 +1,6 @@
 """The synthetic Cityscapes/ACDC generator: layouts, content, determinism, caching."""
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np

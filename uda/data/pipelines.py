@@ -25,7 +25,7 @@ Sizes use mmcv's conventions: ``img_scale`` is (width, height), i.e.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image

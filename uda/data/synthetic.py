@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .labels import IGNORE_INDEX, NUM_CLASSES, train_id_to_label_id
+from .labels import IGNORE_INDEX, train_id_to_label_id
 from .layouts import (ACDC_CONDITIONS, ACDC_IMG_SUFFIX, ACDC_SEG_SUFFIX,
                       CITYSCAPES_IMG_SUFFIX, CITYSCAPES_SEG_SUFFIX,
                       scan_cityscapes)
@@ -742,7 +741,8 @@ class _SceneBuilder:
             kind = self.choice(['sign', 'sign', 'lamp'])
             if i == 0 and self.chance('light'):
                 kind = 'light'
-            z = self.u(6, 45) if i else self.u(6, 18)
+            # Lights hang high: near the camera they would be above the image.
+            z = self.u(14, 40) if kind == 'light' else self.u(6, 45)
             add(z, lambda x=walk_x(side), z=z, k=kind: self.pole(x, z, k))
         # Trees on the sidewalks.
         for _ in range(int(rng.integers(1, 6 if self.domain == 'cityscapes' else 8))):
