@@ -393,3 +393,16 @@ def test_class_pixel_counter_ignores_255():
     label = np.array([[0, 0, 255], [18, 255, 255]], np.uint8)
     counts = count_class_pixels(label)
     assert counts.shape == (19,) and counts[0] == 2 and counts[18] == 1 and counts.sum() == 3
+
+
+@needs_mmseg
+def test_file_suffixes_follow_mmseg_cityscapes_dataset():
+    import inspect
+
+    from mmseg.datasets import CityscapesDataset
+
+    from uda.data.layouts import CITYSCAPES_IMG_SUFFIX, CITYSCAPES_SEG_SUFFIX
+    defaults = {k: p.default for k, p in
+                inspect.signature(CityscapesDataset.__init__).parameters.items()}
+    assert defaults['img_suffix'] == CITYSCAPES_IMG_SUFFIX
+    assert defaults['seg_map_suffix'] == CITYSCAPES_SEG_SUFFIX

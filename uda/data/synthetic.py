@@ -665,6 +665,11 @@ class _SceneBuilder:
             body = np.array(self.choice([(0.92, 0.92, 0.9), (0.9, 0.75, 0.1),
                                          (0.15, 0.35, 0.6)]))
         clear = 0.12 if kind != 'train' else 0.25  # ground clearance
+        if kind == 'train':  # a tram: its rails run along the road (still road)
+            mask, zg, xg = cam.ground()
+            rails = mask & (c.label == ROAD) & (
+                np.abs(np.abs(xg - x) - 0.72) < 0.05)
+            c.rgb[rails] = (0.62, 0.62, 0.64)
 
         # Side face (the one the camera sees), drawn first: it is farther.
         side_x = x - np.sign(x) * width / 2
@@ -703,6 +708,14 @@ class _SceneBuilder:
         glass = (np.abs(dx) < width / 2 - 0.2) & (yw > (0.6 if kind == 'car' else 0.5)
                                                   * height) & (yw < 0.92 * height)
         color[glass] = _GLASS
+        if kind == 'train':  # wide windscreen, livery stripe, pantograph
+            color[(yw > 0.25 * height) & (yw < 0.35 * height)] = body * 0.35
+            for a_, b_ in (((x - 0.6, height), (x, height + 0.7)),
+                           ((x, height + 0.7), (x + 0.6, height)),
+                           ((x - 0.7, height + 0.7), (x + 0.7, height + 0.7))):
+                face_extra = _segment_distance(px, yw, a_, b_) < 0.04
+                color[face_extra] = (0.2, 0.2, 0.2)
+                face = face | face_extra
         emit = np.zeros((self.h, self.w, 3), np.float32)
         lamp = (np.abs(np.abs(dx) - (width / 2 - 0.2)) < 0.13) & (
             np.abs(yw - (0.45 if kind == 'car' else 0.6)) < 0.08)
