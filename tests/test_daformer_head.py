@@ -9,7 +9,8 @@ from uda.models.daformer_head import DAFormerHead, MLPEmbed
 def _expected_mic_keys(in_channels, channels, num_classes, dilations):
     """Key -> shape of MIC's DAFormerHead with sep-ASPP fusion (written out
     from daformer_head.py / sep_aspp_head.py and mmcv ConvModule naming)."""
-    keys = {}
+    keys = {'conv_seg.weight': (num_classes, channels, 1, 1),
+            'conv_seg.bias': (num_classes, )}
     for i, c in enumerate(in_channels):
         keys[f'embed_layers.{i}.proj.weight'] = (channels, c)
         keys[f'embed_layers.{i}.proj.bias'] = (channels, )
@@ -30,16 +31,15 @@ def _expected_mic_keys(in_channels, channels, num_classes, dilations):
             conv_module(f'{p}.pointwise_conv', fused, channels, 1)
     conv_module('fuse_layer.bottleneck', len(dilations) * channels, channels,
                 3)
-    keys['conv_seg.weight'] = (num_classes, channels, 1, 1)
-    keys['conv_seg.bias'] = (num_classes, )
     return keys
 
 
 def test_mic_keys_and_shapes_mitb5_config():
     head = DAFormerHead([64, 128, 320, 512], 19, 256, (1, 6, 12, 18))
     got = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    assert got == _expected_mic_keys([64, 128, 320, 512], 256, 19,
-                                     (1, 6, 12, 18))
+    expected = _expected_mic_keys([64, 128, 320, 512], 256, 19, (1, 6, 12, 18))
+    assert got == expected
+    assert list(got) == list(expected)  # same order as MIC's state dict
 
 
 def test_scale_attention_variant_uses_1x1_conv_fusion():
@@ -96,13 +96,16 @@ def test_matches_mmcv_conv_module_names():
     mmcv_cnn = pytest.importorskip('mmcv.cnn')
     norm = dict(type='BN', requires_grad=True)
     ref = mmcv_cnn.DepthwiseSeparableConvModule(
-        16, 8, 3, dilation=6, padding=6, norm_cfg=norm,
+        32, 8, 3, dilation=6, padding=6, norm_cfg=norm,
         act_cfg=dict(type='ReLU'))
-    head = DAFormerHead([4, 4, 4, 4], 2, 8, (1, 6))
+    head = DAFormerHead([4, 4, 4, 4], 2, 8, (1, 6))  # fuses 4 x 8 channels
     ours = head.fuse_layer.aspp_modules[1]
     assert {k: v.shape for k, v in ref.state_dict().items()} == \
         {k: v.shape for k, v in ours.state_dict().items()}
     ours.load_state_dict(ref.state_dict())
     ref.eval(), ours.eval()
-    x = torch.randn(1, 16, 9, 9)
+    x = torch.randn(1, 32, 9, 9)
     torch.testing.assert_close(ours(x), ref(x))
+    bottleneck = mmcv_cnn.ConvModule(16, 8, 3, padding=1, norm_cfg=norm)
+    assert list(bottleneck.state_dict()) == list(
+        head.fuse_layer.bottleneck.state_dict())

@@ -186,6 +186,14 @@ class DAFormerHead(nn.Module):
         self.num_classes = num_classes
         self.channels = channels
         self.align_corners = align_corners
+        # Classifier first: mmseg's BaseDecodeHead creates it before the
+        # subclass layers, so the state-dict order matches MIC's.
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 \
+            else None
+        # mmseg BaseDecodeHead init_cfg: Normal(std=0.01) on conv_seg.
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
         # ModuleDict keyed by level index, as MIC ('0'..'3').
         self.embed_layers = nn.ModuleDict({
             str(i): MLPEmbed(c, channels)
@@ -197,12 +205,6 @@ class DAFormerHead(nn.Module):
                                                        dilations)
         else:
             self.fuse_layer = ConvModule(fused_in, channels, 1)
-        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 \
-            else None
-        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        # mmseg BaseDecodeHead init_cfg: Normal(std=0.01) on conv_seg.
-        nn.init.normal_(self.conv_seg.weight, std=0.01)
-        nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Decode a feature pyramid.
