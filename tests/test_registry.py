@@ -1,0 +1,268 @@
+"""Registry: checkpoints → model versions (idempotent, weights stored once),
+aliases, clear errors, and the way back to a torch segmentor."""
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from uda.config import load_config
+from uda.errors import UserError
+from uda.models import build_segmentor, save_checkpoint
+from uda.registry import (PIP_REQUIREMENTS, RegistryError, load_segmentor,
+                          log_and_register, log_segmentor,
+                          register_checkpoint, resolve_alias,
+                          set_alias_safely)
+from uda.serving import decode_png, example_image_png, input_frame
+
+os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NAME = 'cs2acdc-student'
+
+
+def student(seed: int):
+    torch.manual_seed(seed)
+    return build_segmentor(load_config('default')['student']['model']).eval()
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def files_under(root: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in root.rglob(f'*{suffix}') if p.is_file())
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+    """A SQLite store with artifacts in the temp dir, and one run that
+    registered iterations 40 and 80 (two different models)."""
+    root = tmp_path_factory.mktemp('registry')
+    uri = f'sqlite:///{root / "mlflow.db"}'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('MLFLOW_TRACKING_URI', uri)
+        patch.delenv('MLFLOW_RUN_ID', raising=False)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.create_experiment(
+            'registry', artifact_location=str(root / 'artifacts'))
+        models, paths = {}, {}
+        with mlflow.start_run(experiment_id=experiment) as run:
+            for seed, iteration in ((1, 40), (2, 80)):
+                models[iteration] = student(seed)
+                paths[iteration] = save_checkpoint(
+                    root / 'work' / f'iter_{iteration}.pth',
+                    models[iteration], meta={'iteration': iteration})
+                log_and_register(paths[iteration], NAME, iteration=iteration,
+                                 metrics={'val_mIoU': iteration / 2},
+                                 preset='default')
+        yield {'root': root, 'artifacts': root / 'artifacts',
+               'experiment': experiment, 'run_id': run.info.run_id,
+               'models': models, 'paths': paths}
+        mlflow.set_tracking_uri(None)
+
+
+def versions_of(name):
+    return sorted(mlflow.MlflowClient().search_model_versions(
+        f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def aliases_of(name) -> dict[str, str]:
+    aliases = mlflow.MlflowClient().get_registered_model(name).aliases
+    return {alias: str(version) for alias, version in aliases.items()}
+
+
+def logged_models(store):
+    return mlflow.search_logged_models(
+        experiment_ids=[store['experiment']], output_format='list')
+
+
+# ------------------------------------------------------------ registering
+def test_each_iteration_is_a_tagged_version_with_its_alias(store):
+    client = mlflow.MlflowClient()
+    versions = versions_of(NAME)
+    assert [str(v.version) for v in versions] == ['1', '2']
+    for version, iteration in zip(versions, (40, 80)):
+        assert version.status == 'READY'
+        assert version.run_id == store['run_id']
+        assert version.tags['iteration'] == str(iteration)
+        assert version.tags['run_id'] == store['run_id']
+        assert version.tags['kind'] == 'checkpoint'
+        assert version.tags['preset'] == 'default'
+        assert float(version.tags['val_mIoU']) == iteration / 2
+    assert aliases_of(NAME) == {'iter-40': '1', 'iter-80': '2'}
+    assert client.get_registered_model(NAME).description
+
+
+def test_registering_the_same_iteration_again_reuses_the_version(store):
+    before = len(logged_models(store))
+    with mlflow.start_run(run_id=store['run_id']):  # a resumed run
+        again = log_and_register(store['paths'][80], NAME, iteration=80,
+                                 metrics={'val_mIoU': 40.0})
+    assert str(again.version) == '2'
+    assert [str(v.version) for v in versions_of(NAME)] == ['1', '2']
+    assert len(logged_models(store)) == before  # nothing logged again
+    assert aliases_of(NAME) == {'iter-40': '1', 'iter-80': '2'}
+
+
+def test_re_registering_does_not_take_back_a_moved_alias(store):
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(NAME, 'iter-80', '1')  # moved by hand
+    try:
+        with mlflow.start_run(run_id=store['run_id']):
+            again = log_and_register(store['paths'][80], NAME, iteration=80)
+        assert str(again.version) == '2'
+        assert aliases_of(NAME)['iter-80'] == '1'
+    finally:
+        client.set_registered_model_alias(NAME, 'iter-80', '2')
+
+
+def test_register_checkpoint_of_a_logged_model_is_idempotent(store):
+    with mlflow.start_run(experiment_id=store['experiment']) as run:
+        info = log_segmentor(store['paths'][40], iteration=120)
+    first = register_checkpoint(info, 'idempotent', iteration=120)
+    second = register_checkpoint(info.model_uri, 'idempotent', iteration=120)
+    assert str(first.version) == str(second.version) == '1'
+    assert len(versions_of('idempotent')) == 1
+    assert first.tags['run_id'] == run.info.run_id
+
+
+def test_a_run_stopped_between_logging_and_registering_logs_nothing_twice(
+        store):
+    with mlflow.start_run(experiment_id=store['experiment']) as run:
+        log_segmentor(store['paths'][40], iteration=160)  # then "crashed"
+    count = len(logged_models(store))
+    with mlflow.start_run(run_id=run.info.run_id):
+        version = log_and_register(store['paths'][40], 'resumed',
+                                   iteration=160)
+    assert len(logged_models(store)) == count
+    assert version.tags['iteration'] == '160'
+    assert str(resolve_alias('resumed', 'iter-160').version) == \
+        str(version.version)
+
+
+def test_checkpoint_is_stored_once(store):
+    # Every logged model holds exactly one checkpoint file; registering
+    # (2 versions + re-registration) added no copy.
+    checkpoints = files_under(store['artifacts'], '.pth')
+    models = logged_models(store)
+    assert len(checkpoints) == len(models)
+    run_models = [m for m in models if m.source_run_id == store['run_id']]
+    assert len(run_models) == 2
+    stored = {sha256(p) for p in checkpoints}
+    for iteration in (40, 80):
+        assert sha256(store['paths'][iteration]) in stored
+    run_dirs = [p for p in store['artifacts'].rglob('*')
+                if p.is_file() and store['run_id'] in str(p)]
+    assert not [p for p in run_dirs if p.suffix == '.pth']
+
+
+def test_no_active_run_is_a_clear_error(store):
+    assert mlflow.active_run() is None
+    with pytest.raises(ValueError, match='active MLflow run'):
+        log_segmentor(store['paths'][40], iteration=1)
+
+
+def test_foreign_checkpoint_needs_model_cfg_and_is_imported(store, tmp_path):
+    model = store['models'][40]
+    mic_style = {'meta': {'iter': 40000},
+                 'state_dict': {f'model.{k}': v
+                                for k, v in model.state_dict().items()}}
+    path = tmp_path / 'mic.pth'
+    torch.save(mic_style, path)
+    with mlflow.start_run(experiment_id=store['experiment']):
+        with pytest.raises(ValueError, match='pass model_cfg'):
+            log_and_register(path, 'imported', kind='import')
+        version = log_and_register(
+            path, 'imported', kind='import', alias='teacher',
+            model_cfg=load_config('default')['student']['model'])
+    assert version.tags['kind'] == 'import' and 'iteration' not in version.tags
+    rebuilt, _ = load_segmentor('models:/imported@teacher')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+
+
+# -------------------------------------------------------- using versions
+def test_pyfunc_predicts_label_maps_of_the_input_size(store):
+    pyfunc_model = mlflow.pyfunc.load_model(f'models:/{NAME}@iter-40')
+    frame = input_frame(example_image_png(66, 90), example_image_png(64, 64))
+    out = pyfunc_model.predict(frame)
+    assert isinstance(out, pd.DataFrame) and len(out) == 2
+    for row, shape in enumerate([(66, 90), (64, 64)]):
+        label_map = decode_png(out['label_map'][row])
+        assert label_map.shape == shape
+        assert label_map.dtype == np.uint8 and label_map.max() <= 18
+    assert (out['height'].tolist(), out['width'].tolist()) == ([66, 64],
+                                                              [90, 64])
+
+
+@pytest.mark.parametrize('reference', ['alias', 'version', 'logged', 'runs',
+                                       'file'])
+def test_load_segmentor_round_trip_gives_identical_logits(store, reference):
+    version = resolve_alias(NAME, 'iter-80')
+    uri = {
+        'alias': f'models:/{NAME}@iter-80',
+        'version': f'models:/{NAME}/{version.version}',
+        'logged': version.source,
+        'runs': f'runs:/{store["run_id"]}/iter-80',
+        'file': str(store['paths'][80]),
+    }[reference]
+    model, model_cfg = load_segmentor(uri)
+    assert model_cfg['backbone'] == 'fan_nano_p4_hybrid'
+    assert not model.training
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), store['models'][80](x), rtol=0,
+                                   atol=0)
+
+
+def test_unknown_alias_lists_the_existing_ones(store):
+    with pytest.raises(RegistryError) as info:
+        resolve_alias(NAME, 'iter-4000')
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "no alias 'iter-4000'" in message
+    assert 'iter-40 -> 1' in message and 'iter-80 -> 2' in message
+    assert '1 (checkpoint, iteration 40)' in message
+    with pytest.raises(RegistryError, match='iter-80 -> 2'):
+        load_segmentor(f'models:/{NAME}@serving-typo')
+
+
+def test_unknown_model_lists_the_registered_ones(store):
+    with pytest.raises(RegistryError) as info:
+        resolve_alias('cs2acdc-studnet', 'iter-40')
+    assert 'Registered models: ' in str(info.value)
+    assert NAME in str(info.value)
+    with pytest.raises(RegistryError, match='no version'):
+        load_segmentor(f'models:/{NAME}/99')
+
+
+def test_set_alias_safely_refuses_an_incomplete_version(store):
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=store['experiment']):
+        broken = log_and_register(store['paths'][40], 'fragile',
+                                  iteration=40)
+        good = log_and_register(store['paths'][80], 'fragile', iteration=80)
+    set_alias_safely('fragile', 'serving', good.version)
+    # Damage the stored checkpoint of the other version (a partial upload).
+    logged = client.get_logged_model(broken.source.split('/')[-1])
+    checkpoint = files_under(Path(logged.artifact_location), '.pth')[0]
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(RegistryError, match='incomplete'):
+        set_alias_safely('fragile', 'serving', broken.version)
+    assert aliases_of('fragile')['serving'] == str(good.version)
+    with pytest.raises(RegistryError, match='no version'):
+        set_alias_safely('fragile', 'serving', 7)
+
+
+# ------------------------------------------------------------ environment
+def test_pip_requirements_match_the_lock_file():
+    lock = (PROJECT_ROOT / 'requirements' / 'main.txt').read_text().lower()
+    for requirement in PIP_REQUIREMENTS:
+        assert re.search(rf'^{re.escape(requirement)}\b', lock, re.M), \
+            requirement
