@@ -243,7 +243,7 @@ def test_partial_load_reports_missing(weights):
                      if k.startswith('backbone.')}
     model = build(9)
     with pytest.raises(CheckpointMismatchError, match='missing keys, e.g. '
-                       'decode_head.head.embed_layers.0.proj.weight'):
+                       'decode_head.head.conv_seg.weight'):
         load_checkpoint(model, backbone_only)
     report = load_checkpoint(model, backbone_only, strict=False)
     assert report.loaded == len(backbone_only) and not report.unexpected

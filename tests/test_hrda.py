@@ -246,6 +246,9 @@ def test_sizes_not_multiple_of_8_still_give_input_resolution(model):
 def test_forward_rejects_non_image_batch(model):
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\)'):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='smaller than hr_crop_size'):
+        model.forward_train(torch.randn(1, 3, 24, 64),
+                            torch.zeros(1, 24, 64, dtype=torch.long))
 
 
 # --------------------------------------------------------------- builder

@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -176,6 +177,12 @@ def run(preset: str, device: str, warmup: int, repeats: int,
             except torch.cuda.OutOfMemoryError:
                 seconds, peak, error = float('nan'), None, 'OOM'
                 torch.cuda.empty_cache()
+            except Exception as err:  # e.g. torch.compile without a compiler
+                traceback.print_exc()
+                seconds, peak = float('nan'), None
+                error = f'failed ({type(err).__name__})'
+                if device == 'cuda':
+                    torch.cuda.empty_cache()
             if mode['name'] == 'fp32-eager':
                 baseline = seconds
             results['rows'].append({

@@ -437,6 +437,12 @@ class HRDASegmentor(nn.Module):
         hr_img = img
         box: Optional[Box] = None
         if self.hr_crop_size is not None:
+            if img.shape[2] < self.hr_crop_size[0] or \
+                    img.shape[3] < self.hr_crop_size[1]:
+                raise ValueError(
+                    f'Training crops {tuple(img.shape[2:])} are smaller than '
+                    f'hr_crop_size {self.hr_crop_size}; use larger crops or '
+                    f'a smaller model.hr_crop_size.')
             box = crop_box if crop_box is not None else get_crop_bbox(
                 img.shape[2], img.shape[3], self.hr_crop_size,
                 self.crop_coord_divisible, generator)
