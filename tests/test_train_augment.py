@@ -1,4 +1,4 @@
-"""DACS augmentations (ClassMix, jitter, blur, pseudo weights) and MIC masking."""
+"""DACS augmentations (ClassMix, jitter, blur, pseudo weights), MIC masks."""
 import math
 
 import pytest
@@ -67,7 +67,7 @@ def test_class_masks_odd_count_rounds_up():
 def test_class_masks_draw_from_the_whole_batch():
     # Image 0 has classes {0, 1}, image 1 {2, 3}: the candidates are all four
     # (MIC calls unique() on the batch), so image 0 sometimes gets no pixel.
-    label = torch.stack([torch.tensor([[0, 1]]), torch.tensor([[2, 3]])])[:, None]
+    label = torch.tensor([[[0, 1]], [[2, 3]]])[:, None]
     counts = set()
     for seed in range(30):
         counts.add(int(get_class_masks(label, gen(seed))[0].sum()))
@@ -280,7 +280,8 @@ def test_build_mask_generator_from_presets_and_errors():
     cfg = load_config('default')
     masker = build_mask_generator(cfg['uda']['mask_generator'])
     assert (masker.mask_ratio, masker.mask_block_size) == (0.7, 8)
-    full = build_mask_generator(load_config('cs2acdc')['uda']['mask_generator'])
+    full_cfg = load_config('cs2acdc')['uda']['mask_generator']
+    full = build_mask_generator(full_cfg)
     assert full.mask_block_size == 64
     assert build_mask_generator(None) is None
     with pytest.raises(ValueError, match='block'):

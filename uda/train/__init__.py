@@ -14,7 +14,8 @@ from .masking import (MASK_MODES, BlockMaskGenerator, build_mask_generator,
                       mask_mode_uses_aug, select_masked_batch)
 from .optim import (PolyWarmupLR, build_lr_scheduler, build_optimizer,
                     build_param_groups, current_lrs, poly_warmup_lr)
-from .teacher import EMATeacher, FrozenTeacher, Teacher, ema_alpha
+from .teacher import (EMATeacher, FrozenTeacher, Teacher, ema_alpha,
+                      unwrap_model)
 
 __all__ = [
     'DACSAugmentation', 'MixedBatch', 'StrongAugParams', 'color_jitter',
@@ -23,5 +24,5 @@ __all__ = [
     'BlockMaskGenerator', 'build_mask_generator', 'mask_mode_uses_aug',
     'select_masked_batch', 'PolyWarmupLR', 'build_lr_scheduler',
     'build_optimizer', 'build_param_groups', 'current_lrs', 'poly_warmup_lr',
-    'EMATeacher', 'FrozenTeacher', 'Teacher', 'ema_alpha'
+    'EMATeacher', 'FrozenTeacher', 'Teacher', 'ema_alpha', 'unwrap_model'
 ]

@@ -55,11 +55,22 @@ BLUR_SIGMA_RANGE = (0.15, 1.15)
 _HSV_EPS = 1e-6
 
 
+def _rng_device(generator: Optional[torch.Generator]) -> torch.device:
+    """Where ``generator`` draws (CPU when it is None: the global RNG)."""
+    return generator.device if generator is not None else torch.device('cpu')
+
+
 def _uniform(low: float, high: float, generator: Optional[torch.Generator],
              size: int = 1) -> torch.Tensor:
-    """``size`` draws of ``U(low, high)`` on the CPU (float64)."""
-    return low + (high - low) * torch.rand(size, generator=generator,
-                                           dtype=torch.float64)
+    """``size`` draws of ``U(low, high)`` as a CPU float64 tensor."""
+    draws = torch.rand(size, generator=generator, dtype=torch.float64,
+                       device=_rng_device(generator))
+    return low + (high - low) * draws.cpu()
+
+
+def _randperm(num: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randperm(num, generator=generator,
+                          device=_rng_device(generator)).cpu()
 
 
 def _labels_b1hw(labels: torch.Tensor, name: str = 'labels') -> torch.Tensor:
@@ -109,7 +120,7 @@ def get_class_masks(labels: torch.Tensor,
     num = classes.numel()
     masks = []
     for label in labels:
-        choice = torch.randperm(num, generator=generator)[:(num + 1) // 2]
+        choice = _randperm(num, generator)[:(num + 1) // 2]
         masks.append(generate_class_mask(label, classes[choice.to(
             classes.device)]))
     return torch.stack(masks)
@@ -144,7 +155,7 @@ def _mean_std(values: Any, like: torch.Tensor) -> torch.Tensor:
 
 def denorm(img: torch.Tensor, mean: Sequence[float],
            std: Sequence[float]) -> torch.Tensor:
-    """Normalised image -> [0, 1] RGB (MIC ``denorm``: ``(x*std+mean)/255``)."""
+    """Normalised image -> [0, 1] RGB (MIC ``denorm``: (x·std+mean)/255)."""
     return (img.float() * _mean_std(std, img) + _mean_std(mean, img)) / 255.0
 
 
@@ -260,7 +271,7 @@ def color_jitter(img: torch.Tensor,
         hue = float(_uniform(-strength, strength, generator))
         saturation = float(_uniform(max(0.0, 1 - strength), 1 + strength,
                                     generator))
-        order = torch.randperm(4, generator=generator).tolist()
+        order = _randperm(4, generator).tolist()
         out.append(_jitter_one(one, brightness, contrast, saturation, hue,
                                order))
     return renorm(torch.stack(out), mean, std)
@@ -284,7 +295,7 @@ def _gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
 def gaussian_blur(img: torch.Tensor,
                   sigma: float,
                   kernel_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (kornia ``GaussianBlur2d``).
+    """Separable Gaussian blur, reflect padding (kornia ``GaussianBlur2d``).
 
     Args:
         img: ``(B, C, H, W)`` images.

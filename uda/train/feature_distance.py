@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from uda.data.labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
 
+from .teacher import unwrap_model
+
 __all__ = ['downscale_label_ratio', 'ImageNetFeatureDistance']
 
 
@@ -133,7 +135,7 @@ class ImageNetFeatureDistance(nn.Module):
                        **kwargs) -> 'ImageNetFeatureDistance':
         """Copy ``model.backbone`` and ``model.feature_scale`` of a freshly
         built (ImageNet-initialised) segmentor; ``kwargs`` as ``__init__``."""
-        model = getattr(model, 'module', model)
+        model = unwrap_model(model)
         kwargs.setdefault('feature_scale', getattr(model, 'feature_scale',
                                                    0.5))
         kwargs.setdefault('num_classes', getattr(model, 'num_classes',

@@ -2,7 +2,8 @@
 
 Independent re-implementation of lhoyer/MIC
 ``seg/mmseg/models/utils/masking_transforms.py`` (``BlockMaskGenerator``) and
-of the batch selection of ``seg/mmseg/models/uda/masking_consistency_module.py``.
+of the batch selection of
+``seg/mmseg/models/uda/masking_consistency_module.py``.
 
 Block masking: a ``(B, 1, round(H / b), round(W / b))`` grid of uniform draws,
 a block is *kept* where its draw exceeds ``mask_ratio`` (so ~``1 - ratio`` of
@@ -116,8 +117,8 @@ def build_mask_generator(
 
 def _check_mode(mask_mode: str) -> None:
     if mask_mode not in MASK_MODES:
-        raise ValueError(f'uda.mask_mode must be one of {", ".join(MASK_MODES)}'
-                         f', got {mask_mode!r}.')
+        raise ValueError(f'uda.mask_mode must be one of '
+                         f'{", ".join(MASK_MODES)}, got {mask_mode!r}.')
 
 
 def mask_mode_uses_aug(mask_mode: str) -> bool:

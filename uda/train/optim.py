@@ -36,24 +36,13 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .teacher import unwrap_model
+
 __all__ = [
     'custom_keys_from_cfg', 'match_custom_key', 'build_param_groups',
     'build_optimizer', 'poly_warmup_lr', 'PolyWarmupLR',
     'build_lr_scheduler', 'current_lrs'
 ]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) / ``torch.compile``
-    (``._orig_mod``) wrappers, so that parameter names are the model's."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod') and isinstance(
-                model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def custom_keys_from_cfg(
@@ -107,8 +96,8 @@ def build_param_groups(model: nn.Module,
         A list of groups ``{'params', 'lr', 'weight_decay', 'lr_mult',
         'decay_mult', 'key', 'names'}``, one per distinct ``(lr_mult,
         decay_mult)`` pair, in order of first appearance (``key``: the first
-        custom key that produced the pair, or ``'default'``). Frozen parameters (``requires_grad=False``) are
-        left out.
+        custom key that produced the pair, or ``'default'``). Frozen
+        parameters (``requires_grad=False``) are left out.
     """
     base_lr = float(optimizer_cfg['lr'])
     base_wd = float(optimizer_cfg.get('weight_decay', 0.0))
@@ -116,7 +105,7 @@ def build_param_groups(model: nn.Module,
         custom_keys = custom_keys_from_cfg(optimizer_cfg)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     seen: set[int] = set()
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
