@@ -35,6 +35,7 @@ import base64
 import binascii
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -68,8 +69,9 @@ MIN_IMAGE_SIDE = 64
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 #: Most images per request (each is segmented separately).
 MAX_IMAGES_PER_REQUEST = 16
-#: Accepted image file formats (Pillow names).
-IMAGE_FORMATS = ('PNG', 'JPEG')
+#: Accepted image file formats (Pillow names; camera JPEGs with extra
+#: pictures open as 'MPO').
+IMAGE_FORMATS = ('PNG', 'JPEG', 'MPO')
 #: Environment variable choosing the inference device (``cpu``, ``cuda``,
 #: ``cuda:1``); default: CUDA when available.
 DEVICE_ENV = 'UDA_SERVING_DEVICE'
@@ -192,7 +194,7 @@ def _decode_image(data: bytes, row: int) -> np.ndarray:
         if image.format not in IMAGE_FORMATS:
             raise _bad_input(
                 f'Row {row}: image format {image.format} is not accepted; '
-                f'send {" or ".join(IMAGE_FORMATS)}.')
+                f'send PNG or JPEG.')
         width, height = image.size
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
             raise _bad_input(
@@ -254,6 +256,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.model: Optional[torch.nn.Module] = None
         self.device = torch.device('cpu')
+        # The scoring server runs requests in threads: one inference at a
+        # time keeps peak (GPU) memory that of one image.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],
@@ -303,8 +308,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         """TrainId map ``(H, W)`` uint8 of one ``(H, W, 3)`` uint8 RGB image,
         in the model's configured test mode at the image's resolution."""
         model = self._segmentor()
-        logits = model(_to_tensor(rgb, self.device))
-        return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+        with self._lock:
+            logits = model(_to_tensor(rgb, self.device))
+            label_map = logits[0].argmax(dim=0).to(torch.uint8).cpu()
+        return label_map.numpy()
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
