@@ -34,6 +34,8 @@ from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
 
 import torch
 
+from uda.errors import UserError
+
 __all__ = [
     'SoupError', 'TensorSpec', 'parse_weights', 'normalize_weights',
     'uniform_weights', 'state_dict_spec', 'check_compatible',
@@ -49,7 +51,7 @@ StateDict = Mapping[str, torch.Tensor]
 Ingredient = Union[StateDict, Callable[[], StateDict]]
 
 
-class SoupError(ValueError):
+class SoupError(UserError, ValueError):
     """Invalid soup input: weights, incompatible ingredients, search settings."""
 
 

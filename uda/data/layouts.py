@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from uda.errors import UserError
+
 __all__ = [
     'Sample', 'DatasetLayoutError', 'MissingLabelsError', 'ACDC_CONDITIONS',
     'SOURCE_CONDITION', 'UNKNOWN_CONDITION', 'CITYSCAPES_IMG_SUFFIX',
@@ -72,7 +74,7 @@ or flattened as in the MIC README (rsync ... rgb_anon/*/train/*/* rgb_anon/train
 _NAMED_IN_ERRORS = 5
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset root is missing or is not laid out as expected.
 
     The message names what was looked for, where, and the expected tree.

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .hrda import DEFAULT_TEST_CFG, HRDASegmentor
 from .losses import LOSSES
+from uda.errors import UserError
 from .fan import FAN_VARIANTS, create_fan
 from .mit import MIT_VARIANTS, create_mit
 
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A ``model`` config section that does not describe a valid model."""
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from .hrda import HRDASegmentor
+from uda.errors import UserError
 
 __all__ = [
     'FORMAT_TAG', 'SUBMODEL_PREFIXES', 'CheckpointError',
@@ -61,11 +62,11 @@ _SEGMENTOR_ROOTS = ('backbone.', 'decode_head.')
 PathOrStateDict = Union[str, os.PathLike, Mapping[str, Any]]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read or is not a checkpoint."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint whose keys or shapes do not fit the model."""
 
 
