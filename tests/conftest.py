@@ -16,6 +16,8 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # New experiments put artifacts in ./mlruns: keep them in the temp dir too.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,45 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
         existing = run.data.params
         mlflow.log_params({k: v for k, v in logged.items() if k not in existing})
         yield run
+
+
+def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training") -> None:
+    """Log dataset roots as MLflow run inputs (shown in the run's "Datasets used").
+
+    Args:
+        roots: Dataset name (``cityscapes/train``) → folder.
+        context: MLflow input context tag (training, evaluation, …).
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for name, root in roots.items():
+        with warnings.catch_warnings():
+            # MLflow registers the local-folder source twice and warns that the path is ambiguous.
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(root).resolve()))
+        mlflow.log_input(MetaDataset(source=source, name=name), context=context)
+
+
+def log_dataset_summary(summary, source_root: str | Path, target_root: str | Path) -> None:
+    """Log what the data looks like: split sizes, class shares (table + chart), example images."""
+    import matplotlib.pyplot as plt
+
+    from uda import visualize
+
+    mlflow.log_metrics({f"images.{key.replace('/', '.')}": n for key, n in summary.sizes.items()})
+    mlflow.log_table(summary.class_table(), "data/class_pixel_share.json")
+    figure = visualize.class_distribution_figure(
+        {name: counts / max(counts.sum(), 1) for name, counts in summary.class_pixels.items()})
+    mlflow.log_figure(figure, "data/class_pixel_share.png")
+    plt.close(figure)
+    for row_index, row in enumerate(summary.examples):
+        cells = [[img for img, _, _ in row], [visualize.overlay(img, lbl) if lbl is not None else img
+                                              for img, lbl, _ in row]]
+        captions = [[cap for _, _, cap in row], ["labels" if lbl is not None else "no labels"
+                                                 for _, lbl, _ in row]]
+        mlflow.log_image(visualize.grid(cells, captions), f"data/examples_{row_index}.png")
+    missing = {k: v for k, v in summary.missing_classes().items() if v}
+    if missing:
+        mlflow.set_tag("data.missing_classes", str(missing))
+    log_dataset_inputs({"cityscapes": source_root, "acdc": target_root})

@@ -1144,6 +1144,11 @@ def ensure_embedded(root: os.PathLike = DEFAULT_EMBEDDED_ROOT,
             generate(tmp, config, progress=progress)
             (root / STAMP_FILE).unlink(missing_ok=True)
             for name in ('cityscapes', 'acdc'):
+                # Keep the tracked README that lets MLflow `path` parameters
+                # default to these folders before anything is generated.
+                readme = root / name / 'README.md'
+                if readme.is_file():
+                    shutil.copy2(readme, tmp / name / 'README.md')
                 if (root / name).exists():
                     old = root / f'.old-{name}-{uuid.uuid4().hex[:8]}'
                     os.replace(root / name, old)
