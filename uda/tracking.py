@@ -8,6 +8,7 @@ called directly, a run is created in the ``cs2acdc-uda`` experiment.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import warnings
@@ -47,6 +48,37 @@ def git_commit(path: str | Path = ".") -> str | None:
     return out.stdout.strip() or None
 
 
+CODE_VERSION_TAG = "uda.code_version"
+
+
+def code_version(path: str | Path = ".") -> str | None:
+    """The commit, plus a digest of uncommitted changes to tracked and untracked files.
+
+    ``main`` reuses a finished step only when this matches, so an edited
+    working tree never passes for the committed code.
+    """
+    commit = git_commit(path)
+    if commit is None:
+        return None
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=path,
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+        if not status.strip():
+            return commit
+        diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=path, capture_output=True,
+                              timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    digest = hashlib.sha256(diff)
+    for line in sorted(status.splitlines()):
+        digest.update(line.encode())
+        if line.startswith("??"):
+            untracked = Path(path) / line[3:]
+            if untracked.is_file():
+                digest.update(untracked.read_bytes())
+    return f"{commit}-dirty-{digest.hexdigest()[:12]}"
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _MAX_PARAM_LENGTH else text[:_MAX_PARAM_LENGTH - 3] + "..."
@@ -69,7 +101,11 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
     with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else entry_point,
                           nested=nested) as run:
         tags = {"entry_point": entry_point}
-        commit = git_commit(Path(__file__).resolve().parent.parent)
+        project_dir = Path(__file__).resolve().parent.parent
+        version = code_version(project_dir)
+        if version:
+            tags[CODE_VERSION_TAG] = version
+        commit = git_commit(project_dir)
         if commit and "mlflow.source.git.commit" not in run.data.tags:
             tags["mlflow.source.git.commit"] = commit
         if cfg is not None and "name" in cfg:
