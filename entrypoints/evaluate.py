@@ -1,30 +1,58 @@
 """`mlflow run . -e evaluate`: mIoU on ACDC val, or ACDC test submission PNGs."""
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from uda import cli  # noqa: E402
+from uda import cli, evaluation, tracking  # noqa: E402
+from uda.data.summary import prepare_roots  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     cli.add_config_args(parser)
     cli.add_device_arg(parser)
-    parser.add_argument("--target-root", required=True)
+    parser.add_argument("--target-root", required=True, help="ACDC root (nested or flattened)")
     parser.add_argument("--model", default="models:/cs2acdc-student@serving",
-                        help="model URI (models:/NAME@ALIAS, runs:/…) or checkpoint path")
-    parser.add_argument("--split", default="val", choices=["val", "test"])
-    parser.add_argument("--mode", default="", help="whole or slide (default: the preset's)")
+                        help="model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/…) "
+                             "or checkpoint path")
+    parser.add_argument("--split", default="val", help="val (mIoU) or test (submission PNGs)")
+    parser.add_argument("--mode", default="", help="whole or slide (default: the model's test_cfg)")
     parser.add_argument("--batch-size", default="1")
-    parser.add_argument("--label-ids", default="false")
+    parser.add_argument("--label-ids", default="false",
+                        help="test: write Cityscapes labelIds instead of trainIds")
     args = parser.parse_args(argv)
-    cli.optional_int("batch_size", args.batch_size, minimum=1)
-    cli.parse_bool("label_ids", args.label_ids)
-    if args.mode not in ("", "whole", "slide"):
-        raise cli.UserError(f"mode must be whole or slide, got {args.mode!r}.")
+    split = evaluation.check_split(args.split)
+    mode = evaluation.check_mode(args.mode)
+    batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1) or 1
+    label_ids = cli.parse_bool("label_ids", args.label_ids)
+    device = cli.resolve_device(args.device)
     cfg = cli.resolve_config(args.preset, args.cfg_options, data__target__root=args.target_root)
-    return cli.log_pending_step("evaluate", vars(args), cfg, "Evaluation")
+
+    # Everything that can be wrong is checked before the run logs anything.
+    prepare_roots(args.target_root, args.target_root)
+    dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
+    model, _ = evaluation.load_model(args.model, device)
+    options = dict(mode=mode, batch_size=batch_size, device=device, progress=True,
+                   num_workers=cfg["data"]["workers_per_gpu"])
+
+    with tracking.entry_point_run("evaluate", vars(args), cfg) as run:
+        tracking.mlflow.set_tag("model_uri", args.model)
+        tracking.log_dataset_inputs({f"acdc/{split}": args.target_root}, context="evaluation")
+        if split == "val":
+            result = evaluation.evaluate(model, dataset, **options)
+            evaluation.log_evaluation(result, model_id=evaluation.logged_model_id(args.model))
+            print(evaluation.format_table(result.table))
+            done = f"mIoU {100 * result.table.miou:.2f} on {result.num_images} images"
+        else:
+            with tempfile.TemporaryDirectory(prefix="uda-submission-") as tmp:
+                result = evaluation.write_submission(model, dataset, tmp, label_ids, **options)
+                evaluation.log_submission(result)
+            done = (f"{result.num_images} {result.folder.name} PNGs, zipped as artifact "
+                    f"submission/{result.zip_path.name}")
+    print(f"{done} ({result.images_per_second:.2f} images/s); run {run.info.run_id}.")
+    return 0
 
 
 if __name__ == "__main__":
