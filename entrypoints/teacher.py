@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", default="")
     parser.add_argument("--checkpoint-interval", default="")
     parser.add_argument("--seed", default="0")
-    parser.add_argument("--resume", default="auto")
+    parser.add_argument("--resume", default="auto", help="auto, none or the run id to continue")
+    parser.add_argument("--model-name", default="", help="registered model (default cs2acdc-teacher)")
     args = parser.parse_args(argv)
     cfg = cli.resolve_config(
         args.preset, args.cfg_options,
@@ -25,7 +26,15 @@ def main(argv=None) -> int:
         seed=cli.optional_int("seed", args.seed),
         runner__max_iters=cli.optional_int("iterations", args.iterations, minimum=1),
         checkpoint_config__interval=cli.optional_int("checkpoint_interval", args.checkpoint_interval, minimum=1))
-    return cli.log_pending_step("teacher", vars(args), cfg, "MIC teacher training")
+
+    from uda.train.runner import TrainRequest, import_checkpoint, train
+
+    if args.checkpoint.strip():
+        import_checkpoint(args.checkpoint.strip(), cfg, vars(args), args.model_name or None)
+        return 0
+    train(TrainRequest("teacher", cfg, vars(args), device=cli.resolve_device(args.device),
+                       resume=args.resume, model_name=args.model_name or None))
+    return 0
 
 
 if __name__ == "__main__":

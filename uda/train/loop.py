@@ -1,0 +1,494 @@
+"""The UDA training loop: one loop, three sources of target supervision.
+
+:class:`UDATrainer` runs one iteration of MIC's DACS self-training
+(lhoyer/MIC ``seg/mmseg/models/uda/dacs.py`` ``forward_train`` and
+``masking_consistency_module.py``), in MIC's order:
+
+1. ``zero_grad``; with an EMA teacher, ``ema.update(student, i)`` (copy at
+   ``i = 0``, ``α = min(1 - 1/(i + 1), 0.999)`` afterwards);
+2. supervised HRDA loss on the source crops (+ ImageNet feature distance on
+   thing classes, λ 0.005), backward;
+3. teacher pseudo-labels of the target crops (HRDA ``encode_decode``, detail
+   by overlapping slide) and their weight: the fraction of pixels whose
+   max-softmax is ≥ ``pseudo_threshold``;
+4. ClassMix of half the source classes into the target crops, colour jitter
+   and blur, loss with the per-pixel weights, backward;
+5. MIC: the ``mask_mode`` images (``separate``: first source + first target
+   crop) with 70 % of their 64-px blocks zeroed, loss with the same labels
+   and weights, fused loss × ``mask_lambda``, backward;
+6. ``optimizer.step()``, ``scheduler.step()``.
+
+The pseudo-label source is the only difference between the entry points:
+
+* ``teacher='ema'``: MIC (the ``teacher`` entry point trains a MIC model);
+* a frozen segmentor: the distillation (``distill``, the original CKD
+  student learning from a fixed MIC teacher);
+* ``teacher=None``: source only (steps 3-5 skipped; MIC's ``source_only``),
+  the baseline a UDA model must beat.
+
+Every random draw of iteration ``i`` (HRDA detail crop, ClassMix classes,
+jitter, blur, masks, dropout) comes from generators reseeded from
+``(seed, rank, i)`` at the start of the iteration, and the batch of
+iteration ``i`` is built the same way (:mod:`uda.train.data`). A run
+resumed from a checkpoint at iteration ``N`` therefore repeats the
+uninterrupted run's losses exactly from ``N`` on, given the model,
+optimizer, scheduler and EMA states.
+
+Loss names follow MIC: ``src.decode.loss_seg``, ``src.decode.hr.loss_seg``,
+``src.loss_imnet_feat_dist``, ``mix.decode.loss_seg``,
+``masked.decode.loss_seg`` …; ``loss`` is the sum of every key that
+contains ``loss``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from uda.errors import UserError
+from uda.metrics import ConditionTable, PerConditionMetrics
+
+from .augment import DACSAugmentation, pseudo_label_and_weight
+from .data import STREAM_STEP, iteration_seed, seed_everything
+from .distributed import DistContext
+from .feature_distance import ImageNetFeatureDistance
+from .masking import (build_mask_generator, mask_mode_uses_aug,
+                      select_masked_batch)
+from .optim import build_lr_scheduler, build_optimizer, current_lrs
+from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
+
+__all__ = ['TrainConfigError', 'check_schedule', 'TrainForward',
+           'StepOutput', 'UDATrainer', 'LogAccumulator', 'evaluate',
+           'FitHooks', 'fit']
+
+TeacherArg = Union[str, nn.Module, None]
+
+
+class TrainConfigError(UserError, ValueError):
+    """A training setting that cannot work (intervals, modes, batch size)."""
+
+
+def _positive_int(cfg: Mapping[str, Any], dotted: str) -> int:
+    node: Any = cfg
+    for part in dotted.split('.'):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int) or node < 1:
+        raise TrainConfigError(f'{dotted} must be a positive integer, got '
+                               f'{node!r}.')
+    return node
+
+
+def check_schedule(cfg: Mapping[str, Any]) -> None:
+    """Reject non-positive iteration counts and intervals before training.
+
+    Checks ``runner.max_iters``, ``checkpoint_config.interval``,
+    ``evaluation.interval``, ``log_config.interval``,
+    ``log_config.img_interval`` and ``data.samples_per_gpu``.
+    """
+    for key in ('runner.max_iters', 'checkpoint_config.interval',
+                'evaluation.interval', 'log_config.interval',
+                'log_config.img_interval', 'data.samples_per_gpu'):
+        _positive_int(cfg, key)
+    workers = cfg['data'].get('workers_per_gpu', 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or \
+            workers < 0:
+        raise TrainConfigError(f'data.workers_per_gpu must be >= 0, got '
+                               f'{workers!r}.')
+
+
+class TrainForward(nn.Module):
+    """Routes ``__call__`` to ``forward_train`` so DistributedDataParallel
+    (which wraps ``forward``) synchronises the training forwards."""
+
+    def __init__(self, segmentor: nn.Module) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.segmentor.forward_train(*args, **kwargs)
+
+
+def _sum_losses(losses: Mapping[str, Any]) -> torch.Tensor:
+    """MIC's ``_parse_losses`` total: every entry whose key contains 'loss'."""
+    terms = [v for k, v in losses.items() if 'loss' in k]
+    if not terms:
+        raise ValueError(f'No loss in {sorted(losses)}.')
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _detached(losses: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    return {f'{prefix}{k}': v.detach().float() for k, v in losses.items()
+            if torch.is_tensor(v) and v.dim() == 0}
+
+
+@dataclass
+class StepOutput:
+    """What one iteration reports.
+
+    Attributes:
+        log_vars: Scalar tensors (detached, on the device): the losses and
+            accuracies under MIC's names, ``loss`` (their total),
+            ``pseudo.confident_fraction`` / ``pseudo.mean_confidence``.
+        debug: First image of each stage (CPU tensors) when asked for:
+            ``source_img``, ``source_gt``, ``source_pred``, ``target_img``,
+            ``pseudo_label``, ``mixed_img``, ``mixed_label``, ``mixed_pred``,
+            ``masked_img``, ``masked_label``.
+    """
+    log_vars: dict[str, torch.Tensor]
+    debug: Optional[dict[str, torch.Tensor]] = None
+
+
+def _prediction(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    logits = F.interpolate(logits[:1].detach().float(), size=tuple(size),
+                           mode='bilinear', align_corners=False)
+    return logits.argmax(1)[0].cpu()
+
+
+class UDATrainer:
+    """One model, its optimizer and schedule, and the pseudo-label source.
+
+    Args:
+        model: The segmentor to train (an ``HRDASegmentor`` freshly built
+            from the preset, i.e. with its ImageNet weights: the feature
+            distance keeps a frozen copy of this backbone).
+        cfg: The resolved preset (``uda``, ``optimizer``, ``lr_config``,
+            ``runner``, ``data.img_norm_cfg``).
+        teacher: ``'ema'`` (MIC), a frozen teacher segmentor (distillation)
+            or None (source only).
+        seed: Run seed; iteration ``i`` reseeds every RNG from
+            ``(seed, rank, i)``.
+        ctx: Distribution context (device, rank); single CPU process if
+            None.
+
+    Example:
+        >>> trainer = UDATrainer(build_segmentor(cfg['student']['model']),
+        ...                      cfg, teacher=frozen_mic_model, seed=0)
+        >>> out = trainer.train_step(batch, iteration=0)
+        >>> float(out.log_vars['loss'])
+    """
+
+    def __init__(self, model: nn.Module, cfg: Mapping[str, Any],
+                 teacher: TeacherArg = 'ema', seed: int = 0,
+                 ctx: Optional[DistContext] = None) -> None:
+        self.ctx = ctx or DistContext()
+        self.device = self.ctx.device
+        self.cfg = cfg
+        self.seed = int(seed)
+        uda = cfg['uda']
+        self.model = model.to(self.device)
+        self.model.train()
+        self.max_iters = _positive_int(cfg, 'runner.max_iters')
+
+        lambda_ = float(uda.get('imnet_feature_dist_lambda', 0.0))
+        self.feature_distance: Optional[ImageNetFeatureDistance] = None
+        if lambda_ > 0:
+            self.feature_distance = ImageNetFeatureDistance.from_segmentor(
+                self.model, lambda_=lambda_,
+                classes=uda.get('imnet_feature_dist_classes'),
+                scale_min_ratio=float(
+                    uda.get('imnet_feature_dist_scale_min_ratio', 0.75)),
+            ).to(self.device)
+
+        threshold = float(uda['pseudo_threshold'])
+        self.teacher: Optional[Teacher]
+        if teacher is None:
+            self.teacher = None
+        elif isinstance(teacher, str):
+            if teacher != 'ema':
+                raise ValueError(f"teacher must be 'ema', a segmentor or "
+                                 f"None, got {teacher!r}.")
+            self.teacher = EMATeacher(self.model, float(uda['alpha']),
+                                      threshold).to(self.device)
+        else:
+            self.teacher = FrozenTeacher(teacher.to(self.device), threshold)
+        for key in ('mask_alpha', 'mask_pseudo_threshold'):
+            if str(uda.get(key, 'same')) != 'same':
+                raise TrainConfigError(
+                    f"uda.{key} must be 'same' (MIC's cs2acdc setting: the "
+                    f"masked loss reuses the teacher's pseudo-labels), got "
+                    f"{uda[key]!r}.")
+        try:
+            self.augmentation = DACSAugmentation.from_config(cfg)
+            self.mask_mode = str(uda['mask_mode'])
+            self.mask_uses_aug = mask_mode_uses_aug(self.mask_mode)
+            self.mask_generator = build_mask_generator(
+                uda.get('mask_generator'))
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+        self.mask_lambda = float(uda.get('mask_lambda', 1.0))
+        if self.mask_lambda <= 0:
+            self.mask_generator = None
+
+        self.forward_module: nn.Module = TrainForward(self.model)
+        if self.ctx.distributed:
+            self.forward_module = nn.parallel.DistributedDataParallel(
+                self.forward_module,
+                device_ids=[self.device.index]
+                if self.device.type == 'cuda' else None)
+        try:
+            self.optimizer = build_optimizer(self.model, cfg)
+            self.scheduler = build_lr_scheduler(self.optimizer, cfg)
+        except ValueError as err:
+            raise TrainConfigError(str(err)) from None
+        self.generator = torch.Generator(device=self.device)
+
+    # ------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``'mic'``, ``'distill'`` or ``'source_only'``."""
+        if self.teacher is None:
+            return 'source_only'
+        return 'mic' if isinstance(self.teacher, EMATeacher) else 'distill'
+
+    def _reseed(self, iteration: int) -> None:
+        step_seed = iteration_seed(self.seed, self.ctx.rank, iteration,
+                                   STREAM_STEP)
+        seed_everything(step_seed)
+        self.generator.manual_seed(step_seed)
+
+    def train_step(self, batch: Mapping[str, Any], iteration: int,
+                   debug: bool = False) -> StepOutput:
+        """Run iteration ``iteration`` (0-based) on ``batch``.
+
+        Args:
+            batch: ``img`` (B, 3, H, W) and ``gt`` (B, H, W) source crops,
+                ``target_img`` (B, 3, H, W) target crops (see
+                :class:`~uda.train.data.TrainBatches`).
+            iteration: Iterations done before this one.
+            debug: Also return the first image of each stage.
+        """
+        self._reseed(iteration)
+        gen = self.generator
+        dev = self.device
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.teacher, EMATeacher):
+            self.teacher.update(self.model, iteration)
+        img = batch['img'].to(dev, non_blocking=True)
+        gt = batch['gt'].to(dev, non_blocking=True).long()
+        log_vars: dict[str, torch.Tensor] = {}
+        shown: dict[str, torch.Tensor] = {}
+
+        # 1. supervised source loss (+ ImageNet feature distance)
+        source = self.forward_module(
+            img, gt, return_feat=self.feature_distance is not None,
+            return_logits=debug, generator=gen)
+        features = source.pop('features', None)
+        logits = source.pop('decode.logits', None)
+        source_loss = _sum_losses(source)
+        log_vars.update(_detached(source, 'src.'))
+        if self.feature_distance is not None:
+            fd_loss, fd_value = self.feature_distance(img, gt, features)
+            source_loss = source_loss + fd_loss
+            log_vars['src.loss_imnet_feat_dist'] = fd_value.float()
+        source_loss.backward()
+        del features
+        if debug:
+            shown.update(source_img=img[0].detach().cpu(),
+                         source_gt=gt[0].cpu(),
+                         source_pred=_prediction(logits[0], gt.shape[-2:]))
+        del logits
+
+        if self.teacher is not None:
+            target_img = batch['target_img'].to(dev, non_blocking=True)
+            # 2. pseudo-labels of the target crops
+            teacher_logits = self.teacher(target_img)
+            pseudo_label, pseudo_weight = pseudo_label_and_weight(
+                teacher_logits, self.teacher.pseudo_threshold,
+                self.teacher.weight_reduction)
+            confidence = torch.softmax(teacher_logits.float(), 1).amax(1)
+            log_vars['pseudo.confident_fraction'] = pseudo_weight.mean()
+            log_vars['pseudo.mean_confidence'] = confidence.mean()
+            del teacher_logits, confidence
+
+            # 3. ClassMix + jitter + blur, weighted loss
+            mixed = self.augmentation.mix(img, gt, target_img, pseudo_label,
+                                          pseudo_weight, generator=gen)
+            mix = self.forward_module(mixed.img, mixed.label,
+                                      seg_weight=mixed.weight,
+                                      return_logits=debug, generator=gen)
+            mix_logits = mix.pop('decode.logits', None)
+            _sum_losses(mix).backward()
+            log_vars.update(_detached(mix, 'mix.'))
+            if debug:
+                shown.update(
+                    target_img=target_img[0].detach().cpu(),
+                    pseudo_label=pseudo_label[0].cpu(),
+                    mixed_img=mixed.img[0].detach().cpu(),
+                    mixed_label=mixed.label[0, 0].cpu(),
+                    mixed_pred=_prediction(mix_logits[0], gt.shape[-2:]))
+            del mix_logits, mixed
+
+            # 4. MIC masked image consistency
+            if self.mask_generator is not None:
+                masked_img, masked_label, masked_weight = select_masked_batch(
+                    self.mask_mode, img, gt, target_img, pseudo_label,
+                    pseudo_weight)
+                if self.mask_uses_aug:
+                    masked_img = self.augmentation.augment(masked_img,
+                                                           generator=gen)
+                masked_img = self.mask_generator.mask_image(masked_img, gen)
+                masked = self.forward_module(masked_img, masked_label,
+                                             seg_weight=masked_weight,
+                                             generator=gen)
+                masked['decode.loss_seg'] = masked['decode.loss_seg'] * \
+                    self.mask_lambda
+                _sum_losses(masked).backward()
+                log_vars.update(_detached(masked, 'masked.'))
+                if debug:
+                    shown.update(masked_img=masked_img[-1].detach().cpu(),
+                                 masked_label=masked_label[-1, 0].cpu())
+
+        self.optimizer.step()
+        self.scheduler.step()
+        log_vars['loss'] = _sum_losses(
+            {k: v for k, v in log_vars.items() if 'loss' in k})
+        return StepOutput(log_vars, shown if debug else None)
+
+    # ------------------------------------------------------------------
+    def learning_rates(self) -> dict[str, float]:
+        """Current lr of each parameter group (``default``, ``head`` …)."""
+        return current_lrs(self.optimizer)
+
+    def resume_state(self) -> dict[str, Any]:
+        """Everything but the model weights needed to continue exactly.
+
+        The model weights travel in the registered checkpoint; this holds
+        the optimizer and scheduler states and, for MIC, the EMA teacher.
+        """
+        state: dict[str, Any] = {
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+        }
+        if isinstance(self.teacher, EMATeacher):
+            state['ema'] = {k: v.detach().cpu() for k, v in
+                            self.teacher.model.state_dict().items()}
+        return state
+
+    def load_resume_state(self, state: Mapping[str, Any],
+                          model_state: Optional[Mapping[str, torch.Tensor]]
+                          = None) -> None:
+        """Restore :meth:`resume_state` (and the model weights if given)."""
+        if model_state is not None:
+            unwrap_model(self.model).load_state_dict(dict(model_state))
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        if isinstance(self.teacher, EMATeacher):
+            if 'ema' not in state:
+                raise TrainConfigError('The resume state has no EMA teacher '
+                                       'weights (it was not a MIC run).')
+            self.teacher.model.load_state_dict(state['ema'])
+
+
+class LogAccumulator:
+    """Running sums of scalar log tensors between two log points (no host
+    sync until :meth:`means`)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums \
+                else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """Averages since the last reset, then reset."""
+        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]],
+             device: Union[str, torch.device],
+             conditions: Sequence[str], mode: Optional[str] = None
+             ) -> ConditionTable:
+    """mIoU of ``model`` on labelled target images, overall and per condition.
+
+    Predictions are made in the preset's test mode (``mode`` None: the
+    model's ``test_cfg.mode``) on the resized image and scored at the label's
+    size after a bilinear resize of the logits, as mmseg does. Under
+    ``torchrun`` each rank scores its share and the confusion matrices are
+    summed (all ranks must call this).
+
+    Args:
+        model: The segmentor (DDP wrappers are unwrapped).
+        loader: Items with ``img`` (3, h, w), ``gt`` (H, W), ``condition``.
+        device: Where to run.
+        conditions: Every condition that can occur (same on all ranks).
+        mode: ``'slide'`` or ``'whole'``.
+    """
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    metrics = PerConditionMetrics(tuple(conditions), device=device)
+    try:
+        for item in loader:
+            img = item['img'][None].to(device)
+            gt = item['gt'].to(device)
+            logits = model.inference(img, mode)
+            logits = F.interpolate(logits, size=tuple(gt.shape[-2:]),
+                                   mode='bilinear', align_corners=False)
+            metrics.update(logits.argmax(1)[0], gt, item['condition'])
+    finally:
+        model.train(was_training)
+    return metrics.all_reduce().compute()
+
+
+@dataclass
+class FitHooks:
+    """Callbacks of :func:`fit` (all optional), called on every rank.
+
+    Attributes:
+        after_step: ``(iteration_done, StepOutput, seconds) -> None`` after
+            each iteration (``iteration_done`` counts from 1).
+        wants_debug: ``iteration_done -> bool``: return the debug images of
+            that iteration.
+    """
+    after_step: Optional[Callable[[int, StepOutput, float], None]] = None
+    wants_debug: Optional[Callable[[int], bool]] = None
+
+
+def fit(trainer: UDATrainer, batches: Iterable[Mapping[str, Any]],
+        start: int, stop: int, hooks: Optional[FitHooks] = None) -> int:
+    """Train iterations ``start .. stop - 1`` on the matching batches.
+
+    Args:
+        trainer: The trainer.
+        batches: Batches of exactly those iterations, in order (e.g.
+            :func:`~uda.train.data.train_loader`).
+        start: First iteration index.
+        stop: One past the last.
+        hooks: Logging / checkpoint callbacks.
+
+    Returns:
+        Iterations done when it stopped (``stop``).
+    """
+    hooks = hooks or FitHooks()
+    iteration = start
+    tick = time.perf_counter()
+    for batch in batches:
+        if iteration >= stop:
+            break
+        if batch.get('iteration', iteration) != iteration:
+            raise RuntimeError(f'Batch of iteration {batch["iteration"]} '
+                               f'arrived at iteration {iteration}.')
+        debug = bool(hooks.wants_debug and hooks.wants_debug(iteration + 1))
+        out = trainer.train_step(batch, iteration, debug=debug)
+        iteration += 1
+        now = time.perf_counter()
+        if hooks.after_step is not None:
+            hooks.after_step(iteration, out, now - tick)
+        tick = time.perf_counter()
+    return iteration
