@@ -172,10 +172,17 @@ def logged_model_id(model_uri: PathLike) -> Optional[str]:
             return ref.split('/')[0]
         if '@' in ref:
             name, alias = ref.split('@', 1)
-            return resolve_alias(name, alias).model_id
-        name, _, version = ref.rpartition('/')
-        if name and version.isdigit():
-            return mlflow.MlflowClient().get_model_version(name, version).model_id
+            version = resolve_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition('/')
+            if not (name and number.isdigit()):
+                return None
+            version = mlflow.MlflowClient().get_model_version(name, number)
+        if version.model_id:
+            return version.model_id
+        # Versions registered from a logged model's URI keep it as their source.
+        source = str(version.source or '')
+        return source[len('models:/'):] if source.startswith('models:/m-') else None
     except Exception as err:  # only a link in the UI: never fail the run for it
         log.debug('No logged model id for %s: %s', uri, err)
     return None
