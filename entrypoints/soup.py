@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from uda import cli  # noqa: E402
+from uda import cli, tracking  # noqa: E402
+from uda.soup import step  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -19,6 +20,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", default="")
     parser.add_argument("--objective", default="", help="miou or teacher-agreement")
     parser.add_argument("--promote", default="true", help="true, false or if-better")
+    parser.add_argument("--teacher", default=step.DEFAULT_TEACHER, help="teacher URI for teacher-agreement")
+    parser.add_argument("--study-storage", default="", help="Optuna storage: file or URL (default optuna.db)")
+    parser.add_argument("--batch-size", default="", help="images per inference batch (default: by pixels)")
     parser.add_argument("--seed", default="0")
     args = parser.parse_args(argv)
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] or None
@@ -28,7 +32,14 @@ def main(argv=None) -> int:
         soup__aliases=aliases, soup__method=args.method or None,
         soup__trials=cli.optional_int("trials", args.trials, minimum=1),
         soup__objective=args.objective or None)
-    return cli.log_pending_step("soup", vars(args), cfg, "Souping")
+    request = step.make_request(
+        cfg, model_name=args.model_name, aliases=aliases, weights=args.weights, method=args.method,
+        promote=args.promote, teacher=args.teacher, study_storage=args.study_storage)
+    batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1)
+    device = cli.resolve_device(args.device)
+    with tracking.entry_point_run("soup", vars(args), cfg):
+        step.run_soup(request, device=device, batch_size=batch_size)
+    return 0
 
 
 if __name__ == "__main__":
