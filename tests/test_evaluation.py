@@ -4,7 +4,6 @@ student (mmseg parity, per-condition split, batch-size invariance, submission
 files, MLflow logging)."""
 from __future__ import annotations
 
-import io
 import math
 import shutil
 import zipfile
@@ -133,7 +132,8 @@ def test_hand_case_submission_values_names_and_zip(hand_root, tmp_path):
     assert ids.folder.name == 'labelIds' and ids.zip_path.name == 'labelIds.zip'
     for path in ids.files:
         with Image.open(path) as png:
-            np.testing.assert_array_equal(np.asarray(png), train_id_to_label_id(expected[path.name]))
+            np.testing.assert_array_equal(np.asarray(png),
+                                          train_id_to_label_id(expected[path.name]))
 
 
 def test_unlabelled_split_cannot_be_scored(hand_root):

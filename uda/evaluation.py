@@ -35,6 +35,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from uda.data.dataset import SegmentationDataset, acdc_dataset
-from uda.data.labels import CLASSES, NUM_CLASSES, PALETTE, colorize, train_id_to_label_id
+from uda.data.labels import CLASSES, PALETTE, colorize, train_id_to_label_id
 from uda.data.layouts import ACDC_CONDITIONS, Sample
 from uda.data.pipelines import load_image
 from uda.errors import UserError
@@ -71,6 +72,8 @@ MODES = ('whole', 'slide')
 _SUBMISSION_FOLDERS = {False: 'labelTrainIds', True: 'labelIds'}
 #: Fixed zip entry time, so the same predictions give the same zip bytes.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+#: Threads that encode submission PNGs while the model predicts the next images.
+_PNG_WRITERS = 2
 #: Long edge of the images in the overlay panels (pixels).
 _OVERLAY_WIDTH = 480
 
@@ -585,17 +588,25 @@ def write_submission(model: torch.nn.Module,
     folder = Path(out_dir) / _SUBMISSION_FOLDERS[bool(label_ids)]
     folder.mkdir(parents=True, exist_ok=True)
     keep = set(_overlay_indices(dataset.samples, num_overlays))
-    files, overlays = [], []
+    files, overlays, pending = [], [], []
     start = time.perf_counter()
-    for item in predict_dataset(model, dataset, mode, batch_size, device, num_workers,
-                                progress, precision, desc='submission'):
-        if item.index in keep:
-            overlays.append((item.sample, _overlay_panel(
-                PredictedImage(item.index, item.sample, item.prediction))))
-        label = item.prediction.to(torch.uint8).cpu().numpy()
-        if label_ids:
-            label = train_id_to_label_id(label)
-        files.append(save_label_png(folder / submission_filename(item.sample), label))
+    # PNG encoding (zlib, which releases the GIL) overlaps with the next forward passes.
+    with ThreadPoolExecutor(max_workers=_PNG_WRITERS) as writers:
+        for item in predict_dataset(model, dataset, mode, batch_size, device, num_workers,
+                                    progress, precision, desc='submission'):
+            if item.index in keep:
+                overlays.append((item.sample, _overlay_panel(
+                    PredictedImage(item.index, item.sample, item.prediction))))
+            label = item.prediction.to(torch.uint8).cpu().numpy()
+            if label_ids:
+                label = train_id_to_label_id(label)
+            path = folder / submission_filename(item.sample)
+            pending.append(writers.submit(save_label_png, path, label))
+            files.append(path)
+            if len(pending) > 4 * _PNG_WRITERS:  # bound the label maps held in memory
+                pending.pop(0).result()
+        for future in pending:
+            future.result()  # re-raises a failed write
     zip_path = _write_zip(Path(out_dir) / (zip_name or f'{folder.name}.zip'), files)
     return SubmissionResult(folder, zip_path, files, bool(label_ids),
                             time.perf_counter() - start, overlays)
