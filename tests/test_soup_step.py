@@ -111,12 +111,24 @@ def _cfg(store, *overrides):
 
 
 def soup(store, *overrides, **kwargs):
-    """One soup run (make_request + run_soup inside an entry-point run)."""
+    """One soup run, as under `mlflow run`: the run is created first and the
+    entry point resumes it through MLFLOW_RUN_ID (so nothing here calls
+    mlflow.set_experiment, whose MLFLOW_EXPERIMENT_ID would leak into later
+    tests' subprocesses)."""
     cfg = _cfg(store, *overrides)
     request = make_request(cfg, **kwargs)
-    with entry_point_run('soup', {}, cfg) as run:
-        result = run_soup(request)
-    return result, mlflow.get_run(run.info.run_id)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name('soup-tests')
+    experiment_id = experiment.experiment_id if experiment else \
+        client.create_experiment('soup-tests')
+    run_id = client.create_run(experiment_id).info.run_id
+    os.environ['MLFLOW_RUN_ID'] = run_id
+    try:
+        with entry_point_run('soup', {}, cfg):
+            result = run_soup(request)
+    finally:
+        os.environ.pop('MLFLOW_RUN_ID', None)  # end_run may drop it
+    return result, mlflow.get_run(run_id)
 
 
 def versions():

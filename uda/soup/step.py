@@ -606,6 +606,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
 
     labels = [i.label for i in ingredients]
     n = len(ingredients)
+    parent = mlflow.active_run()
     objective_subset = 'tune' if request.objective == 'miou' else 'agreement'
 
     # --- data: decoded and normalised once, on the device -----------------
@@ -688,7 +689,10 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
 
     def log_trial(number: int, weights: Sequence[float], score: float,
                   seconds: Optional[float]) -> None:
-        with mlflow.start_run(run_name=f'trial-{number}', nested=True):
+        # The parent's experiment, explicitly: a run resumed through
+        # MLFLOW_RUN_ID does not make its experiment the active one.
+        with mlflow.start_run(run_name=f'trial-{number}', nested=True,
+                              experiment_id=parent.info.experiment_id):
             mlflow.set_tags({'soup.trial': str(number),
                              'soup.method': request.method,
                              'entry_point': 'soup-trial'})
@@ -922,13 +926,20 @@ def _print_summary(request: SoupRequest, version: Any,
                    weights: Sequence[float], comparison: List[Dict[str, Any]],
                    splits: Sequence[str], promoted: bool, reason: str,
                    seconds_per_trial: float, trials: int) -> None:
-    print(_markdown([{k: v for k, v in row.items()
-                      if k in ('model', 'version', 'weights') or
-                      k in {f'{s} mIoU' for s in splits}}
-                     for row in comparison]), end='')
+    shown = []
+    for row in comparison:
+        row = {k: v for k, v in row.items()
+               if k in ('model', 'version', 'weights') or
+               k in {f'{s} mIoU' for s in splits}}
+        if row['model'] == 'soup':
+            row['version'] = str(version.version)
+        shown.append(row)
+    print(_markdown(shown), end='')
     timing = (f'; {seconds_per_trial:.2f} s per trial over {trials} trials'
               if trials else '')
     print(f'Registered {request.model_name} version {version.version} '
           f'(kind=soup, weights {_fmt_weights(weights)}, method '
           f'{request.method}){timing}.')
-    print(f'serving: {"moved to version " + str(version.version) if promoted else "unchanged"} ({reason}).')
+    moved = f'moved to version {version.version}' if promoted else \
+        'unchanged'
+    print(f'serving: {moved} ({reason}).')
