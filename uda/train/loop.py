@@ -353,6 +353,20 @@ class UDATrainer:
         return StepOutput(log_vars, shown if debug else None)
 
     # ------------------------------------------------------------------
+    @torch.no_grad()
+    def synchronize_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+        DDP broadcasts buffers at the start of each forward, so after a step
+        each rank holds the statistics of its own last batch; call this
+        before evaluating or saving so all ranks use the saved model.
+        """
+        if not self.ctx.distributed:
+            return
+        import torch.distributed as dist
+        for buffer in unwrap_model(self.model).buffers():
+            dist.broadcast(buffer, src=0)
+
     def learning_rates(self) -> dict[str, float]:
         """Current lr of each parameter group (``default``, ``head`` …)."""
         return current_lrs(self.optimizer)

@@ -717,6 +717,7 @@ def _fit_and_checkpoint(trainer: UDATrainer, loader: Any, vals: Any,
                 reporter.log_scalars(done, values)
         is_checkpoint = _is_due(done, ckpt_every, max_iters)
         if is_checkpoint or done % eval_every == 0:
+            trainer.synchronize_buffers()
             table = evaluate(trainer.model, vals, trainer.device, conditions,
                              test_mode)
             if reporter is not None:
