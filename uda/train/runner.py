@@ -363,6 +363,19 @@ def _plan(request: TrainRequest, print_: str, flat_cfg: Mapping[str, Any],
     return plan
 
 
+def _absolute_roots(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with absolute dataset roots, so a direct run and an
+    ``mlflow run`` (which makes ``path`` parameters absolute) of the same
+    data share a fingerprint."""
+    import copy
+
+    out = copy.deepcopy(dict(cfg))
+    for side in ('source', 'target'):
+        root = out['data'][side]['root']
+        out['data'][side]['root'] = str(Path(root).expanduser().resolve())
+    return out
+
+
 def _prepare_data_roots(cfg: Mapping[str, Any]) -> None:
     from uda.data.summary import prepare_roots
 
@@ -500,7 +513,7 @@ def _train(request: TrainRequest, ctx: DistContext) -> Optional[TrainResult]:
     model_cfg = cfg[role]['model']
     seed = int(cfg['seed'])
     max_iters = int(cfg['runner']['max_iters'])
-    print_ = ckpt.fingerprint(request.entry_point, cfg, {
+    print_ = ckpt.fingerprint(request.entry_point, _absolute_roots(cfg), {
         'teacher': request.teacher if distill else None,
         'model_name': model_name, 'source_only': source_only})
 
