@@ -70,7 +70,10 @@ def env_for(store) -> dict[str, str]:
            'MLFLOW_EXPERIMENT_NAME': EXPERIMENT,
            'MLFLOW_DISABLE_TELEMETRY': 'true', 'OMP_NUM_THREADS': '2',
            'PATH': f'{VENV_BIN}{os.pathsep}{os.environ["PATH"]}'}
-    env.pop('MLFLOW_RUN_ID', None)
+    # In-process runs of this file leave MLflow's experiment id in the
+    # environment; `mlflow run` refuses it next to --experiment-name.
+    for name in ('MLFLOW_RUN_ID', 'MLFLOW_EXPERIMENT_ID'):
+        env.pop(name, None)
     return env
 
 

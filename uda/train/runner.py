@@ -254,8 +254,7 @@ def _experiment_id() -> Optional[str]:
     launched = os.environ.get('MLFLOW_RUN_ID')
     if launched:
         return client.get_run(launched).info.experiment_id
-    if os.environ.get('MLFLOW_EXPERIMENT_ID'):
-        return os.environ['MLFLOW_EXPERIMENT_ID']
+    # The experiment uda.tracking.entry_point_run will start the run in.
     name = os.environ.get('MLFLOW_EXPERIMENT_NAME', DEFAULT_EXPERIMENT)
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else None
