@@ -1,10 +1,14 @@
-"""`mlflow run .`: the pipeline on the embedded default (for now: prepare and show the data)."""
+"""`mlflow run .`: the whole pipeline — data → teacher → distill → soup → evaluate → `serving`.
+
+Every step is a child run; a step that already finished with the same
+parameters and code version is reused (MLflow's multistep pattern).
+"""
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from uda import cli, tracking  # noqa: E402
+from uda import cli, pipeline, tracking  # noqa: E402
 from uda.data.summary import prepare_roots, summarize  # noqa: E402
 
 
@@ -15,18 +19,25 @@ def main(argv=None) -> int:
     parser.add_argument("--source-root", required=True)
     parser.add_argument("--target-root", required=True)
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--soup-trials", default="", help="Optuna trials of the soup step")
     args = parser.parse_args(argv)
     cfg = cli.resolve_config(args.preset, args.cfg_options, seed=cli.optional_int("seed", args.seed),
                              data__source__root=args.source_root, data__target__root=args.target_root)
+    soup_trials = cli.optional_int("soup_trials", args.soup_trials, minimum=1)
     embedded = prepare_roots(args.source_root, args.target_root)
     summary = summarize(args.source_root, args.target_root)
     with tracking.entry_point_run("main", vars(args), cfg) as run:
         if embedded is not None:
             tracking.mlflow.log_dict(embedded.config.__dict__, "data/embedded_config.json")
         tracking.log_dataset_summary(summary, args.source_root, args.target_root)
-    print(f"Data: {', '.join(f'{k} {v}' for k, v in summary.sizes.items() if k.count('/') == 1)}")
-    print(f"Logged run {run.info.run_id}: sample images, class statistics and the resolved config.")
-    print("Next: `mlflow ui` (then open http://127.0.0.1:5000) to look at it.")
+        steps = pipeline.run_pipeline(preset=args.preset, source_root=args.source_root,
+                                      target_root=args.target_root, cfg_options=args.cfg_options,
+                                      seed=args.seed, device=args.device, soup_trials=soup_trials)
+    for step in steps.values():
+        print(f"  {step.entry_point:9s} run {step.run_id}  "
+              + ("reused" if step.reused else f"{step.seconds:.0f} s"))
+    print(f"Pipeline run {run.info.run_id} finished; `serving` points at the evaluated soup.")
+    print(pipeline.next_steps_text())
     return 0
 
 

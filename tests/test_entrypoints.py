@@ -19,6 +19,7 @@ def mlflow_run(entry_point: str, tracking_uri: str, *params: str, timeout: int =
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # left behind by in-process runs of other tests
     # MLflow resolves `path` parameters against the working directory, so run from the
     # project (as users do: `mlflow run .`) with the experiment's artifacts in the temp store.
     client = mlflow.MlflowClient(tracking_uri)
@@ -41,29 +42,6 @@ def only_run(tracking_uri: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry_point, params, expected", [
-    ("teacher", ["iterations=5"], {"cfg.runner.max_iters": "5"}),
-    ("distill", ["checkpoint_interval=2", "cfg_options=uda.mask_generator.mask_ratio=0.5"],
-     {"cfg.checkpoint_config.interval": "2", "cfg.uda.mask_generator.mask_ratio": "0.5"}),
-    ("soup", ["weights=3,3,4", "aliases=iter-40,iter-80,iter-120"],
-     {"weights": "3,3,4", "cfg.soup.aliases": "['iter-40', 'iter-80', 'iter-120']"}),
-    ("evaluate", ["split=test"], {"split": "test"}),
-])
-def test_entry_point_starts_logs_params_and_config(tracking_uri, entry_point, params, expected):
-    result = mlflow_run(entry_point, tracking_uri, *params)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client, run = only_run(tracking_uri)
-    assert run.info.status == "FINISHED"
-    for key, value in expected.items():
-        assert run.data.params[key] == value
-    assert run.data.tags["entry_point"] == entry_point
-    assert run.data.tags.get("mlflow.source.git.commit")
-    config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml"))
-    assert config["name"] == "default"
-    assert config["data"]["target"]["root"].endswith("data/embedded/acdc")
-
-
-@pytest.mark.slow
 def test_bad_parameter_is_one_clear_error(tracking_uri):
     result = mlflow_run("teacher", tracking_uri, "iterations=0")
     assert result.returncode != 0
@@ -78,21 +56,44 @@ def test_unknown_cfg_option_is_rejected(tracking_uri):
     assert "Unknown config key 'uda.pseudo_treshold'. Did you mean pseudo_threshold" in result.stderr
 
 
+# A pipeline small enough for a test: a few iterations, checkpoints every 2, two Optuna trials.
+TINY_PIPELINE = ["cfg_options=runner.max_iters=4 checkpoint_config.interval=2 evaluation.interval=2 "
+                 "log_config.interval=2 log_config.img_interval=2 lr_config.warmup_iters=1",
+                 "soup_trials=2"]
+
+
 @pytest.mark.slow
-def test_main_prepares_and_shows_the_embedded_data(tracking_uri):
-    result = mlflow_run("main", tracking_uri)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "cityscapes/train" in result.stdout
-    client, run = only_run(tracking_uri)
-    assert run.data.metrics["images.cityscapes.train"] > 0
-    assert run.data.metrics["images.acdc.fog.val"] > 0
-    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "data")}
-    assert {"data/class_pixel_share.json", "data/class_pixel_share.png", "data/examples_0.png",
-            "data/examples_4.png"} <= artifacts
-    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data/class_pixel_share.json")
-    assert len(table["data"]) == 19
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"cityscapes", "acdc"}
-    # the embedded data was generated in the real layouts, next to the tracked READMEs
-    assert (PROJECT_ROOT / "data/embedded/cityscapes/leftImg8bit/train").is_dir()
-    assert (PROJECT_ROOT / "data/embedded/acdc/rgb_anon").is_dir()
+def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
+    result = mlflow_run("main", tracking_uri, *TINY_PIPELINE)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "mlflow models serve -m models:/cs2acdc-student@serving" in result.stdout
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("entrypoint-tests")
+    runs = client.search_runs([exp.experiment_id])
+    main_run = next(r for r in runs if r.data.tags.get("entry_point") == "main")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == main_run.info.run_id]
+    assert {r.data.tags["mlflow.project.entryPoint"] for r in children} == {"teacher", "distill", "soup",
+                                                                            "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    # the data step: sizes, class shares, examples, datasets as inputs
+    assert main_run.data.metrics["images.cityscapes.train"] > 0
+    artifacts = {f.path for f in client.list_artifacts(main_run.info.run_id, "data")}
+    assert {"data/class_pixel_share.json", "data/class_pixel_share.png", "data/examples_0.png"} <= artifacts
+    assert {i.dataset.name for i in main_run.inputs.dataset_inputs} == {"cityscapes", "acdc"}
     assert (PROJECT_ROOT / "data/embedded/acdc/README.md").is_file()
+
+    # serving points at the soup that the evaluate step measured
+    serving = client.get_model_version_by_alias("cs2acdc-student", "serving")
+    assert serving.tags["kind"] == "soup"
+    assert main_run.data.tags["soup_version"] == str(serving.version)
+    evaluate = next(r for r in children if r.data.tags["mlflow.project.entryPoint"] == "evaluate")
+    assert evaluate.data.params["model"] == f"models:/cs2acdc-student/{serving.version}"
+    assert 0 <= evaluate.data.metrics["mIoU"] <= 1
+
+    # a second `mlflow run .` with the same parameters and code reuses every step
+    versions_before = len(client.search_model_versions("name = 'cs2acdc-student'"))
+    again = mlflow_run("main", tracking_uri, *TINY_PIPELINE)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("reusing finished run") == 4, again.stdout
+    assert len(client.search_model_versions("name = 'cs2acdc-student'")) == versions_before

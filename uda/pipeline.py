@@ -1,0 +1,157 @@
+"""The whole recipe as one MLflow run: teacher → distill → soup → evaluate → `serving`.
+
+Like MLflow's multistep example, ``main`` runs every other entry point as a
+child run (``mlflow.projects.run`` inside the active run) and reuses a step
+that already finished with the same parameters and the same code version, so
+re-running ``mlflow run .`` after an interruption or a change to a later step
+only does the work that is missing. A step's outputs (registered model
+versions) are passed on by explicit version, so a reused step always feeds the
+next one the model it produced.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
+
+from uda.errors import UserError
+from uda.tracking import CODE_VERSION_TAG, code_version
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+TEACHER_MODEL = "cs2acdc-teacher"
+STUDENT_MODEL = "cs2acdc-student"
+
+
+@dataclass
+class StepResult:
+    """What one step of the pipeline did."""
+    entry_point: str
+    run_id: str
+    reused: bool
+    seconds: float
+
+
+def find_finished_run(entry_point: str, parameters: Mapping[str, str], experiment_id: str,
+                      version: str) -> Run | None:
+    """The newest FINISHED run of ``entry_point`` with these parameters and code version.
+
+    Mirrors ``_already_ran`` of MLflow's multistep example, keyed on our code
+    version tag (commit plus a digest of uncommitted changes) instead of the
+    bare commit, so local edits are never mistaken for the committed code.
+    """
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' "
+                      f"and tags.`{CODE_VERSION_TAG}` = '{version}' "
+                      f"and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'",
+        order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()):
+            return run
+    return None
+
+
+def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
+             reuse: bool = True) -> StepResult:
+    """Run one entry point as a child of the active run, or reuse an identical finished one."""
+    parameters = {k: str(v) for k, v in parameters.items()}
+    version = code_version(PROJECT_DIR)
+    start = time.perf_counter()
+    if reuse and version is not None:
+        previous = find_finished_run(entry_point, parameters, experiment_id, version)
+        if previous is not None:
+            print(f"[main] {entry_point}: reusing finished run {previous.info.run_id} "
+                  "(same parameters and code version)", flush=True)
+            mlflow.set_tag(f"step.{entry_point}", f"{previous.info.run_id} (reused)")
+            return StepResult(entry_point, previous.info.run_id, True, 0.0)
+    print(f"[main] {entry_point}: running with {parameters}", flush=True)
+    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
+                                    env_manager="local", experiment_id=experiment_id,
+                                    synchronous=False)
+    if not submitted.wait():
+        raise UserError(f"The {entry_point} step failed (run {submitted.run_id}); see its output above. "
+                        "Fix the cause and run `mlflow run .` again: finished steps are reused.")
+    seconds = time.perf_counter() - start
+    mlflow.set_tag(f"step.{entry_point}", submitted.run_id)
+    mlflow.log_metric(f"step_seconds.{entry_point}", seconds)
+    print(f"[main] {entry_point}: finished run {submitted.run_id} in {seconds:.0f} s", flush=True)
+    return StepResult(entry_point, submitted.run_id, False, seconds)
+
+
+def registered_versions(model_name: str, run_id: str) -> list:
+    """Versions of ``model_name`` registered by ``run_id``, highest iteration last."""
+    client = mlflow.MlflowClient()
+    versions = [v for v in client.search_model_versions(f"name = '{model_name}'")
+                if v.tags.get("run_id") == run_id or v.run_id == run_id]
+    return sorted(versions, key=lambda v: (int(v.tags.get("iteration", -1)), int(v.version)))
+
+
+def _last_version(model_name: str, step: StepResult) -> Any:
+    versions = registered_versions(model_name, step.run_id)
+    if not versions:
+        raise UserError(f"The {step.entry_point} run {step.run_id} registered no version of "
+                        f"{model_name!r}; it may have been deleted from the registry. Delete or rename "
+                        "that run (or pass different parameters) so the step runs again.")
+    return versions[-1]
+
+
+def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options: str, seed: str,
+                 device: str, soup_trials: int | None = None) -> dict[str, StepResult]:
+    """Chain the entry points inside the active MLflow run.
+
+    Args:
+        preset, source_root, target_root, cfg_options, seed, device: Passed to every step.
+        soup_trials: Optuna trials of the soup step (default: the preset's).
+
+    Returns:
+        The steps that ran or were reused, by entry point.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("run_pipeline needs an active MLflow run (the main entry point's).")
+    experiment_id = run.info.experiment_id
+    common = {"preset": preset, "cfg_options": cfg_options, "seed": seed, "device": device}
+    steps: dict[str, StepResult] = {}
+
+    steps["teacher"] = run_step("teacher", {**common, "source_root": source_root,
+                                            "target_root": target_root}, experiment_id)
+    teacher = _last_version(TEACHER_MODEL, steps["teacher"])
+    steps["distill"] = run_step("distill", {**common, "source_root": source_root, "target_root": target_root,
+                                            "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},
+                                experiment_id)
+    checkpoints = registered_versions(STUDENT_MODEL, steps["distill"].run_id)
+    aliases = ",".join(f"iter-{v.tags['iteration']}" for v in checkpoints[-3:])
+    soup_params = {**common, "target_root": target_root, "aliases": aliases, "weights": "optuna"}
+    if soup_trials is not None:
+        soup_params["trials"] = soup_trials
+    steps["soup"] = run_step("soup", soup_params, experiment_id)
+    soup = _last_version(STUDENT_MODEL, steps["soup"])
+    steps["evaluate"] = run_step("evaluate", {"preset": preset, "cfg_options": cfg_options, "device": device,
+                                              "target_root": target_root, "split": "val",
+                                              "model": f"models:/{STUDENT_MODEL}/{soup.version}"},
+                                 experiment_id)
+    mlflow.set_tags({"teacher_version": teacher.version, "soup_version": soup.version})
+    return steps
+
+
+def next_steps_text(port: int = 5000) -> str:
+    """What to run after the pipeline: the UI, the model server, a request."""
+    return f"""
+Next:
+  mlflow ui --port {port}                      # every run, metric, image and model version
+  mlflow models serve -m models:/{STUDENT_MODEL}@serving --env-manager local -h 127.0.0.1 -p {port + 1}
+  # then, in another shell (see README, "Serving a model over REST"):
+  python -c "from uda.serving import example_image_png; open('image.png', 'wb').write(example_image_png(135, 240))"
+  {{ printf '{{"dataframe_split": {{"columns": ["image"], "data": [["'; base64 -w0 image.png; printf '"]]}}}}'; }} > request.json
+  curl -s -X POST -H 'Content-Type: application/json' --data-binary @request.json http://127.0.0.1:{port + 1}/invocations
+"""
