@@ -11,6 +11,7 @@ next one the model it produced.
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def find_finished_run(entry_point: str, parameters: Mapping[str, str], experimen
                       f"and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'",
         order_by=["attributes.start_time DESC"])
     for run in runs:
-        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()):
+        # `mlflow run` logs the shell-quoted form of values with spaces or quotes ('' for empty).
+        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()):
             return run
     return None
 
