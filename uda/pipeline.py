@@ -10,7 +10,6 @@ next one the model it produced.
 """
 from __future__ import annotations
 
-import logging
 import shlex
 import time
 from collections.abc import Mapping
@@ -25,7 +24,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_
 from uda.errors import UserError
 from uda.tracking import CODE_VERSION_TAG, code_version
 
-log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TEACHER_MODEL = "cs2acdc-teacher"

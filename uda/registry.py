@@ -571,7 +571,13 @@ def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
 # ----------------------------------------------------------------------
 # Lookup, verification, aliases
 # ----------------------------------------------------------------------
-def _registered_model_or_error(name: str) -> Any:
+def get_registered_model(name: str, hint: str = '') -> Any:
+    """The registered model ``name``, or a RegistryError listing those that exist.
+
+    Args:
+        name: Registered model name.
+        hint: What the user should do, appended to the error message.
+    """
     client = _client()
     try:
         return client.get_registered_model(name)
@@ -583,7 +589,7 @@ def _registered_model_or_error(name: str) -> Any:
     known = ', '.join(names) if names else 'none'
     raise RegistryError(
         f'No registered model {name!r} in {mlflow.get_tracking_uri()}. '
-        f'Registered models: {known}.')
+        f'Registered models: {known}.' + (f' {hint}' if hint else ''))
 
 
 def _describe_versions(name: str) -> str:
@@ -607,7 +613,7 @@ def resolve_alias(name: str, alias: str) -> ModelVersion:
         RegistryError: The model or the alias does not exist; the message
             lists the registered models, or the aliases and versions.
     """
-    registered = _registered_model_or_error(name)
+    registered = get_registered_model(name)
     aliases = dict(registered.aliases or {})
     if alias not in aliases:
         listed = ', '.join(f'{a} -> {v}' for a, v in sorted(
@@ -619,7 +625,7 @@ def resolve_alias(name: str, alias: str) -> ModelVersion:
 
 
 def _get_version(name: str, version: Union[int, str]) -> ModelVersion:
-    _registered_model_or_error(name)
+    get_registered_model(name)
     try:
         return _client().get_model_version(name, str(version))
     except MlflowException as err:

@@ -275,22 +275,10 @@ def _client():
 
 def _registered_model(name: str):
     """The registered model, or a RegistryError listing what exists."""
-    from mlflow.exceptions import MlflowException
+    from uda.registry import get_registered_model
 
-    from uda.registry import RegistryError
-
-    client = _client()
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != 'RESOURCE_DOES_NOT_EXIST':
-            raise
-    names = sorted(m.name for m in client.search_registered_models(
-        max_results=50))
-    raise RegistryError(
-        f'No registered model {name!r}; registered models: '
-        f'{", ".join(names) or "none"}. Run the distill step first (it '
-        f'registers its checkpoints) or pass -P model_name.')
+    return get_registered_model(
+        name, 'Run the distill step first (it registers its checkpoints) or pass -P model_name.')
 
 
 def _all_versions(name: str) -> list:

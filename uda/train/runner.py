@@ -124,22 +124,11 @@ class TrainResult:
 # ----------------------------------------------------------------------
 def _latest_version(name: str) -> str:
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from uda.registry import RegistryError
+    from uda.registry import RegistryError, get_registered_model
 
+    get_registered_model(name, 'Train or import a teacher first (mlflow run . -e teacher).')
     client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != 'RESOURCE_DOES_NOT_EXIST':
-            raise
-        names = sorted(m.name for m in client.search_registered_models(
-            max_results=50))
-        raise RegistryError(
-            f'No registered model {name!r} in {mlflow.get_tracking_uri()}. '
-            f'Registered models: {", ".join(names) or "none"}. Train or '
-            f'import a teacher first (mlflow run . -e teacher).') from None
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
         raise RegistryError(f'Registered model {name!r} has no versions.')
