@@ -9,23 +9,10 @@ from uda import cli  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    cli.add_config_args(parser)
-    cli.add_device_arg(parser)
-    parser.add_argument("--source-root", required=True)
-    parser.add_argument("--target-root", required=True)
+    cli.add_training_args(parser, default_model="cs2acdc-teacher")
     parser.add_argument("--checkpoint", default="", help="MIC checkpoint to import instead of training")
-    parser.add_argument("--iterations", default="")
-    parser.add_argument("--checkpoint-interval", default="")
-    parser.add_argument("--seed", default="0")
-    parser.add_argument("--resume", default="auto", help="auto, none or the run id to continue")
-    parser.add_argument("--model-name", default="", help="registered model (default cs2acdc-teacher)")
     args = parser.parse_args(argv)
-    cfg = cli.resolve_config(
-        args.preset, args.cfg_options,
-        data__source__root=args.source_root, data__target__root=args.target_root,
-        seed=cli.optional_int("seed", args.seed),
-        runner__max_iters=cli.optional_int("iterations", args.iterations, minimum=1),
-        checkpoint_config__interval=cli.optional_int("checkpoint_interval", args.checkpoint_interval, minimum=1))
+    cfg = cli.training_config(args)
 
     from uda.train.runner import TrainRequest, import_checkpoint, train
 

@@ -112,3 +112,26 @@ def log_pending_step(entry_point: str, params: dict[str, Any], cfg: dict[str, An
         print(f"{entry_point}: {what} is not implemented yet; run {run.info.run_id} logged its "
               "parameters and resolved config only.")
     return 0
+
+
+def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> None:
+    """The parameters ``teacher`` and ``distill`` share (data, schedule, resume, registry name)."""
+    add_config_args(parser)
+    add_device_arg(parser)
+    parser.add_argument("--source-root", required=True)
+    parser.add_argument("--target-root", required=True)
+    parser.add_argument("--iterations", default="", help="runner.max_iters (default: the preset's)")
+    parser.add_argument("--checkpoint-interval", default="", help="checkpoint_config.interval")
+    parser.add_argument("--seed", default="0")
+    parser.add_argument("--resume", default="auto", help="auto, none or the run id to continue")
+    parser.add_argument("--model-name", default="", help=f"registered model (default {default_model})")
+
+
+def training_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved preset of a training entry point: its parameters, then ``cfg_options``."""
+    return resolve_config(
+        args.preset, args.cfg_options,
+        data__source__root=args.source_root, data__target__root=args.target_root,
+        seed=optional_int("seed", args.seed),
+        runner__max_iters=optional_int("iterations", args.iterations, minimum=1),
+        checkpoint_config__interval=optional_int("checkpoint_interval", args.checkpoint_interval, minimum=1))
