@@ -20,6 +20,20 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    _forget_active_experiment()
     mlflow.set_tracking_uri(uri)
     yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    _forget_active_experiment()
     mlflow.set_tracking_uri(None)
+
+
+def _forget_active_experiment() -> None:
+    """`mlflow.set_experiment` remembers an experiment id (process global and
+    MLFLOW_EXPERIMENT_ID) that does not exist in the next test's fresh store."""
+    import mlflow.tracking.fluent as fluent
+
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    fluent._active_experiment_id = None
