@@ -442,20 +442,28 @@ def save_checkpoint(path: Union[str, os.PathLike],
         _check_plain(optimizer, 'optimizer')
         payload['optimizer'] = optimizer
     path = Path(path)
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it into place.
+
+    An interrupted write never leaves a truncated file under ``path``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp',
                                dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as handle:
-            torch.save(payload, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_model_cfg(path: Union[str, os.PathLike]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from uda.errors import UserError
+from uda.models.checkpoint import atomic_torch_save
 
 __all__ = [
     'RESUME_ARTIFACT', 'RESUME_FORMAT', 'TAG_FINGERPRINT', 'TAG_STATE',
@@ -105,19 +106,6 @@ def _local_artifact_dir(artifact_uri: str) -> Optional[Path]:
     return None
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp',
-                               dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_resume_state(run_id: str, state: Mapping[str, Any]) -> str:
@@ -137,11 +125,11 @@ def write_resume_state(run_id: str, state: Mapping[str, Any]) -> str:
     local = _local_artifact_dir(run.info.artifact_uri)
     if local is not None:
         path = local / RESUME_ARTIFACT
-        _atomic_torch_save(payload, path)
+        atomic_torch_save(payload, path)
         return str(path)
     with tempfile.TemporaryDirectory(prefix='uda-resume-') as tmp:
         path = Path(tmp) / Path(RESUME_ARTIFACT).name
-        _atomic_torch_save(payload, path)
+        atomic_torch_save(payload, path)
         mlflow.MlflowClient().log_artifact(
             run_id, str(path), str(Path(RESUME_ARTIFACT).parent))
     return f'{run.info.artifact_uri}/{RESUME_ARTIFACT}'
