@@ -260,7 +260,8 @@ def test_greedy_soup_and_default_aliases_of_the_latest_run(store):
 
 
 def test_preset_aliases_are_used_when_they_exist(store):
-    cfg = _cfg(store)  # default preset: iter-40, iter-80, iter-120
+    cfg = _cfg(store)
+    cfg['soup']['aliases'] = ['iter-40', 'iter-80', 'iter-120']  # the aliases this store registered
     refs, source = resolve_ingredients(make_request(cfg, NAME))
     assert source == 'preset'
     assert [r.label for r in refs] == ['iter-40', 'iter-80', 'iter-120']
