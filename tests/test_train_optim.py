@@ -232,7 +232,10 @@ def test_resume_from_saved_states_continues_the_schedule(tmp_path, cfg):
 def test_build_lr_scheduler_from_preset_and_errors(cfg):
     optimizer = two_group_optimizer()
     sched = build_lr_scheduler(optimizer, cfg)
-    assert (sched.max_iters, sched.warmup_iters) == (120, 20)
+    # Taken from the preset rather than hard-coded: the default's length is tuned
+    # for wall time and changes; what matters is that the scheduler follows it.
+    assert (sched.max_iters, sched.warmup_iters) == (
+        cfg['runner']['max_iters'], cfg['lr_config']['warmup_iters'])
     assert sched.warmup_ratio == 1e-6 and sched.warmup == 'linear'
     assert current_lrs(optimizer)['0'] == pytest.approx(6e-5 * 1e-6)
     with pytest.raises(ValueError, match='warmup'):
