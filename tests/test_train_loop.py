@@ -206,6 +206,84 @@ def test_unsupported_mask_teacher_is_refused(cfg):
         _trainer(bad)
 
 
+
+def _output_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """Record the dtypes of every Linear/Conv2d output of ``model``."""
+    seen: set[torch.dtype] = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.register_forward_hook(
+                lambda m, args, out: seen.add(out.dtype))
+    return seen
+
+
+def test_bf16_autocasts_the_forwards_and_keeps_fp32_state(cfg, batches):
+    import copy
+
+    seed_everything(1)
+    frozen = build_segmentor(cfg['teacher']['model'])
+    reference = _trainer(cfg, role='student', teacher=copy.deepcopy(frozen))
+    expected = _losses(reference.train_step(batches[0], 0))
+
+    bf16 = copy.deepcopy(cfg)
+    bf16['runner']['precision'] = 'bf16'
+    trainer = _trainer(bf16, role='student', teacher=frozen)
+    student_dtypes = _output_dtypes(trainer.model)
+    teacher_dtypes = _output_dtypes(frozen)
+    got = _losses(trainer.train_step(batches[0], 0))
+    assert student_dtypes == {torch.bfloat16}
+    assert teacher_dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    state = trainer.optimizer.state_dict()['state']
+    assert all(s['exp_avg'].dtype == torch.float32 for s in state.values())
+    assert set(got) == set(expected)
+    for key, value in expected.items():  # same step, bf16 rounding only
+        if 'loss' in key:
+            assert got[key] == pytest.approx(value, rel=0.05, abs=0.02), key
+
+
+def test_channels_last_changes_the_layout_not_the_losses(cfg, batches):
+    import copy
+
+    expected = _losses(_trainer(cfg, role='student', teacher=None)
+                       .train_step(batches[0], 0))
+    nhwc = copy.deepcopy(cfg)
+    nhwc['runner']['channels_last'] = True
+    trainer = _trainer(nhwc, role='student', teacher=None)
+    conv = next(m for m in trainer.model.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    got = _losses(trainer.train_step(batches[0], 0))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('precision', 'fp16', 'runner.precision must be one of fp32, bf16'),
+    ('channels_last', 'yes', 'runner.channels_last must be true or false'),
+])
+def test_bad_runtime_settings_are_user_errors(cfg, key, value, message):
+    import copy
+
+    bad = copy.deepcopy(cfg)  # as a YAML preset could hold them
+    bad['runner'][key] = value
+    with pytest.raises(TrainConfigError, match=message):
+        check_schedule(bad)
+
+
+def test_fused_adamw_can_be_forced(cfg):
+    import copy
+
+    fused = copy.deepcopy(cfg)
+    fused['optimizer']['fused'] = True
+    assert _trainer(fused, role='student', teacher=None) \
+        .optimizer.defaults['fused'] is True
+    assert not _trainer(cfg, role='student', teacher=None) \
+        .optimizer.defaults['fused']  # null: fused only on CUDA
+    fused['optimizer']['fused'] = 'yes'
+    with pytest.raises(TrainConfigError, match='optimizer.fused must be'):
+        _trainer(fused, role='student', teacher=None)
+
 # The comparison budget: 64-px crops on half-size images, 200 iterations,
 # a learning rate fit for these tiny from-scratch models (the preset's 6e-5
 # is MIC's for ImageNet-pretrained backbones). Measured on this setting

@@ -18,6 +18,13 @@
    and weights, fused loss × ``mask_lambda``, backward;
 6. ``optimizer.step()``, ``scheduler.step()``.
 
+``runner.precision: bf16`` runs every forward pass (student, teacher,
+feature distance) under ``torch.autocast(dtype=torch.bfloat16)``; weights,
+gradients, optimizer state and losses stay fp32 (the losses cast their logits
+to fp32; bf16 needs no loss scaling). ``runner.channels_last`` puts the
+models and input crops in NHWC memory layout for the convolutions. MIC trains
+in fp32, which stays the preset default.
+
 The pseudo-label source is the only difference between the entry points:
 
 * ``teacher='ema'``: MIC (the ``teacher`` entry point trains a MIC model);
@@ -41,6 +48,7 @@ contains ``loss``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -61,8 +69,8 @@ from .masking import (build_mask_generator, mask_mode_uses_aug,
 from .optim import build_lr_scheduler, build_optimizer, current_lrs
 from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
 
-__all__ = ['TrainConfigError', 'check_schedule', 'TrainForward',
-           'StepOutput', 'UDATrainer', 'LogAccumulator', 'evaluate',
+__all__ = ['TrainConfigError', 'check_schedule', 'check_runtime', 'TrainForward',
+           'StepOutput', 'PRECISIONS', 'UDATrainer', 'LogAccumulator', 'evaluate',
            'FitHooks', 'fit']
 
 TeacherArg = Union[str, nn.Module, None]
@@ -87,17 +95,38 @@ def check_schedule(cfg: Mapping[str, Any]) -> None:
 
     Checks ``runner.max_iters``, ``checkpoint_config.interval``,
     ``evaluation.interval``, ``log_config.interval``,
-    ``log_config.img_interval`` and ``data.samples_per_gpu``.
+    ``log_config.img_interval``, ``data.samples_per_gpu``,
+    ``data.workers_per_gpu`` and ``runner.precision`` /
+    ``runner.channels_last``.
     """
     for key in ('runner.max_iters', 'checkpoint_config.interval',
                 'evaluation.interval', 'log_config.interval',
                 'log_config.img_interval', 'data.samples_per_gpu'):
         _positive_int(cfg, key)
+    check_runtime(cfg)
     workers = cfg['data'].get('workers_per_gpu', 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or \
             workers < 0:
         raise TrainConfigError(f'data.workers_per_gpu must be >= 0, got '
                                f'{workers!r}.')
+
+
+PRECISIONS = ('fp32', 'bf16')
+
+
+def check_runtime(cfg: Mapping[str, Any]) -> tuple[str, bool]:
+    """``runner.precision`` and ``runner.channels_last``, validated."""
+    runner = cfg['runner']
+    precision = runner.get('precision', 'fp32')
+    if precision not in PRECISIONS:
+        raise TrainConfigError(
+            f"runner.precision must be one of {', '.join(PRECISIONS)} (bf16: "
+            f"autocast forward passes, fp32 weights), got {precision!r}.")
+    channels_last = runner.get('channels_last', False)
+    if not isinstance(channels_last, bool):
+        raise TrainConfigError(f'runner.channels_last must be true or false, '
+                               f'got {channels_last!r}.')
+    return precision, channels_last
 
 
 class TrainForward(nn.Module):
@@ -182,7 +211,8 @@ class UDATrainer:
         self.cfg = cfg
         self.seed = int(seed)
         uda = cfg['uda']
-        self.model = model.to(self.device)
+        self.precision, self.channels_last = check_runtime(cfg)
+        self.model = self._to_device(model)
         self.model.train()
         self.max_iters = _positive_int(cfg, 'runner.max_iters')
 
@@ -207,7 +237,7 @@ class UDATrainer:
             self.teacher = EMATeacher(self.model, float(uda['alpha']),
                                       threshold).to(self.device)
         else:
-            self.teacher = FrozenTeacher(teacher.to(self.device), threshold)
+            self.teacher = FrozenTeacher(self._to_device(teacher), threshold)
         for key in ('mask_alpha', 'mask_pseudo_threshold'):
             if str(uda.get(key, 'same')) != 'same':
                 raise TrainConfigError(
@@ -247,6 +277,23 @@ class UDATrainer:
             return 'source_only'
         return 'mic' if isinstance(self.teacher, EMATeacher) else 'distill'
 
+    def _to_device(self, module: nn.Module) -> nn.Module:
+        if self.channels_last:
+            return module.to(self.device, memory_format=torch.channels_last)
+        return module.to(self.device)
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward-pass precision context (``runner.precision``)."""
+        if self.precision == 'bf16':
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _reseed(self, iteration: int) -> None:
         step_seed = iteration_seed(self.seed, self.ctx.rank, iteration,
                                    STREAM_STEP)
@@ -271,22 +318,24 @@ class UDATrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.teacher, EMATeacher):
             self.teacher.update(self.model, iteration)
-        img = batch['img'].to(dev, non_blocking=True)
+        img = self._input(batch['img'])
         gt = batch['gt'].to(dev, non_blocking=True).long()
         log_vars: dict[str, torch.Tensor] = {}
         shown: dict[str, torch.Tensor] = {}
 
         # 1. supervised source loss (+ ImageNet feature distance)
-        source = self.forward_module(
-            img, gt, return_feat=self.feature_distance is not None,
-            return_logits=debug, generator=gen)
-        features = source.pop('features', None)
-        logits = source.pop('decode.logits', None)
-        source_loss = _sum_losses(source)
+        with self.autocast():
+            source = self.forward_module(
+                img, gt, return_feat=self.feature_distance is not None,
+                return_logits=debug, generator=gen)
+            features = source.pop('features', None)
+            logits = source.pop('decode.logits', None)
+            source_loss = _sum_losses(source)
+            if self.feature_distance is not None:
+                fd_loss, fd_value = self.feature_distance(img, gt, features)
+                source_loss = source_loss + fd_loss
         log_vars.update(_detached(source, 'src.'))
         if self.feature_distance is not None:
-            fd_loss, fd_value = self.feature_distance(img, gt, features)
-            source_loss = source_loss + fd_loss
             log_vars['src.loss_imnet_feat_dist'] = fd_value.float()
         source_loss.backward()
         del features
@@ -297,9 +346,10 @@ class UDATrainer:
         del logits
 
         if self.teacher is not None:
-            target_img = batch['target_img'].to(dev, non_blocking=True)
+            target_img = self._input(batch['target_img'])
             # 2. pseudo-labels of the target crops
-            teacher_logits = self.teacher(target_img)
+            with self.autocast():
+                teacher_logits = self.teacher(target_img).float()
             pseudo_label, pseudo_weight = pseudo_label_and_weight(
                 teacher_logits, self.teacher.pseudo_threshold,
                 self.teacher.weight_reduction)
@@ -311,9 +361,10 @@ class UDATrainer:
             # 3. ClassMix + jitter + blur, weighted loss
             mixed = self.augmentation.mix(img, gt, target_img, pseudo_label,
                                           pseudo_weight, generator=gen)
-            mix = self.forward_module(mixed.img, mixed.label,
-                                      seg_weight=mixed.weight,
-                                      return_logits=debug, generator=gen)
+            with self.autocast():
+                mix = self.forward_module(self._input(mixed.img), mixed.label,
+                                          seg_weight=mixed.weight,
+                                          return_logits=debug, generator=gen)
             mix_logits = mix.pop('decode.logits', None)
             _sum_losses(mix).backward()
             log_vars.update(_detached(mix, 'mix.'))
@@ -335,9 +386,11 @@ class UDATrainer:
                     masked_img = self.augmentation.augment(masked_img,
                                                            generator=gen)
                 masked_img = self.mask_generator.mask_image(masked_img, gen)
-                masked = self.forward_module(masked_img, masked_label,
-                                             seg_weight=masked_weight,
-                                             generator=gen)
+                with self.autocast():
+                    masked = self.forward_module(self._input(masked_img),
+                                                 masked_label,
+                                                 seg_weight=masked_weight,
+                                                 generator=gen)
                 masked['decode.loss_seg'] = masked['decode.loss_seg'] * \
                     self.mask_lambda
                 _sum_losses(masked).backward()

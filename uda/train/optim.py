@@ -128,13 +128,15 @@ def build_param_groups(model: nn.Module,
 
 def build_optimizer(model: nn.Module,
                     cfg: Mapping[str, Any]) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups` (fused kernel on CUDA).
+    """AdamW over :func:`build_param_groups`.
 
     Args:
         model: The student.
         cfg: A full preset (its ``optimizer`` section is used) or the
             ``optimizer`` section itself (``type: AdamW``, ``lr``, ``betas``,
-            ``weight_decay``, multipliers).
+            ``weight_decay``, multipliers, ``fused``: null = torch's fused
+            AdamW kernel on CUDA and its foreach implementation elsewhere,
+            true/false to force; the update is the same AdamW).
     """
     optimizer_cfg = cfg['optimizer'] if 'optimizer' in cfg else cfg
     kind = optimizer_cfg.get('type', 'AdamW')
@@ -147,6 +149,12 @@ def build_optimizer(model: nn.Module,
                          f'{lr!r}.')
     groups = build_param_groups(model, optimizer_cfg)
     on_cuda = all(p.is_cuda for g in groups for p in g['params'])
+    fused = optimizer_cfg.get('fused')
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f'optimizer.fused must be true, false or null '
+                         f'(fused on CUDA), got {fused!r}.')
+    if fused is None:
+        fused = True if on_cuda else None
     betas = tuple(float(b) for b in optimizer_cfg.get('betas', (0.9, 0.999)))
     return torch.optim.AdamW(
         groups,
@@ -154,7 +162,7 @@ def build_optimizer(model: nn.Module,
         betas=betas,  # type: ignore[arg-type]
         eps=float(optimizer_cfg.get('eps', 1e-8)),
         weight_decay=float(optimizer_cfg.get('weight_decay', 0.0)),
-        fused=True if on_cuda else None)
+        fused=fused or None)
 
 
 def poly_warmup_lr(base_lr: float,
