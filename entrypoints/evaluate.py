@@ -20,11 +20,14 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val", help="val (mIoU) or test (submission PNGs)")
     parser.add_argument("--mode", default="", help="whole or slide (default: the model's test_cfg)")
     parser.add_argument("--batch-size", default="1")
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32, or bf16 autocast (GPU; about the same mIoU, see docs/benchmarks.md)")
     parser.add_argument("--label-ids", default="false",
                         help="test: write Cityscapes labelIds instead of trainIds")
     args = parser.parse_args(argv)
     split = evaluation.check_split(args.split)
     mode = evaluation.check_mode(args.mode)
+    precision = evaluation.check_precision(args.precision)
     batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1) or 1
     label_ids = cli.parse_bool("label_ids", args.label_ids)
     device = cli.resolve_device(args.device)
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     prepare_roots(args.target_root, args.target_root)
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
     model, _ = evaluation.load_model(args.model, device)
-    options = dict(mode=mode, batch_size=batch_size, device=device, progress=True,
+    options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,
                    num_workers=cfg["data"]["workers_per_gpu"])
 
     with tracking.entry_point_run("evaluate", vars(args), cfg) as run:

@@ -139,6 +139,7 @@ def test_registered_model_alias(tracking_uri, monkeypatch, capsys, acdc_root, ch
     (['--batch-size', 'two'], "error: batch_size must be an integer, got 'two'."),
     (['--mode', 'sliding'], 'error: mode must be whole or slide'),
     (['--label-ids', 'maybe'], "error: label_ids must be true or false, got 'maybe'."),
+    (['--precision', 'fp16'], "error: precision must be fp32 or bf16"),
 ])
 def test_bad_parameter_is_one_error_line(tmp_path, monkeypatch, capsys, acdc_root, argv,
                                          message):

@@ -254,6 +254,17 @@ def test_results_do_not_depend_on_batch_size(embedded, student, tmp_path):
     assert a.zip_path.read_bytes() == b.zip_path.read_bytes()
 
 
+def test_bf16_autocast_agrees_with_fp32_on_almost_every_pixel(embedded, student):
+    dataset = evaluation.build_dataset(embedded.acdc_root, 'val', IMG_SCALE)
+    fp32 = evaluation.evaluate(student, dataset, num_overlays=0)
+    bf16 = evaluation.evaluate(student, dataset, num_overlays=0, precision='bf16')
+    assert bf16.confusion.matrix.sum() == fp32.confusion.matrix.sum()
+    # Same pixels scored; bf16 rounding flips only near-tied argmaxes.
+    changed = (bf16.confusion.matrix - fp32.confusion.matrix).abs().sum() / 2
+    assert changed <= 0.02 * fp32.confusion.matrix.sum()
+    assert bf16.table.miou == pytest.approx(fp32.table.miou, abs=0.01)
+
+
 def test_mixed_image_sizes_are_batched_by_size(embedded, student, tmp_path):
     # Shrink every second val image (and its label) so sizes alternate.
     root = tmp_path / 'acdc'

@@ -5,6 +5,8 @@
   (FAN-L hybrid, batch 2 of 1024x1024 crops in ``--preset full``);
 * ``teacher``: HRDA slide inference of the teacher preset (MiT-B5) on one
   1920x1080 ACDC-sized image (how pseudo-labels and evaluation run);
+* ``student-slide``: the same slide inference with the student preset
+  (FAN-L), what ``evaluate`` and the served model run per image;
 * ``distill``: one whole distillation iteration of :class:`UDATrainer`
   (FAN-L student, frozen MiT-B5 HRDA teacher under ``no_grad`` as in MIC,
   source loss + ImageNet feature distance, pseudo-labels, ClassMix, MIC
@@ -16,7 +18,8 @@
   (``optimizer.fused=true``) and ``bf16+fused-adamw+channels-last``
   (``runner.channels_last=true``) — each the preset keys a user sets.
 
-Modes of ``student`` and ``teacher`` (same weights, same inputs):
+Modes of ``student``, ``teacher`` and ``student-slide`` (same weights, same
+inputs):
 
 ``fp32-eager``  fp32, TF32 off, attention forced onto SDPA's math backend
                 (= the explicit softmax(QK^T)V of the reference code);
@@ -59,7 +62,7 @@ from uda.config import load_config  # noqa: E402
 from uda.models import build_segmentor, count_parameters  # noqa: E402
 
 PRESETS = {'tiny': 'default', 'full': 'cs2acdc'}
-JOBS = ('student', 'teacher', 'distill')
+JOBS = ('student', 'teacher', 'student-slide', 'distill')
 
 # The preset keys each distill-iteration mode sets (see the module docstring).
 DISTILL_MODES: dict[str, dict[str, Any]] = {
@@ -270,6 +273,9 @@ def run(preset: str, device: str, warmup: int, repeats: int,
          f'{batch}x{crop_h}x{crop_w}'),
         ('teacher', cfg['teacher']['model'], 'slide inference',
          f'1x{tgt_h}x{tgt_w}'),
+        # what `evaluate` and `mlflow models serve` run per image
+        ('student-slide', cfg['student']['model'], 'slide inference',
+         f'1x{tgt_h}x{tgt_w}'),
     ]
     for role, model_cfg, task, shape in model_jobs:
         if role not in jobs:
@@ -277,8 +283,7 @@ def run(preset: str, device: str, warmup: int, repeats: int,
         print(f'{role}: {task} ...', file=sys.stderr, flush=True)
         torch.manual_seed(0)
         base = build_segmentor(model_cfg).to(device)
-        results['params'][role] = (model_cfg['backbone'],
-                                   count_parameters(base))
+        results['params'][model_cfg['backbone']] = count_parameters(base)
         state = {k: v.clone() for k, v in base.state_dict().items()}
         baseline = None
         for mode in _modes(compile_):
@@ -354,8 +359,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {row['model']} | {row['task']} | {row['input']} | "
                      f"{row['mode']} | {secs} | {mem} | {speed} |")
     lines.append('')
-    for role, (name, count) in results['params'].items():
-        lines.append(f'- {role}: {name} HRDA/DAFormer, {count / 1e6:.2f} M '
+    for name, count in results['params'].items():
+        lines.append(f'- {name} HRDA/DAFormer: {count / 1e6:.2f} M '
                      f'parameters')
     return '\n'.join(lines)
 

@@ -53,7 +53,7 @@ from uda.errors import UserError
 from uda.metrics import ConditionTable, ConfusionMatrix, PerConditionMetrics
 
 __all__ = [
-    'SPLITS', 'MODES', 'EvaluationError', 'PredictedImage', 'EvaluationResult',
+    'SPLITS', 'MODES', 'PRECISIONS', 'EvaluationError', 'PredictedImage', 'EvaluationResult',
     'SubmissionResult', 'check_split', 'check_mode', 'build_dataset',
     'load_model', 'logits_to_labels', 'predict_dataset', 'evaluate',
     'submission_filename', 'save_label_png', 'write_submission',
@@ -104,6 +104,17 @@ def check_mode(mode: Optional[str]) -> Optional[str]:
         raise EvaluationError(f"mode must be whole or slide (or '' for the model's "
                               f"test_cfg.mode), got {mode!r}.")
     return mode
+
+
+PRECISIONS = ('fp32', 'bf16')
+
+
+def check_precision(precision: str) -> str:
+    """``fp32`` or ``bf16`` (autocast; for GPUs), else an :class:`EvaluationError`."""
+    if precision not in PRECISIONS:
+        raise EvaluationError(f"precision must be fp32 or bf16 (autocast, for GPUs with "
+                              f"bf16 support), got {precision!r}.")
+    return precision
 
 
 def build_dataset(root: PathLike, split: str = 'val',
