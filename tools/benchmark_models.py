@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from uda.config import load_config  # noqa: E402
 from uda.models import build_segmentor, count_parameters  # noqa: E402
+from uda.precision import autocast  # noqa: E402
 
 PRESETS = {'tiny': 'default', 'full': 'cs2acdc'}
 JOBS = ('student', 'teacher', 'student-slide', 'distill')
@@ -84,12 +85,6 @@ def _sdpa_context(math_only: bool):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def _autocast(device: str, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def _sync(device: str) -> None:
@@ -127,12 +122,12 @@ def _compile_parts(model: torch.nn.Module) -> None:
 
 def _modes(compile_: bool) -> list[dict[str, Any]]:
     modes = [
-        dict(name='fp32-eager', dtype=None, math=True, compile=False),
-        dict(name='bf16-sdpa', dtype=torch.bfloat16, math=False,
+        dict(name='fp32-eager', precision='fp32', math=True, compile=False),
+        dict(name='bf16-sdpa', precision='bf16', math=False,
              compile=False),
     ]
     if compile_:
-        modes.append(dict(name='bf16-sdpa-compile', dtype=torch.bfloat16,
+        modes.append(dict(name='bf16-sdpa-compile', precision='bf16',
                           math=False, compile=True))
     return modes
 
@@ -297,7 +292,7 @@ def run(preset: str, device: str, warmup: int, repeats: int,
 
                 def step(model=model, mode=mode, crop_gen=crop_gen):
                     with _sdpa_context(mode['math']), \
-                            _autocast(device, mode['dtype']):
+                            autocast(device, mode['precision']):
                         losses = model.forward_train(img, label,
                                                      generator=crop_gen)
                     loss = sum(v for k, v in losses.items() if 'loss' in k)
@@ -309,7 +304,7 @@ def run(preset: str, device: str, warmup: int, repeats: int,
 
                 def infer(model=model, mode=mode):
                     with torch.no_grad(), _sdpa_context(mode['math']), \
-                            _autocast(device, mode['dtype']):
+                            autocast(device, mode['precision']):
                         model.inference(test_img, 'slide')
                 fn = infer
             try:

@@ -26,7 +26,6 @@ mlflow only inside the ``log_*`` functions, so it is usable without MLflow::
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ from uda.data.layouts import ACDC_CONDITIONS, Sample
 from uda.data.pipelines import load_image
 from uda.errors import UserError
 from uda.metrics import ConditionTable, ConfusionMatrix, PerConditionMetrics
+from uda.precision import PRECISIONS, autocast
 
 __all__ = [
     'SPLITS', 'MODES', 'PRECISIONS', 'EvaluationError', 'PredictedImage', 'EvaluationResult',
@@ -104,9 +104,6 @@ def check_mode(mode: Optional[str]) -> Optional[str]:
         raise EvaluationError(f"mode must be whole or slide (or '' for the model's "
                               f"test_cfg.mode), got {mode!r}.")
     return mode
-
-
-PRECISIONS = ('fp32', 'bf16')
 
 
 def check_precision(precision: str) -> str:
@@ -256,14 +253,6 @@ def _consecutive_batches(items: Iterable[dict], batch_size: int) -> Iterator[lis
         yield group
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == 'fp32':
-        return contextlib.nullcontext()
-    if precision == 'bf16':
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
-
-
 def _progress_bar(total: int, enabled: bool, desc: str):
     """tqdm bar in images/s on stderr, or None."""
     if not enabled:
@@ -328,7 +317,7 @@ def predict_dataset(model: torch.nn.Module,
     try:
         for group in _consecutive_batches(loader, int(batch_size)):
             imgs = torch.stack([item['img'] for item in group]).to(device, non_blocking=True)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model.inference(imgs, mode)
             for k, item in enumerate(group):
                 size = [int(v) for v in item['ori_size']]

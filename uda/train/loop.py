@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from uda.errors import UserError
 from uda.metrics import ConditionTable, PerConditionMetrics
+from uda.precision import PRECISIONS, autocast
 
 from .augment import DACSAugmentation, pseudo_label_and_weight
 from .data import STREAM_STEP, iteration_seed, seed_everything
@@ -70,7 +71,7 @@ from .optim import build_lr_scheduler, build_optimizer, current_lrs
 from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
 
 __all__ = ['TrainConfigError', 'check_schedule', 'check_runtime', 'TrainForward',
-           'StepOutput', 'PRECISIONS', 'UDATrainer', 'LogAccumulator', 'evaluate',
+           'StepOutput', 'UDATrainer', 'LogAccumulator', 'evaluate',
            'FitHooks', 'fit']
 
 TeacherArg = Union[str, nn.Module, None]
@@ -109,9 +110,6 @@ def check_schedule(cfg: Mapping[str, Any]) -> None:
             workers < 0:
         raise TrainConfigError(f'data.workers_per_gpu must be >= 0, got '
                                f'{workers!r}.')
-
-
-PRECISIONS = ('fp32', 'bf16')
 
 
 def check_runtime(cfg: Mapping[str, Any]) -> tuple[str, bool]:
@@ -290,9 +288,7 @@ class UDATrainer:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward-pass precision context (``runner.precision``)."""
-        if self.precision == 'bf16':
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def _reseed(self, iteration: int) -> None:
         step_seed = iteration_seed(self.seed, self.ctx.rank, iteration,
