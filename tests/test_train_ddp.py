@@ -16,21 +16,11 @@ from uda.models import build_segmentor, save_checkpoint
 from uda.registry import load_segmentor
 from uda.train.data import build_val_dataset, val_loader
 from uda.train.loop import evaluate
+from budgets import TINY_TRAINING_OPTIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / 'data' / 'embedded'
 VENV_BIN = Path(sys.executable).parent
-OPTIONS = [
-    'data.source.crop_size=[64,64]', 'data.target.crop_size=[64,64]',
-    'data.source.img_scale=[128,64]', 'data.target.img_scale=[128,72]',
-    'data.rare_class_sampling.min_pixels=12',
-    'teacher.model.hr_crop_size=[32,32]', 'student.model.hr_crop_size=[32,32]',
-    'teacher.model.test_cfg.crop_size=[64,64]',
-    'teacher.model.test_cfg.stride=[32,32]',
-    'student.model.test_cfg.crop_size=[64,64]',
-    'student.model.test_cfg.stride=[32,32]',
-    'uda.mask_generator.mask_block_size=4', 'log_config.interval=1',
-]
 
 
 @pytest.mark.slow
@@ -54,7 +44,7 @@ def test_torchrun_two_cpu_processes_train_and_register_once(tracking_uri,
            '--target-root', str(EMBEDDED / 'acdc'),
            '--teacher', str(teacher), '--iterations', '2',
            '--checkpoint-interval', '2', '--device', 'cpu',
-           '--cfg-options', ' '.join(OPTIONS)]
+           '--cfg-options', ' '.join(TINY_TRAINING_OPTIONS)]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -73,7 +63,7 @@ def test_torchrun_two_cpu_processes_train_and_register_once(tracking_uri,
 
     # The logged mIoU is over the whole val set (each rank scored half).
     cfg = load_config('default', [f'data.target.root={EMBEDDED / "acdc"}',
-                                  *OPTIONS])
+                                  *TINY_TRAINING_OPTIONS])
     model, _ = load_segmentor('models:/cs2acdc-student/1')
     val = build_val_dataset(cfg)
     table = evaluate(model, val_loader(val), 'cpu', sorted(set(val.conditions)))

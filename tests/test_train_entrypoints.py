@@ -20,23 +20,13 @@ from uda import cli
 from uda.config import load_config
 from uda.models import build_segmentor, save_checkpoint
 from uda.registry import load_segmentor
+from budgets import TINY_TRAINING_OPTIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / 'data' / 'embedded'
 VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = 'train-entrypoints'
-# 64-px crops, 32-px detail crops, small val images: seconds per run.
-TINY = ' '.join([
-    'data.source.crop_size=[64,64]', 'data.target.crop_size=[64,64]',
-    'data.source.img_scale=[128,64]', 'data.target.img_scale=[128,72]',
-    'data.rare_class_sampling.min_pixels=12',
-    'teacher.model.hr_crop_size=[32,32]', 'student.model.hr_crop_size=[32,32]',
-    'teacher.model.test_cfg.crop_size=[64,64]',
-    'teacher.model.test_cfg.stride=[32,32]',
-    'student.model.test_cfg.crop_size=[64,64]',
-    'student.model.test_cfg.stride=[32,32]',
-    'uda.mask_generator.mask_block_size=4', 'log_config.interval=1',
-])
+TINY = ' '.join(TINY_TRAINING_OPTIONS)
 
 
 def roots() -> list[str]:
