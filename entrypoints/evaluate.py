@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, evaluation, tracking  # noqa: E402
-from uda.data.summary import prepare_roots  # noqa: E402
+from uda.data.roots import prepare_roots  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     cfg = cli.resolve_config(args.preset, args.cfg_options, data__target__root=args.target_root)
 
     # Everything that can be wrong is checked before the run logs anything.
-    prepare_roots(args.target_root, args.target_root)
+    prepare_roots(target_root=args.target_root)
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
     model, _ = evaluation.load_model(args.model, device)
     options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, pipeline, tracking  # noqa: E402
-from uda.data.summary import prepare_roots, summarize  # noqa: E402
+from uda.data.roots import prepare_roots  # noqa: E402
+from uda.data.summary import summarize  # noqa: E402
 
 
 def main(argv=None) -> int:

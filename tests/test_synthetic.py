@@ -190,6 +190,7 @@ def test_command_line(tmp_path, capsys):
     assert len(scan_acdc(tmp_path / 'acdc', 'train')) == 2
 
 
-def test_default_root_is_relative_to_project_dir():
-    assert DEFAULT_EMBEDDED_ROOT == Path('data/embedded')
-    assert not DEFAULT_EMBEDDED_ROOT.is_absolute()
+def test_default_root_is_fixed_inside_the_project():
+    # Never derived from the working directory or from a user's dataset root.
+    assert DEFAULT_EMBEDDED_ROOT == Path(__file__).resolve().parent.parent / 'data' / 'embedded'
+    assert DEFAULT_EMBEDDED_ROOT.is_absolute()

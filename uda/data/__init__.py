@@ -1,5 +1,5 @@
 """Datasets: Cityscapes/ACDC readers, pipelines, rare-class sampling, labels,
-and the synthetic embedded dataset.
+the synthetic embedded dataset, and the rule of which roots may be written.
 
 Submodules are imported lazily, so ``import uda.data.labels`` (serving path)
 pulls in neither torch datasets nor mmseg.
@@ -27,6 +27,8 @@ _EXPORTS = {
     # synthetic data
     'DEFAULT_EMBEDDED_ROOT': 'synthetic', 'EmbeddedDataset': 'synthetic',
     'SyntheticConfig': 'synthetic', 'ensure_embedded': 'synthetic',
+    # which roots the project may write (embedded) and which it only reads
+    'EMBEDDED_ROOT': 'roots', 'prepare_roots': 'roots', 'classify_root': 'roots',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,8 +1,10 @@
 """Rare-class sampling (RCS) on the labelled source, as in DAFormer/HRDA/MIC.
 
 Per-image class pixel counts are computed once from the source label files
-and cached next to the data in MIC's files, so a MIC user recognises them and
-either project can reuse the other's:
+and cached in MIC's files, so a MIC user recognises them and either project
+can reuse the other's (MIC's files in a dataset root are read; new ones are
+written next to the embedded data, or to the project cache for a user's root,
+which is never written):
 
 - ``sample_class_stats.json``: a list with one dict per label file,
   ``{"<trainId>": <pixels>, ..., "file": "<label path>"}`` (only classes
@@ -108,24 +110,29 @@ def _cached_counts(samples: Sequence[Sample],
 def load_or_compute_class_counts(
         samples: Sequence[Sample],
         data_root: Union[str, os.PathLike],
-        progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+        progress: Optional[Callable[[int, int], None]] = None,
+        write_dir: Optional[Union[str, os.PathLike]] = None) -> np.ndarray:
     """Per-image class pixel counts of labelled samples, cached in MIC's files.
 
-    The cache in ``data_root`` is reused when it lists exactly the samples'
-    label files (by name) and is newer than all of them; otherwise the counts
-    are recomputed from the label files and the three json files rewritten.
+    A cache in ``data_root`` (e.g. MIC's own files) is reused when it lists
+    exactly the samples' label files (by name) and is newer than all of them;
+    then one in ``write_dir``; otherwise the counts are recomputed from the
+    label files and the three json files written to ``write_dir``.
 
     Args:
         samples: Labelled samples (e.g. ``scan_cityscapes(root, 'train')``).
-        data_root: Folder holding the cache files (MIC: the Cityscapes root).
+        data_root: The dataset root (MIC: the Cityscapes root), read for a cache.
         progress: Optional callback ``progress(done, total)`` while counting.
+        write_dir: Where a new cache is written (default ``data_root``). Entry
+            points pass :func:`uda.data.roots.stats_dir`, so that a user's
+            dataset folder is only read.
 
     Returns:
         int64 array (len(samples), 19); row i belongs to ``samples[i]``.
 
     Raises:
         ValueError: if a sample has no label or two labels share a name.
-        PermissionError: if the cache cannot be written to ``data_root``.
+        PermissionError: if the cache cannot be written to ``write_dir``.
     """
     unlabelled = [s.image_path for s in samples if s.label_path is None]
     if unlabelled:
@@ -136,23 +143,27 @@ def load_or_compute_class_counts(
         raise ValueError('Label file names must be unique (MIC matches RCS '
                          'statistics by file name).')
     data_root = Path(data_root)
-    stats_path = data_root / STATS_FILE
-    counts = _cached_counts(samples, stats_path)
+    write_dir = data_root if write_dir is None else Path(write_dir)
+    counts = _cached_counts(samples, data_root / STATS_FILE)
+    if counts is not None and write_dir.resolve() != data_root.resolve():
+        return counts  # complete enough to sample from; the root is read only
+    if counts is None:
+        counts = _cached_counts(samples, write_dir / STATS_FILE)
     if counts is None:
         counts = np.zeros((len(samples), NUM_CLASSES), dtype=np.int64)
         for i, sample in enumerate(samples):
             counts[i] = count_class_pixels(_read_label(sample.label_path))
             if progress is not None:
                 progress(i + 1, len(samples))
-        _write_stats(samples, counts, data_root, rewrite_stats=True)
-    elif not ((data_root / STATS_DICT_FILE).is_file()
-              and (data_root / SAMPLES_WITH_CLASS_FILE).is_file()):
-        _write_stats(samples, counts, data_root, rewrite_stats=False)
+        _write_stats(samples, counts, data_root, write_dir, rewrite_stats=True)
+    elif not ((write_dir / STATS_DICT_FILE).is_file()
+              and (write_dir / SAMPLES_WITH_CLASS_FILE).is_file()):
+        _write_stats(samples, counts, data_root, write_dir, rewrite_stats=False)
     return counts
 
 
 def _write_stats(samples: Sequence[Sample], counts: np.ndarray,
-                 data_root: Path, rewrite_stats: bool) -> None:
+                 data_root: Path, write_dir: Path, rewrite_stats: bool) -> None:
     def rel(path: Path) -> str:
         try:
             return path.relative_to(data_root).as_posix()
@@ -171,17 +182,18 @@ def _write_stats(samples: Sequence[Sample], counts: np.ndarray,
         for c, n in stats.items():
             samples_with_class.setdefault(c, []).append((file, n))
     try:
+        write_dir.mkdir(parents=True, exist_ok=True)
         # The main file last: its mtime marks the cache as up to date.
-        _write_json_atomically(data_root / STATS_DICT_FILE, stats_dict)
-        _write_json_atomically(data_root / SAMPLES_WITH_CLASS_FILE,
+        _write_json_atomically(write_dir / STATS_DICT_FILE, stats_dict)
+        _write_json_atomically(write_dir / SAMPLES_WITH_CLASS_FILE,
                                samples_with_class)
         if rewrite_stats:
-            _write_json_atomically(data_root / STATS_FILE, entries)
+            _write_json_atomically(write_dir / STATS_FILE, entries)
     except OSError as e:
         raise PermissionError(
-            f'Cannot write the rare-class statistics to {data_root} ({e}). '
-            'Make the dataset folder writable or pass another folder as '
-            'data_root/stats_dir.') from e
+            f'Cannot write the rare-class statistics to {write_dir} ({e}). '
+            'Make that folder writable, or set UDA_CACHE_DIR to a writable '
+            'folder.') from e
 
 
 def rcs_class_probabilities(counts: np.ndarray,

@@ -16,27 +16,9 @@ from PIL import Image
 from .labels import CLASSES, NUM_CLASSES
 from .layouts import ACDC_CONDITIONS, Sample, scan_acdc, scan_cityscapes
 from .rcs import count_class_pixels, load_or_compute_class_counts
-from .synthetic import DEFAULT_EMBEDDED_ROOT, EmbeddedDataset, ensure_embedded
+from .roots import stats_dir
 
 PathLike = os.PathLike | str
-
-
-def is_embedded_root(root: PathLike, embedded_root: PathLike = DEFAULT_EMBEDDED_ROOT) -> bool:
-    """Whether ``root`` is one of the embedded dataset's two roots."""
-    root, base = Path(root).resolve(), Path(embedded_root).resolve()
-    return root in (base / "cityscapes", base / "acdc")
-
-
-def prepare_roots(source_root: PathLike, target_root: PathLike,
-                  progress: bool = True) -> Optional[EmbeddedDataset]:
-    """Generate the embedded dataset when the roots point at it; real roots are never written.
-
-    Returns:
-        The embedded dataset if it was used (generated or reused), else None.
-    """
-    if is_embedded_root(source_root) or is_embedded_root(target_root):
-        return ensure_embedded(Path(source_root).resolve().parent, progress=progress)
-    return None
 
 
 @dataclass
@@ -100,7 +82,8 @@ def summarize(source_root: PathLike, target_root: PathLike, examples_per_row: in
 
     class_pixels = {
         # The rare-class statistics: computed once and cached next to the data.
-        "source train": load_or_compute_class_counts(source_train, source_root).sum(axis=0),
+        "source train": load_or_compute_class_counts(
+            source_train, source_root, write_dir=stats_dir(source_root)).sum(axis=0),
         "target val": sum((count_class_pixels(_read_label(s.label_path)) for s in target["val"]),
                           np.zeros(NUM_CLASSES, dtype=np.int64)),
     }

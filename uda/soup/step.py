@@ -540,7 +540,12 @@ def run_soup(request: SoupRequest,
     if mlflow.active_run() is None:
         raise ValueError('run_soup needs an active MLflow run (the soup entry '
                          'point starts one).')
+    from uda.data.roots import prepare_roots
+
     started = time.perf_counter()
+    # A missing root fails before any ingredient is downloaded; only the
+    # embedded root is ever written.
+    prepare_roots(target_root=request.target_root)
     ingredients, source = resolve_ingredients(request)
     labels = [i.label for i in ingredients]
     n = len(ingredients)
@@ -584,8 +589,6 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     import mlflow
 
     from uda.data.layouts import scan_acdc
-    from uda.data.summary import is_embedded_root
-    from uda.data.synthetic import ensure_embedded
     from uda.models import build_from_checkpoint
     from uda.registry import load_segmentor
 
@@ -599,8 +602,6 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
 
     # --- data: decoded and normalised once, on the device -----------------
     root = request.target_root
-    if is_embedded_root(root):
-        ensure_embedded(Path(root).resolve().parent)
     val = scan_acdc(root, 'val', conditions=request.conditions)
     tune, report = split_tune_report(val, request.tune_fraction)
     subsets = {'tune': tune, 'report': report}

@@ -365,7 +365,7 @@ def _absolute_roots(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _prepare_data_roots(cfg: Mapping[str, Any]) -> None:
-    from uda.data.summary import prepare_roots
+    from uda.data.roots import prepare_roots
 
     prepare_roots(cfg['data']['source']['root'],
                   cfg['data']['target']['root'])
