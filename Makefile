@@ -28,7 +28,6 @@ lock:
 benchmark: install
 	python tools/benchmark_models.py --preset tiny
 
-# Only the generated embedded data (its stamp and markers too), never anything else.
+# Only what the synthetic generator wrote (marked folders), never anything else.
 clean-data:
-	rm -rf data/embedded/cityscapes/*/ data/embedded/acdc/*/ data/embedded/*/.cs2acdc-synthetic.json \
-	  data/embedded/cityscapes/*.json data/embedded/embedded.json data/embedded/.[!.]*
+	python -m uda.data.synthetic --clean

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${UDA_VENV:-.venv}
-CACHE=${UDA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cs2acdc-uda}
+CACHE=${UDA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cs2acdc-uda}   # the same folder as uda/data/paths.py:cache_dir
 log() { printf '[install] %s\n' "$*"; }
 # pip's output without the noise of this machine's pip.conf; with pipefail a pip failure still fails the script
 quiet() { sed -u -e '/^WARNING: Location/d' -e '/^Requirement already satisfied/d' -e '/^Obtaining/d'; }

@@ -131,11 +131,12 @@ def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from uda.data.roots import is_embedded_root
+    from uda.data.roots import classify_root
 
     for name, root in roots.items():
         # `data.cityscapes=real|embedded`: whether a run saw synthetic data, searchable in the UI.
-        mlflow.set_tag(f"data.{name.split('/')[0]}", "embedded" if is_embedded_root(root) else "real")
+        dataset = name.split("/")[0]
+        mlflow.set_tag(f"data.{dataset}", classify_root(root, dataset).kind)
         with warnings.catch_warnings():
             # MLflow registers the local-folder source twice and warns that the path is ambiguous.
             warnings.simplefilter("ignore", UserWarning)

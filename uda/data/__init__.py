@@ -25,10 +25,10 @@ _EXPORTS = {
     'RareClassSampler': 'rcs', 'draw_rare_class_sample': 'rcs',
     'load_or_compute_class_counts': 'rcs',
     # synthetic data
-    'DEFAULT_EMBEDDED_ROOT': 'synthetic', 'EmbeddedDataset': 'synthetic',
+    'EmbeddedDataset': 'synthetic',
     'SyntheticConfig': 'synthetic', 'ensure_embedded': 'synthetic',
     # which roots the project may write (embedded) and which it only reads
-    'EMBEDDED_ROOT': 'roots', 'prepare_roots': 'roots', 'classify_root': 'roots',
+    'EMBEDDED_ROOT': 'paths', 'prepare_roots': 'roots', 'classify_root': 'roots',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,6 +37,7 @@ from PIL import Image
 
 from .labels import NUM_CLASSES
 from .layouts import Sample
+from .paths import stats_dir
 
 __all__ = [
     'STATS_FILE', 'STATS_DICT_FILE', 'SAMPLES_WITH_CLASS_FILE',
@@ -123,9 +124,10 @@ def load_or_compute_class_counts(
         samples: Labelled samples (e.g. ``scan_cityscapes(root, 'train')``).
         data_root: The dataset root (MIC: the Cityscapes root), read for a cache.
         progress: Optional callback ``progress(done, total)`` while counting.
-        write_dir: Where a new cache is written (default ``data_root``). Entry
-            points pass :func:`uda.data.roots.stats_dir`, so that a user's
-            dataset folder is only read.
+        write_dir: Where a new cache is written. Default
+            :func:`~uda.data.paths.stats_dir`: ``data_root`` itself only when
+            the generator wrote it, else the project cache, so that a
+            user's dataset folder is only read.
 
     Returns:
         int64 array (len(samples), 19); row i belongs to ``samples[i]``.
@@ -143,7 +145,7 @@ def load_or_compute_class_counts(
         raise ValueError('Label file names must be unique (MIC matches RCS '
                          'statistics by file name).')
     data_root = Path(data_root)
-    write_dir = data_root if write_dir is None else Path(write_dir)
+    write_dir = stats_dir(data_root) if write_dir is None else Path(write_dir)
     counts = _cached_counts(samples, data_root / STATS_FILE)
     if counts is not None and write_dir.resolve() != data_root.resolve():
         return counts  # complete enough to sample from; the root is read only
@@ -276,7 +278,8 @@ class RareClassSampler:
 
         Args:
             samples: Labelled source samples, in dataset order.
-            data_root: Where the MIC statistics files are read/written.
+            data_root: Where MIC statistics files are read (new ones are
+                written as :func:`load_or_compute_class_counts` says).
             **kwargs: ``temperature``, ``min_pixels``, ``min_crop_ratio``.
         """
         return cls(load_or_compute_class_counts(samples, data_root), **kwargs)

@@ -16,7 +16,6 @@ from PIL import Image
 from .labels import CLASSES, NUM_CLASSES
 from .layouts import ACDC_CONDITIONS, Sample, scan_acdc, scan_cityscapes
 from .rcs import count_class_pixels, load_or_compute_class_counts
-from .roots import stats_dir
 
 PathLike = os.PathLike | str
 
@@ -81,9 +80,9 @@ def summarize(source_root: PathLike, target_root: PathLike, examples_per_row: in
             sizes[f"acdc/{condition}/{split}"] = sum(s.condition == condition for s in samples)
 
     class_pixels = {
-        # The rare-class statistics: computed once and cached next to the data.
+        # The rare-class statistics: computed once, cached (see uda.data.paths.stats_dir).
         "source train": load_or_compute_class_counts(
-            source_train, source_root, write_dir=stats_dir(source_root)).sum(axis=0),
+            source_train, source_root).sum(axis=0),
         "target val": sum((count_class_pixels(_read_label(s.label_path)) for s in target["val"]),
                           np.zeros(NUM_CLASSES, dtype=np.int64)),
     }

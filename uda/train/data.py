@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from uda.data import (RareClassSampler, acdc_dataset, cityscapes_dataset,
                       draw_rare_class_sample, load_or_compute_class_counts)
 from uda.data.layouts import scan_cityscapes
-from uda.data.roots import stats_dir
 
 __all__ = ['iteration_seed', 'seed_everything', 'TrainBatches',
            'build_train_data', 'build_val_dataset', 'train_loader',
@@ -159,8 +158,7 @@ def build_train_data(cfg: Mapping[str, Any], seed: int, rank: int = 0,
     rcs_cfg = data.get('rare_class_sampling')
     if rcs and rcs_cfg:
         counts = load_or_compute_class_counts(
-            scan_cityscapes(src['root'], 'train'), src['root'],
-            write_dir=stats_dir(src['root']))
+            scan_cityscapes(src['root'], 'train'), src['root'])
         try:
             sampler = RareClassSampler(
                 counts, temperature=float(rcs_cfg['class_temp']),
