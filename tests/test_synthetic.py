@@ -9,7 +9,8 @@ from PIL import Image
 
 from uda.data import labels
 from uda.data.layouts import scan_acdc, scan_cityscapes
-from uda.data.synthetic import (DEFAULT_EMBEDDED_ROOT, STAMP_FILE, SyntheticConfig,
+from uda.data.paths import EMBEDDED_ROOT
+from uda.data.synthetic import (STAMP_FILE, SyntheticConfig,
                                 ensure_embedded, generate, main)
 
 SMALL = dict(num_source_train=22, num_source_val=2, num_target_train=2,
@@ -192,5 +193,5 @@ def test_command_line(tmp_path, capsys):
 
 def test_default_root_is_fixed_inside_the_project():
     # Never derived from the working directory or from a user's dataset root.
-    assert DEFAULT_EMBEDDED_ROOT == Path(__file__).resolve().parent.parent / 'data' / 'embedded'
-    assert DEFAULT_EMBEDDED_ROOT.is_absolute()
+    assert EMBEDDED_ROOT == Path(__file__).resolve().parent.parent / 'data' / 'embedded'
+    assert EMBEDDED_ROOT.is_absolute()
