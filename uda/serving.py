@@ -1,5 +1,9 @@
 """The segmentor as an MLflow pyfunc model, for ``mlflow models serve``.
 
+This module owns the served model: the request format, its limits (size,
+pixel and byte budgets), bounded-memory windowed inference, the per-request
+deadline and the fair sharing of the inference device between requests.
+
 Request: a DataFrame with one row per image and a string column ``image``
 holding the base64-encoded PNG or JPEG file (raw ``bytes`` are accepted too
 when calling the model from Python). Over REST::
@@ -21,10 +25,39 @@ Response: one row per image with
 Each image is normalised with the ImageNet mean/std of the training
 pipeline and segmented at its own resolution in the model's test mode
 (``model_cfg.test_cfg``: overlapping slide windows or one whole pass), like
-MIC's test script on 1920×1080 ACDC frames. Malformed requests raise
-:class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``,
-which MLflow's scoring server answers with HTTP 400 and the message; the
-server keeps serving.
+MIC's test script on 1920×1080 ACDC frames.
+
+Bounded cost per request:
+
+* **Budgets.** At most :data:`MAX_IMAGES_PER_REQUEST` images,
+  :data:`MAX_IMAGE_PIXELS` pixels per image (sides
+  :data:`MIN_IMAGE_SIDE`..:data:`MAX_IMAGE_SIDE`),
+  :data:`MAX_REQUEST_PIXELS` pixels and :data:`MAX_REQUEST_BYTES` encoded
+  bytes per request (sums over its images). They are checked from the file
+  headers before any pixel is decoded; an over-budget request is answered
+  with HTTP 413 and a message naming the limit.
+* **Memory.** Slide-mode models run their windows in batches of at most
+  :data:`SLIDE_BATCH_PIXELS` window pixels, and the overlapping window
+  logits are averaged in a strip one window high that is turned into
+  label-map rows as soon as no later window covers them. So a request
+  costs one batch of windows plus about 4 bytes per pixel (RGB + label
+  map) and one strip, whatever the image size; the label map equals
+  ``model(img).argmax(1)`` (same windows, sums in the same order; the
+  tests compare them exactly).
+* **Deadline.** Under ``mlflow models serve`` the model reads the server's
+  request timeout (``-t``, passed to the server process as
+  ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``) and checks it before every
+  window batch (from a little before it, so that the client gets this
+  module's message): a request that ran out of time stops there (HTTP 504)
+  instead of computing on after the server has given up on it.
+* **Fair turns.** Requests take turns on the device one window batch at a
+  time, in arrival order, so a small request waits behind a large one for at
+  most one window batch of each request ahead of it, not for the whole
+  request.
+
+Malformed requests raise :class:`mlflow.exceptions.MlflowException` with
+``INVALID_PARAMETER_VALUE``, which MLflow's scoring server answers with HTTP
+400 and the message; the server keeps serving.
 
 Only torch, timm, numpy, Pillow, pandas and MLflow's pyfunc interface are
 imported (no mmcv / mmseg).
@@ -33,11 +66,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import contextlib
 import io
+import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from time import monotonic as _now
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import mlflow
 import numpy as np
@@ -45,7 +82,8 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (DEADLINE_EXCEEDED,
+                                          INVALID_PARAMETER_VALUE)
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, UnidentifiedImageError
 
@@ -53,9 +91,12 @@ from uda.data.labels import colorize
 
 __all__ = [
     'SegmentationModel', 'CHECKPOINT_ARTIFACT', 'MAX_IMAGE_SIDE',
-    'MIN_IMAGE_SIDE', 'MAX_IMAGE_BYTES', 'MAX_IMAGES_PER_REQUEST',
-    'IMAGE_FORMATS', 'DEVICE_ENV', 'serving_signature', 'example_image_png',
-    'encode_png', 'decode_png', 'input_frame'
+    'MIN_IMAGE_SIDE', 'MAX_IMAGE_PIXELS', 'MAX_REQUEST_PIXELS',
+    'MAX_WHOLE_MODE_PIXELS', 'MAX_IMAGE_BYTES', 'MAX_REQUEST_BYTES',
+    'MAX_IMAGES_PER_REQUEST', 'SLIDE_BATCH_PIXELS', 'IMAGE_FORMATS',
+    'DEVICE_ENV', 'TIMEOUT_ENV', 'RequestTooLarge', 'RequestTimeout',
+    'serving_signature', 'example_image_png', 'encode_png', 'decode_png',
+    'input_frame'
 ]
 
 #: Key of the checkpoint file in the pyfunc model's ``artifacts``.
@@ -65,26 +106,77 @@ MAX_IMAGE_SIDE = 4096
 #: Smallest accepted image height/width: MiT's stage-1 spatial reduction
 #: (ratio 8 on a stride-4 map of the half-scale context input) needs 64.
 MIN_IMAGE_SIDE = 64
-#: Largest accepted encoded image file (a 4096×4096 PNG photo is ~25 MiB).
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-#: Most images per request (each is segmented separately).
+#: Most pixels of one image (4096×2048, e.g. two 2048×1024 Cityscapes
+#: frames side by side): the default model segments it in 10-20 s on 2 CPU
+#: cores, inside MLflow's 60 s default timeout.
+MAX_IMAGE_PIXELS = 4096 * 2048
+#: Most pixels of one request, summed over its images (one 4096×2048
+#: image, four 1920×1080 ACDC frames, or 16 images of 1024×512).
+MAX_REQUEST_PIXELS = 4096 * 2048
+#: Most pixels of one image for a model whose test mode is ``'whole'``
+#: (one pass over the image, so its memory grows with the image): a
+#: 2048×1024 Cityscapes frame.
+MAX_WHOLE_MODE_PIXELS = 2048 * 1024
+#: Largest accepted encoded image file: room for an incompressible
+#: 4096×2048 PNG (24 MiB; a photo is about half that).
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Largest sum of the encoded image files of one request.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+#: Most images per request.
 MAX_IMAGES_PER_REQUEST = 16
+#: Window pixels per inference batch in slide mode (8 windows of the
+#: default's 128×128, ~50 ms on 2 CPU cores and faster per pixel than
+#: larger batches; one window of the full recipe's 1024×1024, never less):
+#: bounds the activations held at once and the time between two deadline
+#: checks or turns of other requests.
+SLIDE_BATCH_PIXELS = 2**17
 #: Accepted image file formats (Pillow names; camera JPEGs with extra
 #: pictures open as 'MPO').
 IMAGE_FORMATS = ('PNG', 'JPEG', 'MPO')
 #: Environment variable choosing the inference device (``cpu``, ``cuda``,
 #: ``cuda:1``); default: CUDA when available.
 DEVICE_ENV = 'UDA_SERVING_DEVICE'
+#: The request timeout in seconds of MLflow's scoring server: ``mlflow
+#: models serve -t`` (default 60) sets it in the server's environment, where
+#: the server's timeout middleware and this model both read it. Unset (e.g.
+#: ``predict`` from Python): no deadline.
+TIMEOUT_ENV = 'MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT'
 
 # ImageNet mean/std on 0-255 RGB: the img_norm_cfg of MIC/mmseg pipelines.
 _MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 _STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 _DATA_URL_MARK = ';base64,'
+# The model stops this long before the server's timeout (at most 1 s, 10 %
+# of it), so that the client gets this module's 504 message, which says
+# what to change, rather than the server's generic one.
+_DEADLINE_MARGIN_S = 1.0
+_DEADLINE_MARGIN_FRACTION = 0.1
 
 
 def _bad_input(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400 and ``message``."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class RequestTooLarge(MlflowException):
+    """A request over one of the budgets: HTTP 413 (Content Too Large).
+
+    The error code stays ``INVALID_PARAMETER_VALUE`` (the client has to
+    change the request; retrying it unchanged will not help).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    def get_http_status_code(self) -> int:
+        return 413
+
+
+class RequestTimeout(MlflowException):
+    """The request ran past its deadline and was stopped (HTTP 504)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=DEADLINE_EXCEEDED)
 
 
 def serving_signature() -> ModelSignature:
@@ -145,6 +237,15 @@ def input_frame(*images: Union[bytes, str, os.PathLike]) -> pd.DataFrame:
     return pd.DataFrame({'image': encoded})
 
 
+def _mib(n_bytes: int) -> str:
+    return f'{n_bytes / 2**20:.0f} MiB'
+
+
+def _pixels(n: int) -> str:
+    """``8,388,608 pixels (8.4 MP)``: exact and readable."""
+    return f'{n:,} pixels ({n / 1e6:.1f} MP)'
+
+
 def _image_bytes(value: Any, row: int) -> bytes:
     """The encoded image file of one request cell (base64 text or bytes)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -153,10 +254,13 @@ def _image_bytes(value: Any, row: int) -> bytes:
         text = value.strip()
         if text.startswith('data:') and _DATA_URL_MARK in text:
             text = text.split(_DATA_URL_MARK, 1)[1]  # data:image/png;base64,
-        if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
-            raise _bad_input(
-                f'Row {row}: the encoded image is larger than '
-                f'{MAX_IMAGE_BYTES // 2**20} MiB, the limit of this server.')
+        # Refuse before decoding: base64 text is 4/3 of the file.
+        if len(text) * 3 // 4 > MAX_IMAGE_BYTES + 2:
+            raise RequestTooLarge(
+                f'Row {row}: the encoded image is about '
+                f'{_mib(len(text) * 3 // 4)}, more than the limit of '
+                f'{_mib(MAX_IMAGE_BYTES)} per image file. Send a smaller '
+                f'file (downscale it or use JPEG).')
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -171,40 +275,58 @@ def _image_bytes(value: Any, row: int) -> bytes:
     if not data:
         raise _bad_input(f'Row {row}: the image is empty.')
     if len(data) > MAX_IMAGE_BYTES:
-        raise _bad_input(
-            f'Row {row}: the image file has {len(data)} bytes, more than the '
-            f'limit of {MAX_IMAGE_BYTES // 2**20} MiB.')
+        raise RequestTooLarge(
+            f'Row {row}: the image file has {len(data):,} bytes, more than '
+            f'the limit of {_mib(MAX_IMAGE_BYTES)} per image file. Send a '
+            f'smaller file (downscale it or use JPEG).')
     return data
 
 
-def _decode_image(data: bytes, row: int) -> np.ndarray:
-    """Decode PNG/JPEG bytes into an ``(H, W, 3)`` uint8 RGB array, checking
-    the size before the pixels are decoded."""
+def _open_image(data: bytes, row: int, max_pixels: int) -> Image.Image:
+    """Open PNG/JPEG bytes and check format and size from the header only
+    (no pixel is decoded yet)."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise _bad_input(
-            f'Row {row}: the image is larger than {MAX_IMAGE_SIDE}x'
-            f'{MAX_IMAGE_SIDE} pixels, the limit of this server.') from None
+        raise RequestTooLarge(
+            f'Row {row}: the image has more pixels than Pillow will open; '
+            f'this server accepts at most {_pixels(max_pixels)} per image '
+            f'and {MAX_IMAGE_SIDE} per side. Downscale it first.') from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise _bad_input(
             f'Row {row}: the data is not a PNG or JPEG image '
             f'({len(data)} bytes that Pillow cannot identify).') from None
-    with image:
+    try:
         if image.format not in IMAGE_FORMATS:
             raise _bad_input(
                 f'Row {row}: image format {image.format} is not accepted; '
                 f'send PNG or JPEG.')
         width, height = image.size
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-            raise _bad_input(
+            raise RequestTooLarge(
                 f'Row {row}: the image is {width}x{height} pixels; this '
-                f'server accepts at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}. '
-                f'Downscale it first.')
+                f'server accepts at most {MAX_IMAGE_SIDE} pixels per side '
+                f'(and {_pixels(max_pixels)} per image). Downscale it '
+                f'first.')
         if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
             raise _bad_input(
                 f'Row {row}: the image is {width}x{height} pixels; the model '
                 f'needs at least {MIN_IMAGE_SIDE} pixels per side.')
+        if width * height > max_pixels:
+            raise RequestTooLarge(
+                f'Row {row}: the image is {width}x{height} = '
+                f'{_pixels(width * height)}; this server segments at most '
+                f'{_pixels(max_pixels)} per image. Downscale it or split it '
+                f'into tiles first.')
+    except MlflowException:
+        image.close()
+        raise
+    return image
+
+
+def _decode_image(image: Image.Image, row: int) -> np.ndarray:
+    """Decode an opened image into an ``(H, W, 3)`` uint8 RGB array."""
+    with image:
         try:
             rgb = image.convert('RGB')
         except (OSError, ValueError) as err:  # truncated / corrupt pixel data
@@ -213,10 +335,27 @@ def _decode_image(data: bytes, row: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def _normalise(rgb: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` uint8 RGB → float32, ImageNet mean/std normalised."""
+    return (rgb.astype(np.float32) - _MEAN) / _STD
+
+
 def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB → normalised ``(1, 3, H, W)`` float tensor."""
-    normalised = (rgb.astype(np.float32) - _MEAN) / _STD
-    return torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).to(
+    return torch.from_numpy(_normalise(rgb).transpose(2, 0, 1)).unsqueeze(
+        0).to(device)
+
+
+Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), as uda.models.hrda
+
+
+def _windows_tensor(rgb: np.ndarray, boxes: Sequence[Box],
+                    device: torch.device) -> torch.Tensor:
+    """Normalised ``(N, 3, h, w)`` batch of the windows ``boxes`` of one
+    image, normalised per window so the whole image is never held in float
+    (12 bytes per pixel); values are those of cropping :func:`_to_tensor`."""
+    crops = np.stack([rgb[y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    return torch.from_numpy(_normalise(crops).transpose(0, 3, 1, 2)).to(
         device)
 
 
@@ -243,6 +382,138 @@ def _wants_color(frame: pd.DataFrame, params: Optional[Mapping[str, Any]]
             for v in frame['colorize']]
 
 
+def request_timeout_s() -> Optional[float]:
+    """The scoring server's request timeout (``$MLFLOW_SCORING_SERVER_
+    REQUEST_TIMEOUT``, set from ``mlflow models serve -t``), or None."""
+    text = os.environ.get(TIMEOUT_ENV, '').strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value > 0 and math.isfinite(value) else None
+
+
+class _Deadline:
+    """When a request must stop, and how to say so."""
+
+    def __init__(self, timeout_s: Optional[float],
+                 server_margin: bool = False) -> None:
+        self.timeout_s = timeout_s
+        self.at: Optional[float] = None
+        if timeout_s is not None:
+            margin = min(_DEADLINE_MARGIN_S, _DEADLINE_MARGIN_FRACTION *
+                         timeout_s) if server_margin else 0.0
+            self.at = _now() + timeout_s - margin
+
+    def remaining(self) -> Optional[float]:
+        return None if self.at is None else self.at - _now()
+
+    def expired(self) -> bool:
+        return self.at is not None and _now() >= self.at
+
+    def error(self, what: str) -> RequestTimeout:
+        return RequestTimeout(
+            f'The request ran out of the server\'s {self.timeout_s:g} s '
+            f'request timeout ({TIMEOUT_ENV}, `mlflow models serve -t`) and '
+            f'was stopped {what}. Send fewer or smaller images per request, '
+            f'or start the server with a larger -t.')
+
+
+class _FairTurns:
+    """One holder at a time, granted in arrival (FIFO) order.
+
+    A request takes a turn per window batch and queues again behind the
+    others for its next one, so concurrent requests interleave batch by
+    batch instead of the first one holding the device to its end (a plain
+    ``threading.Lock`` is neither FIFO nor handed over on release).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def turn(self, deadline: _Deadline, what: str) -> Iterator[None]:
+        """Hold the device for one batch; gives up (raising the deadline's
+        error) if the deadline passes while waiting."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket:
+                    remaining = deadline.remaining()
+                    if remaining is not None and remaining <= 0:
+                        raise deadline.error(what)
+                    self._cond.wait(remaining)
+            except BaseException:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+
+class _StripStitcher:
+    """Averages overlapping window logits into a label map, one strip of
+    window height at a time.
+
+    Windows arrive in :func:`uda.models.hrda.slide_windows` order (row-major,
+    rows top-down), so when a window starts lower than the strip's top row,
+    the rows above it are final: they are averaged, argmax'ed into the
+    uint8 label map and dropped. Sums are added in window order from zero,
+    like the segmentor's own stitching, so the averages are bit-identical.
+    """
+
+    def __init__(self, height: int, width: int, window_height: int,
+                 num_classes: int, device: torch.device) -> None:
+        self.height = height
+        self.window_height = window_height
+        self.top = 0  # image row of strip row 0
+        self.sums = torch.zeros((num_classes, window_height, width),
+                                dtype=torch.float32, device=device)
+        self.count = torch.zeros((1, window_height, width),
+                                 dtype=torch.float32, device=device)
+        self.label_map = np.empty((height, width), dtype=np.uint8)
+
+    def add(self, box: Box, logits: torch.Tensor) -> None:
+        """Add one window's ``(C, h, w)`` logits."""
+        y1, y2, x1, x2 = box
+        if y1 > self.top:
+            self._advance(y1)
+        self.sums[:, y1 - self.top:y2 - self.top, x1:x2] += logits
+        self.count[:, y1 - self.top:y2 - self.top, x1:x2] += 1
+
+    def finish(self) -> np.ndarray:
+        """The ``(H, W)`` uint8 label map once every window was added."""
+        self._emit(self.height - self.top)
+        return self.label_map
+
+    def _advance(self, row: int) -> None:
+        done = row - self.top
+        if done > self.window_height:
+            raise RuntimeError('Slide windows do not cover the whole image; '
+                               'check test_cfg crop_size and stride.')
+        self._emit(done)
+        keep = self.window_height - done
+        for buffer in (self.sums, self.count):
+            buffer[:, :keep] = buffer[:, done:].clone()
+            buffer[:, keep:] = 0
+        self.top = row
+
+    def _emit(self, rows: int) -> None:
+        count = self.count[:, :rows]
+        if bool((count == 0).any()):
+            raise RuntimeError('Slide windows do not cover the whole image; '
+                               'check test_cfg crop_size and stride.')
+        mean = self.sums[:, :rows] / count
+        self.label_map[self.top:self.top + rows] = \
+            mean.argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """Pyfunc wrapper: base64 image in, trainId label map out.
 
@@ -256,9 +527,12 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.model: Optional[torch.nn.Module] = None
         self.device = torch.device('cpu')
-        # The scoring server runs requests in threads: one inference at a
-        # time keeps peak (GPU) memory that of one image.
-        self._lock = threading.Lock()
+        #: Window pixels per slide batch (see :data:`SLIDE_BATCH_PIXELS`).
+        self.slide_batch_pixels = SLIDE_BATCH_PIXELS
+        # The scoring server runs requests in threads: they take FIFO turns
+        # on the device, one window batch each, so peak memory is one batch
+        # and no request waits for another's whole image.
+        self._turns = _FairTurns()
 
     @classmethod
     def from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],
@@ -296,6 +570,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         """The test mode the model runs in (``'slide'`` or ``'whole'``)."""
         return self._segmentor().test_cfg['mode']
 
+    @property
+    def max_image_pixels(self) -> int:
+        """Most pixels per image for this model's test mode."""
+        if self.test_mode == 'whole':
+            return min(MAX_IMAGE_PIXELS, MAX_WHOLE_MODE_PIXELS)
+        return MAX_IMAGE_PIXELS
+
     def _segmentor(self) -> torch.nn.Module:
         if self.model is None:
             raise RuntimeError('SegmentationModel has no model; use '
@@ -303,15 +584,103 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                                'SegmentationModel.from_checkpoint().')
         return self.model
 
-    @torch.inference_mode()
-    def segment(self, rgb: np.ndarray) -> np.ndarray:
+    def windows_per_batch(self, window_pixels: int) -> int:
+        """Slide windows run together: as many as fit in
+        :attr:`slide_batch_pixels` (at least one), or one when the model's
+        ``test_cfg.batched_slide`` is off."""
+        if not self._segmentor().test_cfg.get('batched_slide', False):
+            return 1
+        return max(1, self.slide_batch_pixels // max(window_pixels, 1))
+
+    def segment(self, rgb: np.ndarray, deadline: Optional[float] = None,
+                name: str = 'the image') -> np.ndarray:
         """TrainId map ``(H, W)`` uint8 of one ``(H, W, 3)`` uint8 RGB image,
-        in the model's configured test mode at the image's resolution."""
+        in the model's configured test mode at the image's resolution.
+
+        Args:
+            rgb: The image.
+            deadline: Seconds from now after which to stop (between window
+                batches) with :class:`RequestTimeout`; None: no limit.
+            name: How error messages call the image.
+        """
+        return self._segment(rgb, _Deadline(deadline), name)
+
+    # No autograd: a graph kept through the stitching sums would hold every
+    # batch's activations (memory growing with the image).
+    @torch.inference_mode()
+    def _segment(self, rgb: np.ndarray, deadline: _Deadline,
+                 name: str) -> np.ndarray:
         model = self._segmentor()
-        with self._lock:
-            logits = model(_to_tensor(rgb, self.device))
-            label_map = logits[0].argmax(dim=0).to(torch.uint8).cpu()
-        return label_map.numpy()
+        if model.test_cfg['mode'] != 'slide':
+            # One pass, its memory bounded by MAX_WHOLE_MODE_PIXELS.
+            with self._turns.turn(deadline, f'before {name}'):
+                if deadline.expired():
+                    raise deadline.error(f'before {name}')
+                logits = model(_to_tensor(rgb, self.device))
+                return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+        from uda.models.hrda import slide_windows
+
+        height, width = rgb.shape[:2]
+        boxes = slide_windows(height, width, model.test_cfg['crop_size'],
+                              model.test_cfg['stride'])
+        window_h = boxes[0][1] - boxes[0][0]
+        window_w = boxes[0][3] - boxes[0][2]
+        per_batch = self.windows_per_batch(window_h * window_w)
+        stitcher = _StripStitcher(height, width, window_h, model.num_classes,
+                                  self.device)
+        for start in range(0, len(boxes), per_batch):
+            chunk = boxes[start:start + per_batch]
+            where = (f'after {start} of the {len(boxes)} windows of {name}')
+            with self._turns.turn(deadline, where):
+                # Checked again once it is our turn: the wait may have used
+                # the time up.
+                if deadline.expired():
+                    raise deadline.error(where)
+                logits = model.encode_decode(
+                    _windows_tensor(rgb, chunk, self.device))
+                for box, window_logits in zip(chunk, logits):
+                    stitcher.add(box, window_logits)
+                del logits
+        return stitcher.finish()
+
+    def _check_request(self, frame: pd.DataFrame) -> list[Image.Image]:
+        """Check every row's budget from the file headers and open the
+        images, before any pixel is decoded."""
+        if len(frame) > MAX_IMAGES_PER_REQUEST:
+            raise RequestTooLarge(
+                f'The request holds {len(frame)} images; this server takes at '
+                f'most {MAX_IMAGES_PER_REQUEST} per request. Send them in '
+                f'several requests.')
+        max_pixels = self.max_image_pixels
+        images: list[Image.Image] = []
+        try:
+            total_bytes = 0
+            for row, value in enumerate(frame['image']):
+                data = _image_bytes(value, row)
+                total_bytes += len(data)
+                if total_bytes > MAX_REQUEST_BYTES:
+                    raise RequestTooLarge(
+                        f'The image files of rows 0..{row} add up to '
+                        f'{total_bytes:,} bytes, more than the limit of '
+                        f'{_mib(MAX_REQUEST_BYTES)} per request. Send fewer '
+                        f'or smaller files per request.')
+                images.append(_open_image(data, row, max_pixels))
+            sizes = [image.size for image in images]
+            total = sum(w * h for w, h in sizes)
+            if total > MAX_REQUEST_PIXELS:
+                shown = ', '.join(f'{w}x{h}' for w, h in sizes[:4]) + (
+                    ', ...' if len(sizes) > 4 else '')
+                raise RequestTooLarge(
+                    f'The request holds {len(sizes)} images with '
+                    f'{_pixels(total)} in all ({shown}); this server '
+                    f'segments at most {_pixels(MAX_REQUEST_PIXELS)} per '
+                    f'request (e.g. one 4096x2048 image or four 1920x1080 '
+                    f'frames). Send fewer or smaller images per request.')
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        return images
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
@@ -330,8 +699,14 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
         Raises:
             MlflowException: ``INVALID_PARAMETER_VALUE`` (HTTP 400) for a
-                malformed request; the message says what to fix.
+                malformed request; :class:`RequestTooLarge` (HTTP 413) for
+                one over a budget; :class:`RequestTimeout` (HTTP 504) when
+                the server's request timeout ran out. Each message says
+                what to change.
         """
+        # The server's clock started when the request came in; ours starts
+        # here, after its JSON was parsed (the margin covers that).
+        deadline = _Deadline(request_timeout_s(), server_margin=True)
         frame = _as_frame(model_input)
         if 'image' not in frame.columns:
             raise _bad_input(
@@ -339,19 +714,25 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 f'PNG/JPEG files; got columns {list(map(str, frame.columns))}.')
         if len(frame) == 0:
             raise _bad_input('The request holds no image (0 rows).')
-        if len(frame) > MAX_IMAGES_PER_REQUEST:
-            raise _bad_input(
-                f'The request holds {len(frame)} images; send at most '
-                f'{MAX_IMAGES_PER_REQUEST} per request.')
-        # Decode and check every row before any inference, so a bad row
-        # costs no compute.
-        images = [_decode_image(_image_bytes(value, row), row)
-                  for row, value in enumerate(frame['image'])]
+        opened = self._check_request(frame)
+        # Decode every row before any inference, so a damaged file costs no
+        # compute (at most MAX_REQUEST_PIXELS * 3 bytes held).
+        images: list[Optional[np.ndarray]] = []
+        for row, image in enumerate(opened):
+            try:
+                images.append(_decode_image(image, row))
+            except BaseException:
+                for rest in opened[row + 1:]:
+                    rest.close()
+                raise
         wants_color = _wants_color(frame, params)
         columns: dict[str, list] = {'label_map': [], 'height': [],
                                     'width': [], 'color': []}
-        for rgb, color in zip(images, wants_color):
-            label_map = self.segment(rgb)
+        for row, color in enumerate(wants_color):
+            rgb = images[row]
+            images[row] = None  # freed as soon as its label map is done
+            assert rgb is not None
+            label_map = self._segment(rgb, deadline, f'image {row}')
             columns['label_map'].append(encode_png(label_map))
             columns['height'].append(int(rgb.shape[0]))
             columns['width'].append(int(rgb.shape[1]))
