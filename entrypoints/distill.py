@@ -14,14 +14,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     cli.add_training_args(parser, default_model="cs2acdc-student")
     parser.add_argument("--teacher", default="models:/cs2acdc-teacher/latest",
-                        help="teacher model URI (models:/NAME@ALIAS, models:/NAME/latest) or MIC checkpoint file")
+                        help="teacher: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                             "models:/m-<logged model id>, runs:/RUN_ID/PATH or a MIC checkpoint file")
     args = parser.parse_args(argv)
     cfg = cli.training_config(args)
+    # Before any work: the registry name (else it fails after training) and
+    # the teacher's existence (else after data preparation).
+    model_name = cli.check_training_args(args, "distill")
 
     from uda.train.runner import TrainRequest, train
 
     train(TrainRequest("distill", cfg, vars(args), device=cli.resolve_device(args.device),
-                       resume=args.resume, model_name=args.model_name or None, teacher=args.teacher))
+                       resume=args.resume, model_name=model_name, teacher=args.teacher))
     return 0
 
 

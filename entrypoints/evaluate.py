@@ -15,8 +15,8 @@ def main(argv=None) -> int:
     cli.add_device_arg(parser)
     parser.add_argument("--target-root", required=True, help="ACDC root (nested or flattened)")
     parser.add_argument("--model", default="models:/cs2acdc-student@serving",
-                        help="model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/…) "
-                             "or checkpoint path")
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+                             "models:/m-<logged model id>, runs:/RUN_ID/PATH or a checkpoint file")
     parser.add_argument("--split", default="val", help="val (mIoU) or test (submission PNGs)")
     parser.add_argument("--mode", default="", help="whole or slide (default: the model's test_cfg)")
     parser.add_argument("--batch-size", default="1")
@@ -32,11 +32,14 @@ def main(argv=None) -> int:
     label_ids = cli.parse_bool("label_ids", args.label_ids)
     device = cli.resolve_device(args.device)
     cfg = cli.resolve_config(args.preset, args.cfg_options, data__target__root=args.target_root)
+    # The model exists and is a segmentor (no weights read yet), pinned to
+    # its version; the only model parameter, so the message needs no prefix.
+    model_uri = cli.check_model(args.model, None)
 
     # Everything that can be wrong is checked before the run logs anything.
     prepare_roots(target_root=args.target_root)
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
-    model, _ = evaluation.load_model(args.model, device)
+    model, _ = evaluation.load_model(model_uri, device)
     options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,
                    num_workers=cfg["data"]["workers_per_gpu"])
 
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
         tracking.log_dataset_inputs({f"acdc/{split}": args.target_root}, context="evaluation")
         if split == "val":
             result = evaluation.evaluate(model, dataset, **options)
-            evaluation.log_evaluation(result, model_id=evaluation.logged_model_id(args.model))
+            evaluation.log_evaluation(result, model_id=evaluation.logged_model_id(model_uri))
             print(evaluation.format_table(result.table))
             done = f"mIoU {100 * result.table.miou:.2f} on {result.num_images} images"
         else:

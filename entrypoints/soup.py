@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, tracking  # noqa: E402
+from uda.data.roots import prepare_roots  # noqa: E402
 from uda.soup import step  # noqa: E402
 
 
@@ -37,6 +38,12 @@ def main(argv=None) -> int:
         promote=args.promote, teacher=args.teacher, study_storage=args.study_storage)
     batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1)
     device = cli.resolve_device(args.device)
+    # Before the run starts: the teacher (only when the objective uses it),
+    # the registered model and the aliases of the ingredients.
+    if request.objective == "teacher-agreement":
+        cli.check_model(request.teacher, "teacher")
+    step.resolve_ingredients(request)
+    prepare_roots(target_root=request.target_root)
     with tracking.entry_point_run("soup", vars(args), cfg):
         step.run_soup(request, device=device, batch_size=batch_size)
     return 0

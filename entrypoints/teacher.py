@@ -13,14 +13,16 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="", help="MIC checkpoint to import instead of training")
     args = parser.parse_args(argv)
     cfg = cli.training_config(args)
+    # Before any work: a bad name would otherwise fail after training.
+    model_name = cli.check_training_args(args, "teacher")
 
     from uda.train.runner import TrainRequest, import_checkpoint, train
 
     if args.checkpoint.strip():
-        import_checkpoint(args.checkpoint.strip(), cfg, vars(args), args.model_name or None)
+        import_checkpoint(args.checkpoint.strip(), cfg, vars(args), model_name)
         return 0
     train(TrainRequest("teacher", cfg, vars(args), device=cli.resolve_device(args.device),
-                       resume=args.resume, model_name=args.model_name or None))
+                       resume=args.resume, model_name=model_name))
     return 0
 
 

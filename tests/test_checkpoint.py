@@ -1,5 +1,12 @@
-"""Checkpoint formats: ours, MIC/mmcv UDA, CKD distillation, backbone files."""
+"""Checkpoint formats: ours, MIC/mmcv UDA, CKD distillation, backbone files;
+damaged and unsafe files, each one sentence saying what is wrong."""
+import io
 import os
+import pickle
+import posix
+import re
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,6 +16,7 @@ from uda.models import (FORMAT_TAG, CheckpointError, CheckpointMismatchError,
                         build_from_checkpoint, build_segmentor,
                         load_checkpoint, read_checkpoint, read_model_cfg,
                         save_checkpoint)
+from uda.models.checkpoint import check_checkpoint_file
 
 
 def tiny_cfg(backbone='mit_nano', num_classes=5):
@@ -260,25 +268,176 @@ def test_wrong_num_classes_names_shapes(weights):
         load_checkpoint(model, weights[0], strict=False)
 
 
-def test_corrupt_missing_and_unsafe_files(tmp_path):
-    good = save_checkpoint(tmp_path / 'good.pth', build(0))
-    truncated = tmp_path / 'truncated.pth'
-    truncated.write_bytes(good.read_bytes()[:2000])
-    garbage = tmp_path / 'garbage.pth'
-    garbage.write_bytes(b'not a checkpoint at all')
+def test_missing_file_and_no_state_dict(tmp_path):
     model = build(1)
-    for path in (truncated, garbage):
-        with pytest.raises(CheckpointError, match='corrupt'):
-            load_checkpoint(model, path)
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         load_checkpoint(model, tmp_path / 'nope.pth')
-    unsafe = tmp_path / 'unsafe.pth'  # pickled objects weights_only refuses
-    torch.save({'state_dict': {}, 'hook': Exception('x')}, unsafe)
-    with pytest.raises(CheckpointError, match='refuses'):
-        load_checkpoint(model, unsafe)
+    with pytest.raises(FileNotFoundError, match='is a folder'):
+        load_checkpoint(model, tmp_path)
     with pytest.raises(CheckpointError, match='no state dict'):
         load_checkpoint(model, {'meta': {}})
     plain = tmp_path / 'plain.pth'
     torch.save({'state_dict': build(0).state_dict()}, plain)
     with pytest.raises(CheckpointError, match='not a cs2acdc-uda/1'):
         build_from_checkpoint(plain)
+
+
+# ------------------------------------------------------------ damaged files
+class _RunsShell:
+    """Pickles as a call of os.system (never unpickled here except by the
+    weights_only loader, which must refuse it)."""
+
+    def __reduce__(self):
+        return (os.system, ('echo should-never-run',))
+
+
+def _torch_bytes(obj, legacy=False) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def _plain_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w') as archive:
+        archive.writestr('weights/readme.txt', 'not a checkpoint')
+    return buffer.getvalue()
+
+
+def _system_opcodes() -> bytes:
+    """os.system('echo …') written opcode by opcode (protocol 2): PROTO 2,
+    GLOBAL 'posix system', BINUNICODE argument, TUPLE1, REDUCE, STOP."""
+    argument = b'echo should-never-run'
+    return (b'\x80\x02' + b'cposix\nsystem\n' +
+            b'X' + struct.pack('<I', len(argument)) + argument +
+            b'\x85' + b'R' + b'.')
+
+
+@pytest.fixture(scope='module')
+def real_files(tmp_path_factory):
+    """A real checkpoint in the zip format and in the legacy format."""
+    folder = tmp_path_factory.mktemp('real')
+    model = build(0)
+    zipped = save_checkpoint(folder / 'zip.pth', model)
+    legacy = folder / 'legacy.pth'
+    legacy.write_bytes(_torch_bytes({'state_dict': model.state_dict()},
+                                    legacy=True))
+    return {'zip': zipped.read_bytes(), 'legacy': legacy.read_bytes()}
+
+
+#: Damaged file -> the one sentence it must produce (after the file name).
+DAMAGED = {
+    'empty': r"is empty \(0 bytes\): it was never written completely; copy "
+             r"or download it again\.$",
+    'random': r'is not a PyTorch checkpoint: it is neither a zip archive '
+              r'\(torch\.save\) nor a pickle',
+    'text': r"is not a PyTorch checkpoint: it is a text file \(it starts "
+            r"with 'model: mit_b5",
+    'zip_not_torch': r'is not a PyTorch checkpoint: it is a zip archive '
+                     r'without the data\.pkl that torch\.save writes\.$',
+    'plain_pickle': r'is not a PyTorch checkpoint: it is a Python pickle that '
+                    r'torch\.save did not write\.$',
+    'truncated_zip': r'is truncated: its zip archive ends after \d+ bytes, '
+                     r'before its table of contents; copy or download it',
+    'truncated_legacy': r'is truncated: its data ends after \d+ bytes; copy '
+                        r'or download it again\.$',
+    'truncated_legacy_header': r'is truncated: its data ends after 300 bytes',
+    'system_opcodes': r'contains Python objects that are not allowed: '
+                      r'posix\.system;',
+    'system_reduce_protocol4': r'contains Python objects that are not '
+                               r'allowed: posix\.system;',
+    'system_in_torch_zip': r'contains Python objects that are not allowed: '
+                           r'posix\.system;',
+    'system_in_torch_legacy': r'contains Python objects that are not '
+                              r'allowed: posix\.system;',
+    'exception_object': r'contains Python objects that are not allowed: '
+                        r'builtins\.Exception;',
+}
+
+
+def _damaged_bytes(case: str, real: dict) -> bytes:
+    if case == 'empty':
+        return b''
+    if case == 'random':
+        return np.random.default_rng(0).bytes(4096)
+    if case == 'text':
+        return b'model: mit_b5\nthis is a config, not weights\n'
+    if case == 'zip_not_torch':
+        return _plain_zip()
+    if case == 'plain_pickle':
+        return pickle.dumps({'state_dict': {}}, protocol=2)
+    if case == 'truncated_zip':
+        return real['zip'][:len(real['zip']) // 2]
+    if case == 'truncated_legacy':
+        return real['legacy'][:len(real['legacy']) // 2]
+    if case == 'truncated_legacy_header':  # cut inside its pickled header
+        return real['legacy'][:300]
+    if case == 'system_opcodes':
+        return _system_opcodes()
+    if case == 'system_reduce_protocol4':
+        return pickle.dumps(_RunsShell(), protocol=4)
+    if case == 'system_in_torch_zip':
+        return _torch_bytes({'state_dict': {}, 'hook': _RunsShell()})
+    if case == 'system_in_torch_legacy':
+        return _torch_bytes({'state_dict': {}, 'hook': _RunsShell()},
+                            legacy=True)
+    if case == 'exception_object':
+        return _torch_bytes({'state_dict': {}, 'hook': Exception('x')})
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize('case', sorted(DAMAGED))
+def test_damaged_file_is_one_sentence_saying_what_is_wrong(tmp_path,
+                                                           real_files, case):
+    path = tmp_path / f'{case}.pth'
+    path.write_bytes(_damaged_bytes(case, real_files))
+    model = build(1)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(model, path)
+    message = str(info.value)
+    assert message.startswith(f"Checkpoint {str(path)!r} "), message
+    assert re.search(DAMAGED[case], message), message
+    # One sentence, and never the advice to turn the safety check off.
+    assert '\n' not in message and message.count('. ') == 0, message
+    assert 'weights_only' not in message and 'WeightsUnpickler' not in message
+    # The same sentence from the pre-flight check when it can see the
+    # problem without reading tensors (all but a cut legacy file).
+    if case.startswith('truncated_legacy'):
+        assert check_checkpoint_file(path) == path
+    else:
+        with pytest.raises(CheckpointError) as early:
+            check_checkpoint_file(path)
+        assert str(early.value) == message
+
+
+def test_damaged_checkpoint_runs_no_code(tmp_path, monkeypatch, real_files):
+    cases = ('system_opcodes', 'system_reduce_protocol4',
+             'system_in_torch_zip', 'system_in_torch_legacy')
+    paths = []
+    for case in cases:  # written before os.system is replaced below
+        paths.append(tmp_path / f'{case}.pth')
+        paths[-1].write_bytes(_damaged_bytes(case, real_files))
+    called = []
+    # posix.system is what an unsafe unpickler would look up.
+    monkeypatch.setattr(posix, 'system', lambda *a: called.append(a) or 0)
+    monkeypatch.setattr(os, 'system', posix.system)
+    for path in paths:
+        with pytest.raises(CheckpointError, match='posix.system'):
+            read_checkpoint(path)
+    assert called == []
+
+
+def test_preflight_accepts_real_checkpoints_of_both_formats(tmp_path,
+                                                            real_files):
+    for name, data in real_files.items():
+        path = tmp_path / f'{name}.pth'
+        path.write_bytes(data)
+        assert check_checkpoint_file(path) == path
+        assert torch.is_tensor(next(iter(
+            read_checkpoint(path)['state_dict'].values())))
+    with_numpy = tmp_path / 'numpy_meta.pth'  # mmcv meta: numpy scalars
+    with_numpy.write_bytes(_torch_bytes({'state_dict': build(0).state_dict(),
+                                         'meta': {'iter': np.int64(4),
+                                                  'mIoU': np.float64(0.5)}}))
+    assert check_checkpoint_file(with_numpy) == with_numpy
+    assert read_checkpoint(with_numpy)['meta']['iter'] == 4

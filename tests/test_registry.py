@@ -14,10 +14,12 @@ import torch
 from uda.config import load_config
 from uda.errors import UserError
 from uda.models import build_segmentor, save_checkpoint
-from uda.registry import (PIP_REQUIREMENTS, RegistryError, load_segmentor,
+from uda.registry import (PIP_REQUIREMENTS, RegistryError, check_model_uri,
+                          get_registered_model, load_segmentor,
                           log_and_register, log_segmentor,
                           register_checkpoint, resolve_alias,
-                          set_alias_safely)
+                          set_alias_safely, validate_alias,
+                          validate_model_name)
 from uda.serving import decode_png, example_image_png, input_frame
 
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
@@ -266,3 +268,126 @@ def test_pip_requirements_match_the_lock_file():
     for requirement in PIP_REQUIREMENTS:
         assert re.search(rf'^{re.escape(requirement)}\b', lock, re.M), \
             requirement
+
+
+# ------------------------------------------------------------ parameter checks
+@pytest.mark.parametrize('name, reason', [
+    ('a/b', "MLflow does not allow '/' or ':' in names; use e.g. 'a-b'."),
+    ('team:model', "MLflow does not allow '/' or ':'"),
+    ("it's", 'a single quote cannot be used in registry searches'),
+    ('50%', "MLflow's file-based registry does not allow '%'"),
+    ('..', "read as a relative path"),
+    ('x' * 257, 'it has 257 characters, the registry stores at most 256'),
+])
+def test_invalid_model_names_say_why_and_how_to_fix(name, reason):
+    with pytest.raises(RegistryError) as info:
+        validate_model_name(name)
+    message = str(info.value)
+    assert message.startswith('model_name '), message
+    assert 'is not a valid registered model name: ' in message
+    assert reason in message, message
+    assert isinstance(info.value, UserError)
+
+
+def test_valid_model_names_and_aliases_pass_stripped():
+    assert validate_model_name('  cs2acdc-student ') == 'cs2acdc-student'
+    assert validate_model_name('Team model v2.1_x') == 'Team model v2.1_x'
+    with pytest.raises(RegistryError, match='model_name is empty'):
+        validate_model_name('  ')
+    assert validate_alias(' iter-4000 ') == 'iter-4000'
+    for alias in ('iter 4', 'iter.4', 'a@b', ''):
+        with pytest.raises(RegistryError, match='alias'):
+            validate_alias(alias, 'aliases')
+
+
+def test_registry_lookups_refuse_an_invalid_name_clearly(store):
+    # Before: MLflow's INVALID_PARAMETER_VALUE escaped as a traceback.
+    with pytest.raises(RegistryError, match="'a/b' is not a valid registered"):
+        get_registered_model('a/b')
+    with pytest.raises(RegistryError, match="'iter 40' is not a valid alias"):
+        resolve_alias(NAME, 'iter 40')
+
+
+def test_every_documented_model_reference_form_is_checked_and_pinned(store):
+    run_id = store['run_id']
+    model_id = check_model_uri(f'models:/{NAME}/2').model_id
+    assert model_id.startswith('m-')
+    forms = {
+        f'models:/{NAME}@iter-80': ('version', f'models:/{NAME}/2'),
+        f'models:/{NAME}/1': ('version', f'models:/{NAME}/1'),
+        f'models:/{NAME}/latest': ('version', f'models:/{NAME}/2'),
+        f'models:/{NAME}/LATEST': ('version', f'models:/{NAME}/2'),
+        f'models:/{model_id}': ('logged-model', f'models:/{model_id}'),
+        f'runs:/{run_id}/iter-40': ('run', f'runs:/{run_id}/iter-40'),
+        str(store['paths'][40]): ('file',
+                                  str(store['paths'][40].resolve())),
+    }
+    for given, (kind, pinned) in forms.items():
+        reference = check_model_uri(given, 'teacher')
+        assert (reference.kind, reference.uri) == (kind, pinned), given
+        if kind != 'file':
+            assert reference.checkpoint, given
+    assert check_model_uri(f'models:/{NAME}/1').model_id  # for the UI link
+    # Each form loads the weights it names.
+    x = torch.randn(1, 3, 64, 64)
+    for given in (f'models:/{model_id}', f'runs:/{run_id}/iter-40'):
+        model, _ = load_segmentor(given)
+        expected = store['models'][80 if given.startswith('models') else 40]
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
+
+
+def test_wrong_model_references_are_one_clear_error(store, tmp_path):
+    run_id = store['run_id']
+    with mlflow.start_run(experiment_id=store['experiment']) as empty:
+        pass
+    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
+    unknown_id = 'm-' + '0' * 32
+    unknown_run = 'f' * 32
+    cases = {
+        f'models:/{unknown_id}': f"No logged model '{unknown_id}' in ",
+        f'runs:/{unknown_run}/model': f"No run '{unknown_run}' in ",
+        f'runs:/{run_id}/model': f"Run {run_id} has no model at 'model'; its "
+                                 f"logged models: iter-40, iter-80 (e.g. "
+                                 f"runs:/{run_id}/iter-40).",
+        f'runs:/{empty.info.run_id}/model': 'it logged no models.',
+        f'runs:/{run_id}': 'runs:/RUN_ID/PATH',
+        'runs:/not a run id/model': "'not a run id' is not an MLflow run id",
+        f'models:/{NAME}': f"names no version of '{NAME}': use "
+                           f"models:/{NAME}@ALIAS (aliases: iter-40, "
+                           f"iter-80), models:/{NAME}/VERSION or "
+                           f"models:/{NAME}/latest.",
+        'models:/cs2acdc-studnet': 'Registered models: ',
+        'models:/cs2acdc-studnet/latest': "No registered model "
+                                          "'cs2acdc-studnet'",
+        f'models:/{NAME}/7': "has no version '7'; versions: 1 (checkpoint, "
+                             "iteration 40)",
+        f'models:/{NAME}@iter-4000': "no alias 'iter-4000'. Aliases: "
+                                     "iter-40 -> 1, iter-80 -> 2",
+        f'models:/{NAME}/Production': "'Production' is neither a version "
+                                      "number nor \"latest\"",
+        f'models:/{NAME}/1/extra': 'at most NAME/VERSION',
+        'models:/a:b@serving': "The model name 'a:b' is not a valid "
+                               "registered model name",
+        f'models:/{NAME}@iter 40': "The alias 'iter 40' is not a valid alias",
+        str(tmp_path / 'missing.pth'): 'No such checkpoint or model folder',
+        (tmp_path / 'gone.pth').as_uri(): 'No such checkpoint or model folder',
+        str(tmp_path): 'is a folder without an MLmodel file',
+        str(tmp_path / 'notes.txt'): 'is not a PyTorch checkpoint: it is a '
+                                     'text file',
+        '': 'The model reference is empty; pass models:/NAME@ALIAS, ',
+    }
+    for given, expected in cases.items():
+        with pytest.raises(UserError) as info:
+            check_model_uri(given, 'teacher')
+        message = str(info.value)
+        assert message.startswith(f'teacher {given!r}: ' if given else
+                                  'teacher: '), message
+        assert expected in message, (given, message)
+        assert '\n' not in message
+        # load_segmentor gives the same message, without the parameter.
+        with pytest.raises(UserError) as loaded:
+            load_segmentor(given)
+        assert expected in str(loaded.value), given
+    with pytest.raises(FileNotFoundError):  # still one for path callers
+        check_model_uri(str(tmp_path / 'missing.pth'))

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -356,6 +357,7 @@ def test_optuna_storage_resume_and_plots(tmp_path):
     again = optuna_search(3, _distance_objective, trials=7, seed=1,
                           storage=storage, study_name='soup')
     assert again.n_trials == 7 and again.weights == resumed.weights
+    assert again.evaluated == [] and resumed.evaluated == [4, 5, 6]
 
     with pytest.raises(SoupError, match='searches weights of 3 ingredients, but 4'):
         optuna_search(4, _distance_objective, trials=2, storage=storage,
@@ -365,6 +367,144 @@ def test_optuna_storage_resume_and_plots(tmp_path):
     assert [p.name for p in written] == ['optuna_history.png', 'optuna_importance.png']
     for path in written:
         assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and path.stat().st_size > 1000
+
+
+# A search in its own process: waits until all workers are ready (files in
+# a folder), then searches the shared study; prints what it did as JSON.
+_WORKER = textwrap.dedent("""
+    import json, math, os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from uda.soup.search import optuna_search
+    storage, trials, sleep_s = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    ready, workers = Path(sys.argv[5]), int(sys.argv[6])
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < workers:
+        time.sleep(0.005)
+
+    def evaluate(weights):
+        time.sleep(sleep_s)
+        return -math.dist(weights, [0.6, 0.3, 0.1])
+
+    seen = []
+    result = optuna_search(3, evaluate, trials=trials, seed=0, storage=storage,
+                           study_name='shared',
+                           on_trial=lambda n, w, s: seen.append(n) or f'run-{n}')
+    print(json.dumps(dict(evaluated=result.evaluated, seen=seen,
+                          best=result.trial_number, n=result.n_trials)))
+""")
+
+
+def _workers(tmp_path, storage, trials, sleep_s, count):
+    ready = tmp_path / f'ready-{trials}-{count}'
+    ready.mkdir()
+    return [subprocess.Popen(
+        [sys.executable, '-c', _WORKER, str(REPO), storage, str(trials),
+         str(sleep_s), str(ready), str(count)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)]
+
+
+def test_concurrent_searches_run_the_study_total_exactly(tmp_path):
+    import optuna
+
+    storage = f'sqlite:///{tmp_path / "optuna.db"}'
+    trials = 12
+    procs = _workers(tmp_path, storage, trials, 0.05, 3)
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    study = optuna.load_study(study_name='shared', storage=storage)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, ))
+    assert sorted(t.number for t in complete) == list(range(trials))
+    for trial in study.trials:  # a race loser is never evaluated
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            assert trial.state == optuna.trial.TrialState.FAIL
+            assert trial.user_attrs['uda.surplus'] is True and not trial.params
+    evaluated = [n for r in results for n in r['evaluated']]
+    assert sorted(evaluated) == list(range(trials))  # each trial once
+    for result in results:
+        assert result['seen'] == result['evaluated'] and result['n'] == trials
+    assert {t.user_attrs['mlflow_run_id'] for t in complete} == {
+        f'run-{n}' for n in range(trials)}
+    # Everyone waited for the others' last trials: one answer.
+    assert len({r['best'] for r in results}) == 1
+    assert study.trials[0].user_attrs['weights'] == uniform_weights(3)
+    # Seeded per trial number: the workers did not repeat each other's points.
+    assert len({tuple(t.user_attrs['weights']) for t in complete}) == trials
+
+
+def test_a_killed_trial_is_failed_and_run_again(tmp_path):
+    import optuna
+
+    from uda.soup.search import study_storage
+
+    url = f'sqlite:///{tmp_path / "optuna.db"}'
+    (proc, ) = _workers(tmp_path, url, 1, 600.0, 1)  # trial 0 never ends
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                running = optuna.load_study(
+                    study_name='shared', storage=url).get_trials(
+                        states=(optuna.trial.TrialState.RUNNING, ))
+            except KeyError:  # not created yet
+                running = []
+            if running:
+                break
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        assert running, 'the worker never started its trial'
+        time.sleep(1.0)  # its first heartbeat is written
+    finally:
+        proc.kill()
+        proc.communicate()
+
+    # A new search (seconds of grace for the test): it counts the dead
+    # trial while it beats no more, then fails it and runs its uniform
+    # weights again.
+    messages = []
+    result = optuna_search(3, _distance_objective, trials=3,
+                           storage=study_storage(url, 1, 2),
+                           study_name='shared', notify=messages.append)
+    study = optuna.load_study(study_name='shared', storage=url)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {0: 'FAIL', 1: 'COMPLETE', 2: 'COMPLETE', 3: 'COMPLETE'}
+    assert result.evaluated == [1, 2, 3] and result.n_trials == 3
+    assert study.trials[3].params == study.trials[0].params  # retried
+    assert result.uniform_score == pytest.approx(
+        _distance_objective(uniform_weights(3)))
+    assert any('waiting up to' in m for m in messages), messages
+
+
+def test_a_trial_asked_beyond_the_total_is_not_evaluated(tmp_path, capfd):
+    import optuna
+
+    storage = f'sqlite:///{tmp_path / "optuna.db"}'
+    first = optuna_search(3, _distance_objective, trials=1, storage=storage,
+                          study_name='soup')
+    assert first.evaluated == [0]
+    # Another process holds trial 1 (RUNNING), and trial 2 is queued: with
+    # trials=2 the study is full, so trial 2 is asked but never evaluated.
+    study = optuna.load_study(study_name='soup', storage=storage)
+    study.ask()
+    study.enqueue_trial({f'ingredient_{i}': 0.5 for i in range(3)})
+    capfd.readouterr()
+    messages, evaluated = [], []
+    result = optuna_search(3, _distance_objective, trials=2, storage=storage,
+                           study_name='soup', notify=messages.append,
+                           on_trial=lambda n, w, s: evaluated.append(n),
+                           wait_timeout_s=0.5)
+    surplus = study.trials[2]
+    assert surplus.state == optuna.trial.TrialState.FAIL
+    assert surplus.user_attrs == {'uda.surplus': True} and not surplus.params
+    assert result.evaluated == evaluated == [] and result.trial_number == 0
+    assert result.running_elsewhere == 1 and result.n_trials == 1
+    assert any('Trial 2 was asked at the same moment' in m for m in messages)
+    assert any(m.startswith('Stopped waiting: 1 trial(s)') for m in messages)
+    assert 'Trial 2 failed' not in capfd.readouterr().err  # one line, ours
 
 
 def test_plots_with_a_single_trial_skip_importance(tmp_path):

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -33,6 +36,7 @@ from uda.soup.step import (default_study_storage, make_request,
 from uda.tracking import entry_point_run
 
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NAME = 'cs2acdc-student'
 TEACHER = 'cs2acdc-teacher'
 ITERATIONS = (20, 40, 80, 120)
@@ -239,6 +243,104 @@ def test_optuna_trials_are_nested_runs_and_the_study_resumes(store, tmp_path):
                        method='optuna', promote='false')
     assert again.study_name == result.study_name
     assert len(children(run2)) == 1 and again.trials == 1
+
+
+def _soup_process(store, cwd: Path, experiment: str, storage: str,
+                  trials: int) -> subprocess.Popen:
+    """The soup entry point in its own process (Optuna search, no promotion)."""
+    cmd = [sys.executable, str(PROJECT_ROOT / 'entrypoints' / 'soup.py'),
+           '--target-root', str(store['acdc']), '--cfg-options',
+           f'data.target.img_scale=[{IMG_SCALE[0]},{IMG_SCALE[1]}]',
+           '--aliases', 'iter-40,iter-80,iter-120', '--trials', str(trials),
+           '--promote', 'false', '--study-storage', storage,
+           '--device', 'cpu']
+    env = {**os.environ, 'MLFLOW_TRACKING_URI': mlflow.get_tracking_uri(),
+           'MLFLOW_EXPERIMENT_NAME': experiment, 'OMP_NUM_THREADS': '1',
+           'MLFLOW_DISABLE_TELEMETRY': 'true'}
+    for name in ('MLFLOW_RUN_ID', 'MLFLOW_EXPERIMENT_ID'):
+        env.pop(name, None)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_concurrent_runs_share_one_study_and_its_total(store, tmp_path,
+                                                       capsys):
+    import optuna
+
+    trials = 6
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment(
+        'soup-concurrent', artifact_location=str(tmp_path / 'artifacts'))
+    # Optuna's own SQLite file, next to (never inside) MLflow's.
+    storage = f'sqlite:///{tmp_path / "shared" / "optuna.db"}'
+    procs = [_soup_process(store, tmp_path, 'soup-concurrent', storage,
+                           trials) for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-6000:]
+
+    parents = client.search_runs([experiment],
+                                 filter_string="tags.entry_point = 'soup'")
+    assert len(parents) == 2
+    names = {p.data.tags['soup.study_name'] for p in parents}
+    assert len(names) == 1  # one shared study
+    study = optuna.load_study(study_name=names.pop(), storage=storage)
+    complete = [t for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    # The study's total is `trials`, not `trials` per run.
+    assert sorted(t.number for t in complete) == list(range(trials))
+    for t in study.trials:  # anything else is a never-evaluated race loser
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            assert t.state == optuna.trial.TrialState.FAIL
+            assert t.user_attrs.get('uda.surplus') is True and not t.params
+
+    # One nested run per trial, under the run that evaluated it; no
+    # trial number twice.
+    nested = client.search_runs(
+        [experiment], filter_string="tags.entry_point = 'soup-trial'")
+    assert sorted(int(r.data.tags['soup.trial']) for r in nested) == \
+        list(range(trials))
+    parent_of = {r.info.run_id: r.data.tags['mlflow.parentRunId']
+                 for r in nested}
+    per_parent = Counter(parent_of.values())
+    ran = {}
+    for parent in parents:
+        here = parent.data.tags['soup.trials_run_here']
+        ran[parent.info.run_id] = [] if here == 'none' else \
+            [int(x) for x in here.split(',')]
+        assert per_parent.get(parent.info.run_id, 0) == \
+            len(ran[parent.info.run_id])
+        assert parent.data.metrics['optuna.trials_run_here'] == \
+            len(ran[parent.info.run_id])
+        assert parent.data.metrics['optuna.completed_trials'] == trials
+    assert sorted(sum(ran.values(), [])) == list(range(trials))
+    for t in complete:  # Optuna -> MLflow link
+        run_id = t.user_attrs['mlflow_run_id']
+        assert t.number in ran[parent_of[run_id]]
+
+    # Each waited for the other's last trials: the same best, the same soup.
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    assert {p.data.metrics['optuna.best_trial'] for p in parents} == \
+        {best.number}
+    assert parents[0].data.params['soup.weights'] == \
+        parents[1].data.params['soup.weights']
+    # No two trials tried the same weights (seeded per trial number).
+    assert len({tuple(t.user_attrs['weights']) for t in complete}) == trials
+
+    # A later run finds the study complete: no trial, its best, said so.
+    capsys.readouterr()
+    again, run = soup(store, f'soup.trials={trials}', model_name=NAME,
+                      aliases='iter-40,iter-80,iter-120', method='optuna',
+                      promote='false', study_storage=storage)
+    out = capsys.readouterr().out
+    assert f'The study already has {trials} completed trials' in out
+    assert f'best trial {best.number}' in out
+    assert again.trials == 0 and not children(run)
+    assert run.data.tags['soup.trials_run_here'] == 'none'
+    assert run.data.params['soup.weights'] == \
+        parents[0].data.params['soup.weights']
+    assert len(optuna.load_study(study_name=study.study_name,
+                                 storage=storage).trials) == len(study.trials)
 
 
 def test_greedy_soup_and_default_aliases_of_the_latest_run(store):

@@ -4,7 +4,6 @@ real SIGKILL (same losses, no duplicate versions, continued in the same
 run under `mlflow run`), and clear errors that register nothing."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from uda.config import load_config
 from uda.models import build_segmentor, save_checkpoint
 from uda.registry import load_segmentor
 from budgets import TINY_TRAINING_OPTIONS
+from entry_modules import load_entry_module
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / 'data' / 'embedded'
@@ -105,14 +105,6 @@ def history(run_id: str, key: str) -> dict[int, float]:
                          key=lambda m: m.timestamp):
         values[metric.step] = metric.value
     return values
-
-
-def load_entry_module(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f'entry_{name}', PROJECT_ROOT / 'entrypoints' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')

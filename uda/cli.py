@@ -127,6 +127,72 @@ def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--model-name", default="", help=f"registered model (default {default_model})")
 
 
+def check_model_name(text: str, parameter: str = "model_name") -> str | None:
+    """A ``model_name`` parameter checked by MLflow's rules ("" → None: the
+    entry point's default), before any work; see
+    :func:`uda.registry.validate_model_name`."""
+    if text is None or not str(text).strip():
+        return None
+    from uda.registry import validate_model_name
+
+    return validate_model_name(text, parameter)
+
+
+def check_model(text: str, parameter: str | None) -> str:
+    """A model reference parameter (``teacher``, ``model``) that must name
+    an existing model, checked before any work (registry look-ups and the
+    small MLmodel file, no weights); see :func:`uda.registry.check_model_uri`.
+    ``parameter`` starts the message where an entry point has several
+    model parameters (None: the message alone).
+
+    Returns:
+        The reference pinned to a version (an alias can move later).
+    """
+    from uda.registry import check_model_uri
+
+    return check_model_uri(text, parameter).uri
+
+
+def check_training_args(args: argparse.Namespace, entry_point: str) -> str | None:
+    """Every ``teacher`` / ``distill`` parameter that can only fail later,
+    checked now: a bad ``model_name`` would otherwise fail at the first
+    checkpoint, after training; a teacher that does not exist, or a
+    checkpoint to import that cannot be one, after data preparation.
+
+    Args:
+        args: The parsed parameters (``--model-name``, distill's
+            ``--teacher``, teacher's ``--checkpoint``).
+        entry_point: ``teacher`` or ``distill``.
+
+    Returns:
+        The registered model name (None: the entry point's default).
+    """
+    model_name = check_model_name(args.model_name)
+    if entry_point == "distill":
+        from uda.registry import RegistryError, UnknownModelError, check_model_uri
+
+        try:
+            teacher = check_model_uri(args.teacher, "teacher")
+        except UnknownModelError as err:
+            raise UnknownModelError(f"{err} Train or import a teacher first (mlflow run . -e teacher), "
+                                    "or pass -P teacher=… (a model URI or a MIC checkpoint file).") from None
+        if teacher.kind == "folder":  # the runner loads files and URIs only
+            raise RegistryError(f"teacher {args.teacher!r} is a logged model folder; pass its checkpoint "
+                                f"file ({teacher.uri}/{teacher.checkpoint}) or a models:/ or runs:/ URI.")
+    checkpoint = str(getattr(args, "checkpoint", "") or "").strip()
+    if checkpoint:
+        from uda.models.checkpoint import CheckpointError, check_checkpoint_file
+        from uda.registry import ModelNotFoundError
+
+        try:
+            check_checkpoint_file(checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint: {err}") from None
+        except FileNotFoundError as err:  # not a UserError by itself
+            raise ModelNotFoundError(f"checkpoint: {err} Pass the MIC checkpoint file to import.") from None
+    return model_name
+
+
 def training_config(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved preset of a training entry point: its parameters, then ``cfg_options``."""
     return resolve_config(

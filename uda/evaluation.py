@@ -140,29 +140,31 @@ def build_dataset(root: PathLike, split: str = 'val',
 
 
 def load_model(model_uri: PathLike, device: Device = 'cpu') -> tuple[torch.nn.Module, dict]:
-    """:func:`uda.registry.load_segmentor` with a missing path as a clear error.
+    """:func:`uda.registry.load_segmentor`: every URI form, one clear error.
 
     Args:
         model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-            ``runs:/RUN_ID/NAME``, a logged-model folder or a checkpoint file.
+            ``models:/NAME/latest``, ``models:/m-<logged model id>``,
+            ``runs:/RUN_ID/PATH``, a logged-model folder or a checkpoint file.
         device: Where to put the model.
 
     Returns:
         ``(model, model_cfg)``, the model in eval mode.
 
     Raises:
-        EvaluationError: no such file/folder and not a URI.
-        RegistryError / CheckpointError: unknown model, alias or version (the
-            message lists what exists), or a bad checkpoint.
+        RegistryError (``ModelNotFoundError`` for nothing by that name) /
+        CheckpointError: unknown model, alias, version, run or logged model
+        (the message lists what exists), or a bad checkpoint.
     """
-    from uda.registry import load_segmentor
+    from uda.errors import UserError
+    from uda.registry import MODEL_URI_FORMS, load_segmentor
 
     try:
         return load_segmentor(model_uri, device=str(device))
     except FileNotFoundError as err:
-        raise EvaluationError(f'{err} Pass a registered model '
-                              f'(models:/NAME@ALIAS or models:/NAME/VERSION), a run '
-                              f'model (runs:/RUN_ID/PATH) or a checkpoint file.') from None
+        if isinstance(err, UserError):
+            raise
+        raise EvaluationError(f'{err} Pass {MODEL_URI_FORMS}.') from None
 
 
 def logged_model_id(model_uri: PathLike) -> Optional[str]:
@@ -173,27 +175,10 @@ def logged_model_id(model_uri: PathLike) -> Optional[str]:
     uri = str(model_uri)
     if not uri.startswith('models:/'):
         return None
-    import mlflow
+    from uda.registry import check_model_uri
 
-    from uda.registry import resolve_alias
-
-    ref = uri[len('models:/'):].rstrip('/')
     try:
-        if ref.startswith('m-'):
-            return ref.split('/')[0]
-        if '@' in ref:
-            name, alias = ref.split('@', 1)
-            version = resolve_alias(name, alias)
-        else:
-            name, _, number = ref.rpartition('/')
-            if not (name and number.isdigit()):
-                return None
-            version = mlflow.MlflowClient().get_model_version(name, number)
-        if version.model_id:
-            return version.model_id
-        # Versions registered from a logged model's URI keep it as their source.
-        source = str(version.source or '')
-        return source[len('models:/'):] if source.startswith('models:/m-') else None
+        return check_model_uri(uri, parameter=None).model_id
     except Exception as err:  # only a link in the UI: never fail the run for it
         log.debug('No logged model id for %s: %s', uri, err)
     return None

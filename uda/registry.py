@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -44,8 +46,12 @@ from uda.errors import UserError
 __all__ = [
     'RegistryError', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
     'log_segmentor', 'register_checkpoint', 'log_and_register',
-    'resolve_alias', 'verify_loadable', 'set_alias_safely', 'load_segmentor',
-    'iteration_alias'
+    'discard_unfinished_models', 'resolve_alias', 'verify_loadable',
+    'set_alias_safely', 'load_segmentor',
+    'iteration_alias', 'MODEL_URI_FORMS', 'ModelNotFoundError',
+    'UnknownModelError',
+    'ModelReference', 'validate_model_name', 'validate_alias',
+    'check_model_uri', 'get_registered_model'
 ]
 
 log = logging.getLogger(__name__)
@@ -94,10 +100,408 @@ def _client() -> mlflow.MlflowClient:
 
 
 def _check_name(name: str) -> None:
-    # Names go into registry filter strings between single quotes.
-    if not isinstance(name, str) or not name.strip() or "'" in name:
-        raise ValueError(f'Registered model name must be a non-empty string '
-                         f'without single quotes, got {name!r}.')
+    # The library's own guard; entry points check earlier, with their
+    # parameter's name (validate_model_name).
+    if not isinstance(name, str) or validate_model_name(
+            name, 'Registered model name') != name:
+        raise RegistryError(f'Registered model name {name!r} has surrounding '
+                            f'spaces; pass {str(name).strip()!r}.')
+
+
+# ----------------------------------------------------------------------
+# Parameter checks: one function per concept, used by every entry point
+# before any work (registered model names, aliases, model references)
+# ----------------------------------------------------------------------
+#: Every form a model reference may take; error messages list them.
+MODEL_URI_FORMS = ('models:/NAME@ALIAS, models:/NAME/VERSION, '
+                   'models:/NAME/latest, models:/m-<logged model id>, '
+                   'runs:/RUN_ID/PATH or a checkpoint file')
+_MAX_NAME_LENGTH = 256  # the name column of MLflow's SQL registry
+_MAX_ALIAS_LENGTH = 255  # MLflow's MAX_REGISTERED_MODEL_ALIAS_LENGTH
+_ALIAS_PATTERN = re.compile(r'^[\w\-]+$')  # MLflow's alias rule
+_RUN_ID_PATTERN = re.compile(r'^[a-zA-Z0-9][\w\-]{0,255}$')  # MLflow's
+_URI_SCHEME = re.compile(r'^[A-Za-z][\w+.\-]*:/')
+
+
+class ModelNotFoundError(RegistryError, FileNotFoundError):
+    """A model reference that names no file, folder, model or run (still a
+    ``FileNotFoundError`` for callers that catch that for paths)."""
+
+
+class UnknownModelError(ModelNotFoundError):
+    """No registered model by that name (the message lists those that
+    exist); callers add what to run first."""
+
+
+def _name_problem(name: str) -> Optional[str]:
+    """Why MLflow (or this project) refuses ``name``, or None."""
+    if '/' in name or ':' in name:
+        return "MLflow does not allow '/' or ':' in names"
+    if "'" in name:
+        return "a single quote cannot be used in registry searches"
+    if '%' in name:
+        return "MLflow's file-based registry does not allow '%'"
+    if name == '.' or name.startswith('..'):
+        return ("MLflow refuses names that read as a relative path "
+                "('.', '..')")
+    if len(name) > _MAX_NAME_LENGTH:
+        return (f'it has {len(name)} characters, the registry stores at '
+                f'most {_MAX_NAME_LENGTH}')
+    try:  # MLflow's own rule, in case a newer version adds to it
+        from mlflow.utils.validation import _validate_model_name
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        _validate_model_name(name)
+    except MlflowException as err:
+        return err.message.rstrip('.')
+    return None
+
+
+def validate_model_name(name: Any, parameter: str = 'model_name') -> str:
+    """A registered model name, checked by MLflow's rules before any work.
+
+    MLflow refuses names with ``/`` or ``:`` (and ``%`` in its file store,
+    ``.`` / ``..`` path names); this project also refuses a single quote
+    (registry search strings quote names with it).
+
+    Args:
+        name: The name as given (surrounding spaces are removed).
+        parameter: How the message calls it (``model_name``).
+
+    Returns:
+        The stripped name.
+
+    Raises:
+        RegistryError: Empty or invalid; the message says why and suggests
+            a valid name.
+    """
+    text = '' if name is None else str(name).strip()
+    if not text:
+        raise RegistryError(f'{parameter} is empty; pass a registered model '
+                            f'name such as cs2acdc-student.')
+    problem = _name_problem(text)
+    if problem is not None:
+        shown = text if len(text) <= 80 else text[:60] + '…'
+        fixed = re.sub(r"[/:'%]+", '-', text).strip('.-')
+        fix = (f'use e.g. {fixed!r}' if fixed and len(fixed) <= 80 else
+               'use a shorter name such as cs2acdc-student')
+        raise RegistryError(f'{parameter} {shown!r} is not a valid registered '
+                            f'model name: {problem}; {fix}.')
+    return text
+
+
+def validate_alias(alias: Any, parameter: str = 'alias') -> str:
+    """An alias name, checked by MLflow's rule (letters, digits, ``_``,
+    ``-``; at most 255 characters).
+
+    Returns:
+        The stripped alias.
+
+    Raises:
+        RegistryError: Empty or invalid (says why, gives an example).
+    """
+    text = '' if alias is None else str(alias).strip()
+    if not text:
+        raise RegistryError(f'{parameter} is empty; pass an alias such as '
+                            f'iter-4000 or serving.')
+    if not _ALIAS_PATTERN.match(text) or len(text) > _MAX_ALIAS_LENGTH:
+        raise RegistryError(
+            f'{parameter} {text!r} is not a valid alias: MLflow aliases '
+            f'have only letters, digits, "_" and "-" (at most '
+            f'{_MAX_ALIAS_LENGTH}), e.g. iter-4000 or serving.')
+    return text
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A checked model reference (see :func:`check_model_uri`).
+
+    Attributes:
+        given: As the user wrote it.
+        uri: Pinned: ``models:/NAME/VERSION`` (aliases and ``latest``
+            resolved), ``models:/m-…``, ``runs:/RUN_ID/PATH``, another
+            artifact URI, or the absolute path of a file or folder.
+        kind: ``version``, ``logged-model``, ``run``, ``artifact``,
+            ``file`` or ``folder``.
+        name, version: The registered model and version (``version``).
+        model_id: The MLflow 3 logged model behind it, when known.
+        checkpoint: The checkpoint's path inside the model folder (all
+            kinds but ``file``).
+    """
+    given: str
+    uri: str
+    kind: str
+    name: Optional[str] = None
+    version: Optional[str] = None
+    model_id: Optional[str] = None
+    checkpoint: Optional[str] = None
+
+
+def check_model_uri(uri: Union[str, os.PathLike],
+                    parameter: Optional[str] = 'model') -> ModelReference:
+    """Check that a model reference names an existing cs2acdc-uda model.
+
+    Cheap (registry and run look-ups, the small ``MLmodel`` file, the
+    layout of a checkpoint file; no weights), so entry points call it
+    before any work: a typo fails in seconds with one message, never after
+    training.
+
+    Args:
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+            ``models:/NAME/latest``, ``models:/m-<logged model id>``,
+            ``runs:/RUN_ID/PATH``, another artifact URI of a logged model,
+            a logged model folder or a checkpoint file.
+        parameter: The parameter name that starts each message
+            (``teacher``, ``model``); None for no prefix.
+
+    Returns:
+        A :class:`ModelReference`, its ``uri`` pinned to a version.
+
+    Raises:
+        ModelNotFoundError: No such file, folder, run or logged model (also a
+            ``FileNotFoundError``).
+        RegistryError: Malformed URI, unknown model/alias/version (lists
+            what exists), or not a cs2acdc-uda segmentor.
+        CheckpointError: A checkpoint file that cannot be one.
+    """
+    from uda.models.checkpoint import CheckpointError
+
+    given = '' if uri is None else str(uri).strip()
+    try:
+        if not given:
+            raise RegistryError(f'The model reference is empty; pass '
+                                f'{MODEL_URI_FORMS}.')
+        return _locate(given)
+    except (RegistryError, CheckpointError) as err:
+        if parameter is None:
+            raise
+        label = f'{parameter} {given!r}: ' if given else f'{parameter}: '
+        raise type(err)(label + str(err)) from None
+    except FileNotFoundError as err:  # a checkpoint file inside a folder
+        raise ModelNotFoundError(
+            (f'{parameter} {given!r}: ' if parameter else '') + str(err)
+        ) from None
+
+
+def _locate(given: str) -> ModelReference:
+    from urllib.parse import unquote, urlparse
+
+    from uda.models.checkpoint import check_checkpoint_file
+
+    # file:///abs/path is a local path like any other.
+    local = Path(unquote(urlparse(given).path)) if given.startswith(
+        'file://') else Path(given).expanduser()
+    if local.is_file():
+        check_checkpoint_file(local)
+        return ModelReference(given, str(local.resolve()), 'file')
+    if local.is_dir():
+        from mlflow.models import Model
+
+        if not (local / 'MLmodel').is_file():
+            raise ModelNotFoundError(
+                f'{given!r} is a folder without an MLmodel file; pass a '
+                f'logged model folder or a checkpoint file.')
+        entry = _checkpoint_entry(Model.load(str(local / 'MLmodel')), given)
+        check_checkpoint_file(local / entry)
+        return ModelReference(given, str(local.resolve()), 'folder',
+                              checkpoint=entry)
+    if given.startswith('models:'):
+        return _locate_registered(given)
+    if given.startswith('runs:'):
+        return _locate_run(given)
+    if _URI_SCHEME.match(given) and not given.startswith('file://'):
+        return _with_checkpoint(ModelReference(given, given, 'artifact'))
+    raise ModelNotFoundError(
+        f'No such checkpoint or model folder: {str(local)!r} (and it is not '
+        f'a models:/ or runs:/ URI); pass {MODEL_URI_FORMS}.')
+
+
+def _bad_form(given: str, why: str) -> RegistryError:
+    return RegistryError(f'{given} is not a model URI: {why}; use '
+                         f'{MODEL_URI_FORMS}.')
+
+
+def _locate_registered(given: str) -> ModelReference:
+    ref = given[len('models:'):]
+    if not ref.startswith('/') or not ref.strip('/'):
+        raise _bad_form(given, 'models: is followed by "/NAME…"')
+    parts = ref.strip('/').split('/')
+    if len(parts) > 2:
+        raise _bad_form(given, 'a models:/ URI has at most NAME/VERSION')
+    if len(parts) == 2:
+        name = validate_model_name(parts[0], 'The model name')
+        suffix = parts[1].strip()
+        if suffix.isdigit():
+            version = str(_get_version(name, suffix).version)
+        elif suffix.lower() == 'latest':
+            version = _latest_version(name)
+        else:
+            raise _bad_form(
+                given, f'{suffix!r} is neither a version number nor '
+                f'"latest" (MLflow stages are not used here; an alias is '
+                f'written models:/{name}@{suffix})')
+        return _registered_reference(given, name, version)
+    head = parts[0]
+    if '@' in head:
+        name, alias = head.rsplit('@', 1)
+        name = validate_model_name(name, 'The model name')
+        alias = validate_alias(alias, 'The alias')
+        version = str(resolve_alias(name, alias).version)
+        return _registered_reference(given, name, version)
+    if head.startswith('m-'):
+        return _with_checkpoint(ModelReference(
+            given, f'models:/{head}', 'logged-model',
+            model_id=_logged_model(head).model_id))
+    # MLflow would read models:/NAME as a logged model id: say what to add.
+    name = validate_model_name(head, 'The model name')
+    try:
+        registered = get_registered_model(name)
+    except RegistryError as err:
+        raise RegistryError(f'{given} names neither a version nor a logged '
+                            f'model (ids start with m-). {err}') from None
+    listed = ', '.join(sorted(registered.aliases or {})) or 'none'
+    raise RegistryError(
+        f'{given} names no version of {name!r}: use models:/{name}@ALIAS '
+        f'(aliases: {listed}), models:/{name}/VERSION or '
+        f'models:/{name}/latest.')
+
+
+def _latest_version(name: str) -> str:
+    """The highest usable version number of ``name`` (``models:/NAME/latest``)."""
+    get_registered_model(name)
+    versions = [v for v in _versions(name)
+                if v.status != 'FAILED_REGISTRATION']
+    if not versions:
+        raise RegistryError(f'Registered model {name!r} has no versions yet; '
+                            f'train, import or register one first.')
+    return str(max(int(v.version) for v in versions))
+
+
+def _registered_reference(given: str, name: str,
+                          version: str) -> ModelReference:
+    mv = _client().get_model_version(name, version)
+    if mv.status == 'FAILED_REGISTRATION':
+        raise RegistryError(f'models:/{name}/{version} failed to register '
+                            f'({mv.status_message or "no message"}); use '
+                            f'another version.')
+    return _with_checkpoint(ModelReference(
+        given, f'models:/{name}/{version}', 'version', name=name,
+        version=version, model_id=_version_model_id(mv)))
+
+
+def _version_model_id(mv: ModelVersion) -> Optional[str]:
+    if getattr(mv, 'model_id', None):
+        return mv.model_id
+    # Versions registered from a logged model's URI keep it as their source.
+    source = str(mv.source or '')
+    return source[len('models:/'):].split('/')[0] \
+        if source.startswith('models:/m-') else None
+
+
+def _logged_model(model_id: str) -> Any:
+    try:
+        logged = _client().get_logged_model(model_id)
+    except MlflowException as err:
+        if err.error_code not in ('RESOURCE_DOES_NOT_EXIST',
+                                  'INVALID_PARAMETER_VALUE', 'NOT_FOUND'):
+            raise
+        raise ModelNotFoundError(
+            f'No logged model {model_id!r} in {mlflow.get_tracking_uri()}; a '
+            f'logged model id is the m-… on its page in mlflow ui (or use '
+            f'models:/NAME@ALIAS).') from None
+    status = str(logged.status).rsplit('.', 1)[-1]
+    if status != 'READY':
+        raise RegistryError(f'Logged model {model_id!r} is {status}: it was '
+                            f'not fully logged; use another model.')
+    return logged
+
+
+def _locate_run(given: str) -> ModelReference:
+    ref = given[len('runs:'):]
+    run_id, _, path = ref.strip('/').partition('/')
+    path = path.strip('/')
+    if not ref.startswith('/') or not run_id or not path:
+        raise _bad_form(given, "a runs:/ URI names a run and the model's "
+                        "path in it: runs:/RUN_ID/PATH (e.g. "
+                        "runs:/<run id>/iter-4000)")
+    if not _RUN_ID_PATTERN.match(run_id):
+        raise _bad_form(given, f'{run_id!r} is not an MLflow run id')
+    try:
+        run = _client().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code not in ('RESOURCE_DOES_NOT_EXIST',
+                                  'INVALID_PARAMETER_VALUE', 'NOT_FOUND'):
+            raise
+        raise ModelNotFoundError(
+            f'No run {run_id!r} in {mlflow.get_tracking_uri()}; copy the run '
+            f'id from mlflow ui (or use models:/NAME@ALIAS).') from None
+    reference = ModelReference(given, f'runs:/{run_id}/{path}', 'run')
+    try:
+        return _with_checkpoint(reference, quiet=True)
+    except _NoModel:
+        pass
+    names = sorted({m.name for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'", output_format='list')})
+    listed = (f'its logged models: {", ".join(names)} (e.g. '
+              f'runs:/{run_id}/{names[0]})') if names else \
+        'it logged no models'
+    raise ModelNotFoundError(f'Run {run_id} has no model at {path!r}; '
+                             f'{listed}.')
+
+
+def _last_line(err: Exception) -> str:
+    # MLflow's download errors put the cause last, after a header line.
+    text = getattr(err, 'message', None) or str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+@contextmanager
+def temporary_env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Sets (or, with None, unsets) one environment variable for a block."""
+    previous = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+class _NoModel(Exception):
+    """No MLmodel at a reference (turned into a message by the caller)."""
+
+
+def _with_checkpoint(reference: ModelReference,
+                     quiet: bool = False) -> ModelReference:
+    """``reference`` with the checkpoint entry of its MLmodel; checks that
+    the MLmodel exists and describes a cs2acdc-uda segmentor."""
+    from dataclasses import replace
+
+    from mlflow.store.artifact.artifact_repository_registry import \
+        get_artifact_repository
+
+    try:
+        # No download progress bar for the small MLmodel file of a check.
+        with temporary_env('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false'):
+            repo = get_artifact_repository(reference.uri)
+            with tempfile.TemporaryDirectory(prefix='uda-check-') as tmp:
+                mlmodel = _read_mlmodel(repo, tmp)
+    except (MlflowException, OSError) as err:
+        if quiet:
+            raise _NoModel() from None
+        raise RegistryError(f'{reference.uri} has no readable MLmodel file '
+                            f'({_last_line(err)}); it is not a logged model '
+                            f'or was not fully logged.') from None
+    entry = _checkpoint_entry(mlmodel, reference.uri)
+    return replace(reference, checkpoint=entry)
 
 
 def _check_kind(kind: str) -> None:
@@ -468,6 +872,8 @@ def register_checkpoint(model: Union[ModelInfo, str],
     _check_name(registered_name)
     _check_kind(kind)
     model_uri, run_id, model_id = _model_source(model)
+    if model_id:  # never a version (nor an alias) of a half-logged model
+        _logged_model(model_id)
     client = _client()
     existing = _find_version(registered_name, run_id, kind, iteration)
     if existing is not None:
@@ -517,6 +923,56 @@ def _find_logged_model(run_id: str, kind: str,
     return None
 
 
+def discard_unfinished_models(run_id: str, reason: str) -> list[str]:
+    """Marks the run's logged models that never became READY as FAILED,
+    tags them ``uda.discarded=<reason>`` and deletes them.
+
+    A process killed (or interrupted) inside ``log_model`` leaves its logged
+    model PENDING for ever, and ``mlflow ui`` and searches list it with the
+    run. Deleted, it is hidden from both, and ``mlflow gc`` can remove its
+    partial files. READY models are kept (a resumed run registers them).
+    Call it only for a run that no live process is logging into: a resumed
+    run, or the active run after a failure in this process.
+
+    Returns:
+        The ids of the models discarded.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    client = _client()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}'",
+            page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    discarded = []
+    for logged in found:
+        status = str(logged.status).rsplit('.', 1)[-1]
+        if status == 'READY':
+            continue
+        try:
+            if status != 'FAILED':
+                client.finalize_logged_model(logged.model_id,
+                                             LoggedModelStatus.FAILED)
+            client.set_logged_model_tags(logged.model_id,
+                                         {'uda.discarded': reason})
+            client.delete_logged_model(logged.model_id)
+        except MlflowException as err:  # e.g. deleted meanwhile
+            log.warning('Could not discard logged model %s of run %s: %s',
+                        logged.model_id, run_id, err.message)
+            continue
+        log.warning('Discarded logged model %s (%s, iteration %s) of run %s: '
+                    '%s.', logged.model_id, status,
+                    logged.tags.get('iteration', '-'), run_id, reason)
+        discarded.append(logged.model_id)
+    return discarded
+
+
 def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
                                        Mapping[str, Any]],
                      registered_name: str,
@@ -559,13 +1015,26 @@ def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
         source = existing.source
     else:
         source = _find_logged_model(run_id, kind, iteration)
-    if source is None:
-        source = log_segmentor(checkpoint, name=name, model_cfg=model_cfg,
-                               iteration=iteration, kind=kind, preset=preset)
-    return register_checkpoint(source, registered_name, iteration=iteration,
-                               metrics=metrics, alias=alias, kind=kind,
-                               preset=preset, extra_tags=extra_tags,
-                               description=description)
+    try:
+        if source is None:
+            source = log_segmentor(checkpoint, name=name, model_cfg=model_cfg,
+                                   iteration=iteration, kind=kind,
+                                   preset=preset)
+        return register_checkpoint(source, registered_name,
+                                   iteration=iteration, metrics=metrics,
+                                   alias=alias, kind=kind, preset=preset,
+                                   extra_tags=extra_tags,
+                                   description=description)
+    except BaseException as error:
+        # MLflow marks a model FAILED only on an Exception; Ctrl-C inside
+        # log_model leaves it PENDING. Either way it is half-logged: hide it.
+        try:
+            discard_unfinished_models(
+                run_id, f'logging failed: {type(error).__name__}')
+        except Exception as cleanup:  # never mask the original error
+            log.warning('Could not discard half-logged models of run %s: %s',
+                        run_id, cleanup)
+        raise
 
 
 # ----------------------------------------------------------------------
@@ -578,6 +1047,7 @@ def get_registered_model(name: str, hint: str = '') -> Any:
         name: Registered model name.
         hint: What the user should do, appended to the error message.
     """
+    name = validate_model_name(name, 'Registered model name')
     client = _client()
     try:
         return client.get_registered_model(name)
@@ -587,7 +1057,7 @@ def get_registered_model(name: str, hint: str = '') -> Any:
     names = sorted(m.name for m in client.search_registered_models(
         max_results=50))
     known = ', '.join(names) if names else 'none'
-    raise RegistryError(
+    raise UnknownModelError(
         f'No registered model {name!r} in {mlflow.get_tracking_uri()}. '
         f'Registered models: {known}.' + (f' {hint}' if hint else ''))
 
@@ -614,6 +1084,7 @@ def resolve_alias(name: str, alias: str) -> ModelVersion:
             lists the registered models, or the aliases and versions.
     """
     registered = get_registered_model(name)
+    alias = validate_alias(alias, 'Alias')
     aliases = dict(registered.aliases or {})
     if alias not in aliases:
         listed = ', '.join(f'{a} -> {v}' for a, v in sorted(
@@ -648,6 +1119,9 @@ def verify_loadable(name: str, version: Union[int, str]) -> None:
     from uda.serving import decode_png, example_image_png, input_frame
 
     mv = _wait_ready(name, str(_get_version(name, version).version))
+    model_id = _version_model_id(mv)
+    if model_id:  # an alias never names a half-logged (or deleted) model
+        _logged_model(model_id)
     _verify_artifacts(name, mv.version)
     uri = f'models:/{name}/{mv.version}'
     with _serving_device('cpu'):
@@ -688,22 +1162,6 @@ def set_alias_safely(name: str, alias: str,
 # ----------------------------------------------------------------------
 # Back to torch
 # ----------------------------------------------------------------------
-def _resolve_registry_uri(model_uri: str) -> str:
-    """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` → a checked
-    ``models:/NAME/VERSION`` (clear errors); other URIs unchanged."""
-    if not model_uri.startswith('models:/') or \
-            model_uri.startswith('models:/m-'):
-        return model_uri
-    ref = model_uri[len('models:/'):].rstrip('/')
-    if '@' in ref:
-        name, alias = ref.split('@', 1)
-        return f'models:/{name}/{resolve_alias(name, alias).version}'
-    name, _, version = ref.rpartition('/')
-    if name and version.isdigit():
-        return f'models:/{name}/{_get_version(name, version).version}'
-    return model_uri  # e.g. models:/NAME/latest: let MLflow resolve it
-
-
 def load_segmentor(model_uri: Union[str, os.PathLike],
                    device: str = 'cpu') -> tuple[nn.Module, dict[str, Any]]:
     """The torch segmentor of a registered version, a logged model or a file.
@@ -712,8 +1170,9 @@ def load_segmentor(model_uri: Union[str, os.PathLike],
 
     Args:
         model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-            ``models:/<model id>``, ``runs:/RUN_ID/NAME``, a local logged
-            model directory, or a ``cs2acdc-uda/1`` checkpoint file.
+            ``models:/NAME/latest``, ``models:/m-<logged model id>``,
+            ``runs:/RUN_ID/NAME``, a local logged model directory, or a
+            ``cs2acdc-uda/1`` checkpoint file.
         device: Device to put the model on.
 
     Returns:
@@ -721,39 +1180,34 @@ def load_segmentor(model_uri: Union[str, os.PathLike],
         normalised ``model`` config.
 
     Raises:
-        RegistryError: Unknown model, version or alias (lists what exists).
-        FileNotFoundError / CheckpointError: Bad local file.
+        RegistryError: Unknown model, version, alias, run or logged model
+            (lists what exists); :class:`ModelNotFoundError` (also a
+            ``FileNotFoundError``) when nothing by that name exists.
+        CheckpointError: Bad checkpoint file.
     """
-    from mlflow.models import Model
     from mlflow.store.artifact.artifact_repository_registry import \
         get_artifact_repository
 
     from uda.models import build_from_checkpoint
 
-    local = Path(model_uri)
-    uri = str(model_uri)
-    if local.is_file():
-        model = build_from_checkpoint(local)
-    elif local.is_dir():
-        mlmodel_path = local / 'MLmodel'
-        if not mlmodel_path.is_file():
-            raise FileNotFoundError(f'{uri!r} is a folder without an MLmodel '
-                                    f'file; pass a model folder or a '
-                                    f'checkpoint file.')
-        entry = _checkpoint_entry(Model.load(str(mlmodel_path)), uri)
-        model = build_from_checkpoint(local / entry)
-    elif ':/' not in uri:
-        raise FileNotFoundError(f'No such checkpoint or model folder: {uri!r} '
-                                f'(and it is not a models:/ or runs:/ URI).')
+    # One owner for every URI form and its errors (see check_model_uri).
+    reference = check_model_uri(model_uri, parameter=None)
+    if reference.kind == 'file':
+        model = build_from_checkpoint(reference.uri)
+    elif reference.kind == 'folder':
+        model = build_from_checkpoint(Path(reference.uri) /
+                                      str(reference.checkpoint))
     else:
-        uri = _resolve_registry_uri(uri)
-        repo = get_artifact_repository(uri)
+        repo = get_artifact_repository(reference.uri)
         with tempfile.TemporaryDirectory(prefix='uda-load-') as tmp:
             try:
-                entry = _checkpoint_entry(_read_mlmodel(repo, tmp), uri)
-            except MlflowException as err:
-                raise RegistryError(f'Cannot read the model at {uri}: '
-                                    f'{err.message}') from None
-            model = build_from_checkpoint(repo.download_artifacts(entry, tmp))
+                local = repo.download_artifacts(str(reference.checkpoint),
+                                                tmp)
+            except (MlflowException, OSError) as err:
+                raise RegistryError(
+                    f'Cannot download the checkpoint of {reference.uri} '
+                    f'({_last_line(err)}); the model was not fully '
+                    f'logged.') from None
+            model = build_from_checkpoint(local)
     model = model.eval().to(device)
     return model, dict(model.model_cfg)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from .layouts import DatasetLayoutError
+from .layouts import ACDC_LAYOUT, CITYSCAPES_LAYOUT, DatasetLayoutError
 from .paths import EMBEDDED_ROOT
 from .synthetic import EmbeddedDataset, ensure_embedded
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 #: Which dataset each side reads, by the folder name of its embedded root.
 SIDES = {'source': 'cityscapes', 'target': 'acdc'}
 _PRETTY = {'cityscapes': 'Cityscapes', 'acdc': 'ACDC'}
+_LAYOUTS = {'cityscapes': CITYSCAPES_LAYOUT, 'acdc': ACDC_LAYOUT}
 
 
 class RootError(DatasetLayoutError):
@@ -122,11 +123,12 @@ def _check(side: str, given: PathLike, root: DataRoot) -> None:
             f'generated data (the {side} root there is {embedded}). Keep your own data '
             f'elsewhere and pass it as -P {side}_root=PATH.')
     if not root.embedded and not root.path.is_dir():
+        what = 'is a file, not a folder' if root.path.exists() else 'does not exist'
         raise RootError(
-            f'The {side} root {given} ({name}) '
-            f'{"is not a folder" if root.path.exists() else "does not exist"}. Pass the '
-            f'folder that holds your {name} data, or leave {side}_root at its default to '
-            f'use the embedded data ({embedded}).')
+            f'{name} root {what}. Pass the folder that holds your {name} data as '
+            f'-P {side}_root=PATH, or leave {side}_root at its default to use the embedded '
+            f'data ({embedded}).\nDataset root: {given}\nExpected layout:\n'
+            f'{_LAYOUTS[root.dataset]}')
 
 
 def prepare_roots(source_root: Optional[PathLike] = None,

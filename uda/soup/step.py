@@ -148,15 +148,17 @@ def make_request(cfg: Mapping[str, Any],
     Raises:
         SoupError: for any inconsistent or malformed value (before anything
             is read from the registry).
+        RegistryError: a model name or alias MLflow does not allow.
     """
+    from uda.registry import validate_alias, validate_model_name
+
     soup_cfg = dict(cfg.get('soup') or {})
-    if not isinstance(model_name, str) or not model_name.strip() or \
-            "'" in model_name:
-        raise SoupError(f'model_name must be a registered model name, got '
-                        f'{model_name!r}')
+    # MLflow's rules for names and aliases (one owner: uda.registry).
+    model_name = validate_model_name(model_name, 'model_name')
     if isinstance(aliases, str):
         aliases = _split_list(aliases)
-    explicit = tuple(a.strip() for a in aliases or () if a.strip()) or None
+    explicit = tuple(validate_alias(a, 'aliases')
+                     for a in aliases or () if a.strip()) or None
     if explicit is not None:
         duplicates = sorted({a for a in explicit if explicit.count(a) > 1})
         if duplicates:
@@ -224,7 +226,7 @@ def make_request(cfg: Mapping[str, Any],
     img_scale = target.get('img_scale')
     conditions = target.get('conditions')
     return SoupRequest(
-        model_name=model_name.strip(),
+        model_name=model_name,
         aliases=explicit,
         preset_aliases=tuple(soup_cfg.get('aliases') or ()),
         weights=fixed,
@@ -446,6 +448,8 @@ def _storage_url(text: Optional[str]) -> str:
         raise SoupError(f'the Optuna study must not live in MLflow\'s own '
                         f'database ({study_file}); use another file, e.g. '
                         f'{study_file.parent / "optuna.db"}')
+    if study_file is not None:  # SQLite creates the file, not its folder
+        study_file.parent.mkdir(parents=True, exist_ok=True)
     return url
 
 
@@ -482,7 +486,8 @@ class SoupResult:
         promote_reason: Why (not).
         seconds_per_trial: Mean wall time of one search trial (mix, load,
             score on the objective split), NaN without a search.
-        trials: Search evaluations run in this call.
+        trials: Search evaluations run in this call (Optuna: the trials
+            this run evaluated, 0 when the study already had its total).
         study_name / study_storage: The Optuna study (``optuna`` only).
     """
 
@@ -656,6 +661,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     # --- choose the weights ------------------------------------------------
     trial_seconds: List[float] = []
     study_name = storage = None
+    trials_run: Optional[int] = None  # Optuna: trials evaluated in this run
 
     last_seconds: List[Optional[float]] = [None]
 
@@ -677,14 +683,17 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
         return score
 
     def log_trial(number: int, weights: Sequence[float], score: float,
-                  seconds: Optional[float]) -> None:
+                  seconds: Optional[float]) -> str:
+        """One nested run per evaluated trial; returns its run id."""
         # The parent's experiment, explicitly: a run resumed through
         # MLFLOW_RUN_ID does not make its experiment the active one.
         with mlflow.start_run(run_name=f'trial-{number}', nested=True,
-                              experiment_id=parent.info.experiment_id):
+                              experiment_id=parent.info.experiment_id) as run:
             mlflow.set_tags({'soup.trial': str(number),
                              'soup.method': request.method,
-                             'entry_point': 'soup-trial'})
+                             'entry_point': 'soup-trial',
+                             **({'soup.study_name': study_name}
+                                if study_name else {})})
             mlflow.log_params({f'weight.{label}': f'{w:.6g}'
                                for label, w in zip(labels, weights)})
             metrics = {f'{objective_subset}.mIoU': score, 'objective': score}
@@ -694,6 +703,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
         mlflow.log_metric(f'trial.{objective_subset}.mIoU', score, step=number)
         print(f'  trial {number}: weights {_fmt_weights(weights)} -> '
               f'{objective_subset} mIoU {score:.4f}')
+        return run.info.run_id
 
     if request.method == 'fixed':
         weights = list(fixed_weights)
@@ -742,16 +752,33 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
               f'({request.trials} trials, {request.sampler}, seed '
               f'{request.seed})')
 
-        def on_trial(number: int, weights: List[float], score: float) -> None:
-            log_trial(number, weights, score, last_seconds[0])
+        def on_trial(number: int, weights: List[float], score: float) -> str:
+            # Logged before Optuna marks the trial complete, so every
+            # complete trial this run evaluated has its nested run.
+            return log_trial(number, weights, score, last_seconds[0])
 
         search = optuna_search(n, objective, request.trials,
                                seed=request.seed, storage=storage,
                                study_name=study_name,
-                               sampler=request.sampler, on_trial=on_trial)
+                               sampler=request.sampler, on_trial=on_trial,
+                               notify=lambda line: print(f'  {line}'))
         weights = search.weights
+        searched = trials_run = len(search.evaluated)
+        if not searched:
+            print(f'  The study already has {search.n_trials} completed '
+                  f'trials (trials={request.trials} is its total): no trial '
+                  f'run here; the soup uses its best trial '
+                  f'{search.trial_number} ({objective_subset} mIoU '
+                  f'{search.score:.4f}).')
+        elif searched < request.trials:
+            print(f'  Ran {searched} of the study\'s {search.n_trials} '
+                  f'completed trials here (the others ran before or in '
+                  f'other processes); best: trial {search.trial_number}.')
         mlflow.log_metrics({'optuna.best_trial': search.trial_number,
-                            'optuna.completed_trials': search.n_trials})
+                            'optuna.completed_trials': search.n_trials,
+                            'optuna.trials_run_here': searched})
+        mlflow.set_tag('soup.trials_run_here', ','.join(
+            str(number) for number in search.evaluated) or 'none')
         with tempfile.TemporaryDirectory(prefix='uda-optuna-') as plots:
             for path in save_study_plots(search.study, plots):
                 mlflow.log_artifact(str(path), 'soup')
@@ -860,7 +887,8 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
         weights=list(weights), method=request.method,
         objective=request.objective, scores=scores, promoted=promoted,
         promote_reason=reason, seconds_per_trial=seconds_per_trial,
-        trials=len(trial_seconds), study_name=study_name,
+        trials=(trials_run if trials_run is not None else
+                len(trial_seconds)), study_name=study_name,
         study_storage=storage, comparison=comparison)
 
 

@@ -24,6 +24,8 @@ the resolved config and the parameters that change the result) that did not
 finish, has a resume state and is not alive (status FAILED/KILLED, or
 RUNNING with a dead process on this host, which is what a SIGKILLed direct
 run leaves). ``resume=<run id>`` names one; ``resume=none`` starts afresh.
+:func:`interrupted_runs` lists the dead unfinished runs of a config, resume
+state or not, whose half-logged (PENDING) models the runner discards.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ __all__ = [
     'RESUME_ARTIFACT', 'RESUME_FORMAT', 'TAG_FINGERPRINT', 'TAG_STATE',
     'TAG_RESUME_ITERATION', 'TAG_HOST', 'TAG_PID', 'ResumeError',
     'fingerprint', 'parse_resume', 'write_resume_state', 'read_resume_state',
-    'find_resumable_run', 'check_resumable', 'config_differences'
+    'find_resumable_run', 'check_resumable', 'config_differences',
+    'interrupted_runs'
 ]
 
 RESUME_ARTIFACT = 'resume/state.pth'
@@ -208,6 +211,32 @@ def find_resumable_run(experiment_id: str, entry_point: str, print_: str,
         if _resumable(run, exclude):
             return run
     return None
+
+
+def interrupted_runs(experiment_id: str, entry_point: str, print_: str,
+                     exclude: Optional[str] = None) -> list[Any]:
+    """Unfinished runs of ``entry_point`` with fingerprint ``print_`` whose
+    process is gone (FAILED/KILLED, or RUNNING with a dead process on this
+    host), with or without a resume state: the runs whose half-logged
+    models nobody will finish."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.entry_point = '{entry_point}' and "
+                       f"tags.`{TAG_FINGERPRINT}` = '{print_}'"),
+        order_by=['attributes.start_time DESC'], max_results=50)
+    found = []
+    for run in runs:
+        tags = run.data.tags
+        if run.info.run_id == exclude or \
+                run.info.lifecycle_stage != 'active' or \
+                tags.get(TAG_STATE) == 'finished':
+            continue
+        if run.info.status in ('FAILED', 'KILLED') or (
+                run.info.status == 'RUNNING' and not _alive_here(tags)):
+            found.append(run)
+    return found
 
 
 def config_differences(run: Any, flat_cfg: Mapping[str, Any],

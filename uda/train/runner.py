@@ -122,19 +122,6 @@ class TrainResult:
 # ----------------------------------------------------------------------
 # Teacher
 # ----------------------------------------------------------------------
-def _latest_version(name: str) -> str:
-    import mlflow
-
-    from uda.registry import RegistryError, get_registered_model
-
-    get_registered_model(name, 'Train or import a teacher first (mlflow run . -e teacher).')
-    client = mlflow.MlflowClient()
-    versions = client.search_model_versions(f"name='{name}'")
-    if not versions:
-        raise RegistryError(f'Registered model {name!r} has no versions.')
-    return str(max(int(v.version) for v in versions))
-
-
 def resolve_model_uri(uri: str) -> str:
     """Pin a registry URI to a version: ``models:/NAME@ALIAS`` and
     ``models:/NAME/latest`` → ``models:/NAME/<version>``; other URIs and
@@ -143,18 +130,12 @@ def resolve_model_uri(uri: str) -> str:
     Raises:
         RegistryError: Unknown model or alias (lists what exists).
     """
-    from uda.registry import resolve_alias
+    from uda.registry import check_model_uri
 
+    # One owner of every URI form and its errors: uda.registry.
     if not uri.startswith('models:/') or uri.startswith('models:/m-'):
         return uri
-    ref = uri[len('models:/'):].rstrip('/')
-    if '@' in ref:
-        name, alias = ref.split('@', 1)
-        return f'models:/{name}/{resolve_alias(name, alias).version}'
-    name, _, version = ref.rpartition('/')
-    if name and version.lower() == 'latest':
-        return f'models:/{name}/{_latest_version(name)}'
-    return uri
+    return check_model_uri(uri, parameter=None).uri
 
 
 def _arch(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -250,28 +231,13 @@ def _experiment_id() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: Optional[str]) -> Iterator[None]:
-    previous = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
-@contextlib.contextmanager
 def _training_run(entry_point: str, params: Mapping[str, Any],
                   cfg: Mapping[str, Any], resume_run_id: Optional[str]
                   ) -> Iterator[Any]:
     """The MLflow run to train in (see module docstring, step 2)."""
     import mlflow
 
+    from uda.registry import temporary_env
     from uda.tracking import entry_point_run
 
     launched = os.environ.get('MLFLOW_RUN_ID')
@@ -286,7 +252,7 @@ def _training_run(entry_point: str, params: Mapping[str, Any],
     mlflow.enable_system_metrics_logging()
     mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
     try:
-        with _env('MLFLOW_RUN_ID', resume_run_id or launched), \
+        with temporary_env('MLFLOW_RUN_ID', resume_run_id or launched), \
                 entry_point_run(entry_point, params, cfg) as run:
             yield run
     finally:
@@ -579,6 +545,13 @@ def _train(request: TrainRequest, ctx: DistContext) -> Optional[TrainResult]:
         if start:
             reporter.progress.note(f'Resuming run {run_id} at iteration '
                                    f'{start}/{max_iters}.')
+        discarded = _discard_half_logged(run, plan.resume_run_id is not None,
+                                         request.entry_point, print_)
+        if discarded:
+            reporter.progress.note(
+                f'Discarded {len(discarded)} half-logged model(s) left by an '
+                f'interrupted run (marked FAILED and deleted): '
+                f'{", ".join(discarded)}.')
         try:
             _fit_and_checkpoint(trainer, loader, vals, conditions, start,
                                 cfg, reporter, ctx)
@@ -587,6 +560,31 @@ def _train(request: TrainRequest, ctx: DistContext) -> Optional[TrainResult]:
         mlflow.set_tag(ckpt.TAG_STATE, 'finished')
     _print_summary(result)
     return result
+
+
+def _discard_half_logged(run: Any, resumed: bool, entry_point: str,
+                         print_: str) -> list[str]:
+    """Hides the logged models that interrupted runs of this config left
+    PENDING (a kill inside ``log_model``): those of the run being resumed,
+    and of dead runs that cannot be resumed (killed in their first
+    checkpoint, before any resume state)."""
+    from uda.registry import discard_unfinished_models
+
+    run_id = run.info.run_id
+    targets = {run_id: 'left by the interrupted process of this run, which '
+                       'was resumed'} if resumed else {}
+    for other in ckpt.interrupted_runs(run.info.experiment_id, entry_point,
+                                       print_, exclude=run_id):
+        targets[other.info.run_id] = (f'left by an interrupted run of this '
+                                      f'config (found by run {run_id})')
+    discarded: list[str] = []
+    for target, reason in targets.items():
+        try:
+            discarded += discard_unfinished_models(target, reason)
+        except Exception as err:  # tidying up must not stop the training
+            log.warning('Could not discard the half-logged models of run '
+                        '%s: %s', target, err)
+    return discarded
 
 
 def _log_inputs(cfg: Mapping[str, Any]) -> None:
