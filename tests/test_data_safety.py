@@ -413,3 +413,21 @@ def test_each_entry_point_alone_with_one_real_root(user, store):
             assert tags['data.cityscapes'] == ('real' if 'source_root' in params else 'embedded')
         if entry_point != 'soup':
             assert tags['data.acdc'] == ('real' if 'target_root' in params else 'embedded')
+
+
+def test_documented_defaults_are_the_embedded_roots():
+    """MLproject's `path` defaults and the default preset, resolved from the project
+    folder as `mlflow run .` does, are exactly the two embedded roots."""
+    import yaml
+
+    from uda.config import load_config
+
+    project = yaml.safe_load((PROJECT_ROOT / 'MLproject').read_text())
+    expected = {'source_root': EMBEDDED_ROOT / 'cityscapes', 'target_root': EMBEDDED_ROOT / 'acdc'}
+    for name, entry in project['entry_points'].items():
+        for key, param in entry['parameters'].items():
+            if key in expected:
+                assert (PROJECT_ROOT / param['default']).resolve() == expected[key], (name, key)
+    data = load_config('default')['data']
+    assert (PROJECT_ROOT / data['source']['root']).resolve() == expected['source_root']
+    assert (PROJECT_ROOT / data['target']['root']).resolve() == expected['target_root']

@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from uda.data.paths import EMBEDDED_ROOT
+
 from .mixing import (SoupError, check_compatible, mix_state_dicts,
                      parse_weights, uniform_weights)
 
@@ -239,7 +241,7 @@ def make_request(cfg: Mapping[str, Any],
         teacher=str(teacher).strip(),
         seed=int(cfg.get('seed', 0) or 0),
         study_storage=(study_storage or '').strip() or None,
-        target_root=Path(target.get('root', 'data/embedded/acdc')),
+        target_root=Path(target.get('root') or EMBEDDED_ROOT / 'acdc'),
         conditions=tuple(conditions) if conditions else None,
         img_scale=tuple(img_scale) if img_scale else None,
         preset=cfg.get('name'))
