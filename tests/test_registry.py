@@ -298,6 +298,10 @@ def test_valid_model_names_and_aliases_pass_stripped():
     for alias in ('iter 4', 'iter.4', 'a@b', ''):
         with pytest.raises(RegistryError, match='alias'):
             validate_alias(alias, 'aliases')
+    for alias in ('latest', 'Latest', 'v3'):  # MLflow reserves these
+        with pytest.raises(RegistryError, match='reserves'):
+            validate_alias(alias, 'aliases')
+    assert validate_alias('v3-soup') == 'v3-soup'
 
 
 def test_registry_lookups_refuse_an_invalid_name_clearly(store):

@@ -177,12 +177,13 @@ def _env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> str:
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path,
+              timeout: float = 400) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.is_file() and path.read_text():
             return path.read_text()
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
     raise AssertionError(f'the run never reached {path.name}')
 
@@ -196,13 +197,14 @@ def test_a_run_killed_inside_log_model_resumes_without_its_orphan(
     mlflow.create_experiment(
         'orphans', artifact_location=(tmp_path / 'mlruns').as_uri())
     flag = tmp_path / 'inside-log-model'
-    proc = subprocess.Popen(
-        [sys.executable, '-c', _PAUSED_TEACHER, *_teacher_args()],
-        env=_env(tracking_uri, PAUSE_ITERATION='4', PAUSE_FLAG=str(flag)),
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+    log = tmp_path / 'killed-teacher.log'  # a file: a full pipe would block the child
+    with open(log, 'w') as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, '-c', _PAUSED_TEACHER, *_teacher_args()],
+            env=_env(tracking_uri, PAUSE_ITERATION='4', PAUSE_FLAG=str(flag)),
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
-        orphan = _wait_for(flag, proc)
+        orphan = _wait_for(flag, proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -70,14 +70,25 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode('ascii')
 
 
-def reference_label_map(model, rgb: np.ndarray) -> np.ndarray:
-    """Label map computed independently of uda.serving."""
+def reference_logits(model, rgb: np.ndarray) -> torch.Tensor:
+    """Logits (19, H, W) computed independently of uda.serving."""
     x = torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     with torch.no_grad():
-        logits = model((x - mean) / std)
-    return logits[0].argmax(0).numpy().astype(np.uint8)
+        return model((x - mean) / std)[0]
+
+
+def assert_labels_match_reference(label_map: np.ndarray, model, rgb: np.ndarray) -> None:
+    """Equal to the reference argmax wherever the top two logits are not tied
+    to within float noise: serving batches windows differently from
+    ``model(img)``, and CPU kernels may differ in the last bits per batch size."""
+    logits = reference_logits(model, rgb)
+    top2 = logits.topk(2, dim=0).values
+    decided = ((top2[0] - top2[1]) > 1e-4).numpy()
+    expected = logits.argmax(0).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(label_map[decided], expected[decided])
+    assert decided.mean() > 0.99  # near-ties are rare: the check is not vacuous
 
 
 # ------------------------------------------------------------------ predict
@@ -90,8 +101,7 @@ def test_label_map_is_the_models_argmax_at_input_size(served, segmentor):
     assert label_map.dtype == np.uint8 and label_map.shape == (70, 131)
     assert label_map.max() <= 18
     rgb = np.array(Image.open(io.BytesIO(png)).convert('RGB'))
-    np.testing.assert_array_equal(label_map,
-                                  reference_label_map(segmentor, rgb))
+    assert_labels_match_reference(label_map, segmentor, rgb)
     assert served.test_mode == 'slide'  # the preset's test mode
 
 
@@ -266,8 +276,7 @@ def test_large_image_runs_in_bounded_window_batches_with_same_labels(
     monkeypatch.setattr(served, 'slide_batch_pixels', 5 * 128 * 128)
     label_map = served.segment(rgb)
     assert [n for _, n in windows.batches] == [5, 5, 2]  # across window rows
-    np.testing.assert_array_equal(label_map,
-                                  reference_label_map(segmentor, rgb))
+    assert_labels_match_reference(label_map, segmentor, rgb)
     # The full recipe's 1024x1024 windows still run, one per batch.
     assert served.windows_per_batch(1024 * 1024) == 1
 
@@ -277,8 +286,7 @@ def test_whole_mode_model_runs_one_pass_with_a_smaller_image_limit(
     monkeypatch.setitem(served.model.test_cfg, 'mode', 'whole')
     monkeypatch.setitem(segmentor.test_cfg, 'mode', 'whole')
     rgb = _rgb(136, 200)
-    np.testing.assert_array_equal(served.segment(rgb),
-                                  reference_label_map(segmentor, rgb))
+    assert_labels_match_reference(served.segment(rgb), segmentor, rgb)
     assert served.max_image_pixels == MAX_WHOLE_MODE_PIXELS
     with pytest.raises(RequestTooLarge, match='at most 2,097,152 pixels'):
         served.predict(None, pd.DataFrame(
@@ -410,10 +418,19 @@ SHORT_TIMEOUT_S = 3
 KILL_RSS = 6 * 2**30
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+    """A free loopback port, never one handed out before: two servers start
+    one after the other, before the first has bound its port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def _post(url: str, payload, timeout_s: float = 90) -> tuple[int, dict]:
@@ -597,8 +614,7 @@ def test_mlflow_models_serve_answers_and_survives_bad_requests(
     assert (row['height'], row['width']) == (72, 100)
     label_map = decode_png(row['label_map'])
     rgb = np.array(Image.open(io.BytesIO(png)).convert('RGB'))
-    np.testing.assert_array_equal(label_map,
-                                  reference_label_map(segmentor, rgb))
+    assert_labels_match_reference(label_map, segmentor, rgb)
 
     status, answer = _post(url, dict(good, params={'colorize': True}))
     assert status == 200 and decode_png(

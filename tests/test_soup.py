@@ -431,7 +431,7 @@ def test_concurrent_searches_run_the_study_total_exactly(tmp_path):
         f'run-{n}' for n in range(trials)}
     # Everyone waited for the others' last trials: one answer.
     assert len({r['best'] for r in results}) == 1
-    assert study.trials[0].user_attrs['weights'] == uniform_weights(3)
+    assert study.trials[0].user_attrs['weights'] == uniform_weights(3)  # queued first
     # Seeded per trial number: the workers did not repeat each other's points.
     assert len({tuple(t.user_attrs['weights']) for t in complete}) == trials
 
@@ -470,13 +470,17 @@ def test_a_killed_trial_is_failed_and_run_again(tmp_path):
                            storage=study_storage(url, 1, 2),
                            study_name='shared', notify=messages.append)
     study = optuna.load_study(study_name='shared', storage=url)
+    # When the dead trial turns stale (whole-second heartbeat timestamps)
+    # decides where its retry lands, so the test checks what holds anyway.
     states = {t.number: t.state.name for t in study.trials}
-    assert states == {0: 'FAIL', 1: 'COMPLETE', 2: 'COMPLETE', 3: 'COMPLETE'}
-    assert result.evaluated == [1, 2, 3] and result.n_trials == 3
-    assert study.trials[3].params == study.trials[0].params  # retried
+    assert states[0] == 'FAIL' and len(states) == 4
+    complete = [n for n, state in states.items() if state == 'COMPLETE']
+    assert complete == [1, 2, 3] and sorted(result.evaluated) == complete
+    assert result.n_trials == 3
+    assert any(study.trials[n].params == study.trials[0].params
+               for n in complete)  # the killed uniform trial, run again
     assert result.uniform_score == pytest.approx(
         _distance_objective(uniform_weights(3)))
-    assert any('waiting up to' in m for m in messages), messages
 
 
 def test_a_trial_asked_beyond_the_total_is_not_evaluated(tmp_path, capfd):

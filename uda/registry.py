@@ -102,10 +102,11 @@ def _client() -> mlflow.MlflowClient:
 def _check_name(name: str) -> None:
     # The library's own guard; entry points check earlier, with their
     # parameter's name (validate_model_name).
-    if not isinstance(name, str) or validate_model_name(
-            name, 'Registered model name') != name:
+    if not isinstance(name, str):
+        raise RegistryError(f'Registered model name {name!r} is not a string.')
+    if validate_model_name(name, 'Registered model name') != name:
         raise RegistryError(f'Registered model name {name!r} has surrounding '
-                            f'spaces; pass {str(name).strip()!r}.')
+                            f'spaces; pass {name.strip()!r}.')
 
 
 # ----------------------------------------------------------------------
@@ -210,6 +211,11 @@ def validate_alias(alias: Any, parameter: str = 'alias') -> str:
             f'{parameter} {text!r} is not a valid alias: MLflow aliases '
             f'have only letters, digits, "_" and "-" (at most '
             f'{_MAX_ALIAS_LENGTH}), e.g. iter-4000 or serving.')
+    if text.lower() == 'latest' or re.fullmatch(r'[vV]\d+', text):
+        # MLflow reserves these: models:/NAME/latest and version references.
+        raise RegistryError(
+            f'{parameter} {text!r} is not a valid alias: MLflow reserves '
+            f'"latest" and v<number>; use e.g. iter-4000 or serving.')
     return text
 
 

@@ -154,6 +154,15 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, 'rb') as handle:
+            handle.read(1)
+    except OSError as err:  # e.g. permissions: no traceback for it
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read: "
+                              f"{err.strerror or err}.") from None
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with clear errors.
 
@@ -167,6 +176,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
             ``weights_only`` loading refuses (named, e.g. ``posix.system``).
     """
     path = _existing_file(path)
+    _check_readable(path)
     try:
         # mmcv meta dicts may hold numpy scalars: allow exactly those types.
         with torch.serialization.safe_globals(_numpy_safe_globals()), \
@@ -194,6 +204,7 @@ def check_checkpoint_file(path: Union[str, os.PathLike]) -> Path:
         FileNotFoundError / CheckpointError: As :func:`read_checkpoint`.
     """
     path = _existing_file(path)
+    _check_readable(path)
     problem = _diagnose(path)
     if problem is not None:
         raise CheckpointError(f'Checkpoint {str(path)!r} {problem}')

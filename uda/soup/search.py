@@ -310,6 +310,10 @@ def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S,
     raise AssertionError('unreachable')
 
 
+#: How long a run that found the study waits for its creator to finish setting it up.
+_CREATOR_WAIT_S = 30.0
+
+
 def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
     """Creates or loads the study; only the process that created it enqueues
     the uniform trial (two runs starting together would enqueue it twice)."""
@@ -334,12 +338,18 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
                         f'{_storage_url(storage)!r}: {error}. Use a URL such '
                         "as 'sqlite:///path/optuna.db'.") from error
     if created:
-        study.set_user_attr('num_ingredients', n)
-        study.set_user_attr('parametrisation', 'w = e / sum(e), '
-                            'e_i = -log(1 - ingredient_i)')
+        # The uniform trial first and num_ingredients last: a run that loads
+        # the study waits for that attribute, so it never asks before the
+        # uniform soup is queued as trial 0.
         study.enqueue_trial({_PARAM.format(i): _UNIFORM_UNIT
                              for i in range(n)})
+        study.set_user_attr('parametrisation', 'w = e / sum(e), '
+                            'e_i = -log(1 - ingredient_i)')
+        study.set_user_attr('num_ingredients', n)
     else:
+        waited_until = time.monotonic() + _CREATOR_WAIT_S
+        while 'num_ingredients' not in study.user_attrs and time.monotonic() < waited_until:
+            time.sleep(0.1)
         stored_n = study.user_attrs.get('num_ingredients')
         if stored_n is not None and stored_n != n:
             raise SoupError(
