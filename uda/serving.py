@@ -42,8 +42,9 @@ Bounded cost per request:
   label-map rows as soon as no later window covers them. So a request
   costs one batch of windows plus about 4 bytes per pixel (RGB + label
   map) and one strip, whatever the image size; the label map equals
-  ``model(img).argmax(1)`` (same windows, sums in the same order; the
-  tests compare them exactly).
+  ``model(img).argmax(1)`` (same windows, sums in the same order) up to
+  last-bit differences of the window logits between batch sizes, which
+  can only flip near-tied pixels.
 * **Deadline.** Under ``mlflow models serve`` the model reads the server's
   request timeout (``-t``, passed to the server process as
   ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``) and checks it before every
@@ -465,7 +466,8 @@ class _StripStitcher:
     rows top-down), so when a window starts lower than the strip's top row,
     the rows above it are final: they are averaged, argmax'ed into the
     uint8 label map and dropped. Sums are added in window order from zero,
-    like the segmentor's own stitching, so the averages are bit-identical.
+    like the segmentor's own stitching, so the averages equal its averages
+    of the same window logits.
     """
 
     def __init__(self, height: int, width: int, window_height: int,
