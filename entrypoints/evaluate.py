@@ -34,12 +34,12 @@ def main(argv=None) -> int:
     cfg = cli.resolve_config(args.preset, args.cfg_options, data__target__root=args.target_root)
     # The model exists and is a segmentor (no weights read yet), pinned to
     # its version; the only model parameter, so the message needs no prefix.
-    model_uri = cli.check_model(args.model, None)
+    reference = cli.check_model(args.model, None)
 
     # Everything that can be wrong is checked before the run logs anything.
     prepare_roots(target_root=args.target_root)
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
-    model, _ = evaluation.load_model(model_uri, device)
+    model, _ = evaluation.load_model(reference.uri, device)
     options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,
                    num_workers=cfg["data"]["workers_per_gpu"])
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         tracking.log_dataset_inputs({f"acdc/{split}": args.target_root}, context="evaluation")
         if split == "val":
             result = evaluation.evaluate(model, dataset, **options)
-            evaluation.log_evaluation(result, model_id=evaluation.logged_model_id(model_uri))
+            evaluation.log_evaluation(result, model_id=reference.model_id)
             print(evaluation.format_table(result.table))
             done = f"mIoU {100 * result.table.miou:.2f} on {result.num_images} images"
         else:

@@ -138,7 +138,7 @@ def check_model_name(text: str, parameter: str = "model_name") -> str | None:
     return validate_model_name(text, parameter)
 
 
-def check_model(text: str, parameter: str | None) -> str:
+def check_model(text: str, parameter: str | None) -> Any:
     """A model reference parameter (``teacher``, ``model``) that must name
     an existing model, checked before any work (registry look-ups and the
     small MLmodel file, no weights); see :func:`uda.registry.check_model_uri`.
@@ -146,11 +146,12 @@ def check_model(text: str, parameter: str | None) -> str:
     model parameters (None: the message alone).
 
     Returns:
-        The reference pinned to a version (an alias can move later).
+        The :class:`uda.registry.ModelReference`: ``uri`` pinned to a
+        version (an alias can move later), ``model_id`` its logged model.
     """
     from uda.registry import check_model_uri
 
-    return check_model_uri(text, parameter).uri
+    return check_model_uri(text, parameter)
 
 
 def check_training_args(args: argparse.Namespace, entry_point: str) -> str | None:

@@ -26,7 +26,6 @@ mlflow only inside the ``log_*`` functions, so it is usable without MLflow::
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -58,10 +57,9 @@ __all__ = [
     'load_model', 'logits_to_labels', 'predict_dataset', 'evaluate',
     'submission_filename', 'save_label_png', 'write_submission',
     'confusion_matrix_figure', 'per_class_iou_figure', 'format_table',
-    'log_evaluation', 'log_submission', 'logged_model_id'
+    'log_evaluation', 'log_submission'
 ]
 
-log = logging.getLogger(__name__)
 
 #: ACDC splits the evaluate entry point handles.
 SPLITS = ('val', 'test')
@@ -165,23 +163,6 @@ def load_model(model_uri: PathLike, device: Device = 'cpu') -> tuple[torch.nn.Mo
         if isinstance(err, UserError):
             raise
         raise EvaluationError(f'{err} Pass {MODEL_URI_FORMS}.') from None
-
-
-def logged_model_id(model_uri: PathLike) -> Optional[str]:
-    """The MLflow 3 logged-model id behind a ``models:/`` URI, else None.
-
-    Evaluation metrics logged with this id show on the model's page.
-    """
-    uri = str(model_uri)
-    if not uri.startswith('models:/'):
-        return None
-    from uda.registry import check_model_uri
-
-    try:
-        return check_model_uri(uri, parameter=None).model_id
-    except Exception as err:  # only a link in the UI: never fail the run for it
-        log.debug('No logged model id for %s: %s', uri, err)
-    return None
 
 
 # ----------------------------------------------------------------------
@@ -735,7 +716,7 @@ def log_evaluation(result: EvaluationResult, prefix: str = '', artifact_dir: str
         result: From :func:`evaluate`.
         prefix: Metric-name prefix (e.g. ``val.``).
         artifact_dir: Artifact folder.
-        model_id: MLflow 3 logged-model id (:func:`logged_model_id`): the
+        model_id: MLflow 3 logged-model id (``check_model_uri(uri).model_id``): the
             metrics are linked to that model too.
 
     Returns:

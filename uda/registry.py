@@ -122,6 +122,8 @@ _MAX_ALIAS_LENGTH = 255  # MLflow's MAX_REGISTERED_MODEL_ALIAS_LENGTH
 _ALIAS_PATTERN = re.compile(r'^[\w\-]+$')  # MLflow's alias rule
 _RUN_ID_PATTERN = re.compile(r'^[a-zA-Z0-9][\w\-]{0,255}$')  # MLflow's
 _URI_SCHEME = re.compile(r'^[A-Za-z][\w+.\-]*:/')
+#: How MLflow stores answer a look-up of a run or logged model that is not there.
+_NOT_FOUND_CODES = ('RESOURCE_DOES_NOT_EXIST', 'INVALID_PARAMETER_VALUE', 'NOT_FOUND')
 
 
 class ModelNotFoundError(RegistryError, FileNotFoundError):
@@ -409,14 +411,13 @@ def _logged_model(model_id: str) -> Any:
     try:
         logged = _client().get_logged_model(model_id)
     except MlflowException as err:
-        if err.error_code not in ('RESOURCE_DOES_NOT_EXIST',
-                                  'INVALID_PARAMETER_VALUE', 'NOT_FOUND'):
+        if err.error_code not in _NOT_FOUND_CODES:
             raise
         raise ModelNotFoundError(
             f'No logged model {model_id!r} in {mlflow.get_tracking_uri()}; a '
             f'logged model id is the m-… on its page in mlflow ui (or use '
             f'models:/NAME@ALIAS).') from None
-    status = str(logged.status).rsplit('.', 1)[-1]
+    status = str(logged.status)
     if status != 'READY':
         raise RegistryError(f'Logged model {model_id!r} is {status}: it was '
                             f'not fully logged; use another model.')
@@ -436,8 +437,7 @@ def _locate_run(given: str) -> ModelReference:
     try:
         run = _client().get_run(run_id)
     except MlflowException as err:
-        if err.error_code not in ('RESOURCE_DOES_NOT_EXIST',
-                                  'INVALID_PARAMETER_VALUE', 'NOT_FOUND'):
+        if err.error_code not in _NOT_FOUND_CODES:
             raise
         raise ModelNotFoundError(
             f'No run {run_id!r} in {mlflow.get_tracking_uri()}; copy the run '
@@ -464,23 +464,6 @@ def _last_line(err: Exception) -> str:
     return (lines[-1] if lines else type(err).__name__)[:200]
 
 
-@contextmanager
-def temporary_env(name: str, value: Optional[str]) -> Iterator[None]:
-    """Sets (or, with None, unsets) one environment variable for a block."""
-    previous = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
 class _NoModel(Exception):
     """No MLmodel at a reference (turned into a message by the caller)."""
 
@@ -493,6 +476,8 @@ def _with_checkpoint(reference: ModelReference,
 
     from mlflow.store.artifact.artifact_repository_registry import \
         get_artifact_repository
+
+    from uda.tracking import temporary_env
 
     try:
         # No download progress bar for the small MLmodel file of a check.
@@ -958,7 +943,7 @@ def discard_unfinished_models(run_id: str, reason: str) -> list[str]:
             break
     discarded = []
     for logged in found:
-        status = str(logged.status).rsplit('.', 1)[-1]
+        status = str(logged.status)
         if status == 'READY':
             continue
         try:

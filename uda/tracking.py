@@ -85,6 +85,24 @@ def _param_value(value: Any) -> str:
 
 
 @contextlib.contextmanager
+def temporary_env(name: str, value: str | None) -> Iterator[None]:
+    """Sets (or, with None, unsets) one environment variable for a block,
+    such as the ``MLFLOW_*`` variables MLflow reads."""
+    previous = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextlib.contextmanager
 def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[str, Any] | None = None,
                     nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, under ``mlflow run``) the run of one entry point.

@@ -156,8 +156,7 @@ def _numpy_safe_globals() -> list[Any]:
 
 def _check_readable(path: Path) -> None:
     try:
-        with open(path, 'rb') as handle:
-            handle.read(1)
+        _head(path, 1)
     except OSError as err:  # e.g. permissions: no traceback for it
         raise CheckpointError(f"Checkpoint '{path}' cannot be read: "
                               f"{err.strerror or err}.") from None

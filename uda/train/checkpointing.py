@@ -185,58 +185,47 @@ def _alive_here(tags: Mapping[str, str]) -> bool:
         return pid != os.getpid()
 
 
-def _resumable(run: Any, exclude: Optional[str]) -> bool:
+def _dead_unfinished(run: Any, exclude: Optional[str]) -> bool:
+    """Not finished, and its process is gone: FAILED/KILLED, or RUNNING with
+    a dead process on this host."""
     tags = run.data.tags
     if run.info.run_id == exclude or run.info.lifecycle_stage != 'active':
         return False
-    if tags.get(TAG_STATE) == 'finished' or TAG_RESUME_ITERATION not in tags:
+    if tags.get(TAG_STATE) == 'finished':
         return False
     if run.info.status == 'RUNNING':
         return not _alive_here(tags)
     return run.info.status in ('FAILED', 'KILLED')
 
 
-def find_resumable_run(experiment_id: str, entry_point: str, print_: str,
-                       exclude: Optional[str] = None) -> Optional[Any]:
-    """Newest unfinished, dead run of ``entry_point`` with fingerprint
-    ``print_`` that has a resume state (see module docstring), or None."""
+def _runs_of_config(experiment_id: str, entry_point: str,
+                    print_: str) -> list[Any]:
+    """Runs of ``entry_point`` with fingerprint ``print_``, newest first."""
     import mlflow
 
-    runs = mlflow.MlflowClient().search_runs(
+    return mlflow.MlflowClient().search_runs(
         [experiment_id],
         filter_string=(f"tags.entry_point = '{entry_point}' and "
                        f"tags.`{TAG_FINGERPRINT}` = '{print_}'"),
         order_by=['attributes.start_time DESC'], max_results=50)
-    for run in runs:
-        if _resumable(run, exclude):
-            return run
-    return None
+
+
+def find_resumable_run(experiment_id: str, entry_point: str, print_: str,
+                       exclude: Optional[str] = None) -> Optional[Any]:
+    """Newest unfinished, dead run of ``entry_point`` with fingerprint
+    ``print_`` that has a resume state (see module docstring), or None."""
+    return next((run for run in _runs_of_config(experiment_id, entry_point, print_)
+                 if _dead_unfinished(run, exclude)
+                 and TAG_RESUME_ITERATION in run.data.tags), None)
 
 
 def interrupted_runs(experiment_id: str, entry_point: str, print_: str,
                      exclude: Optional[str] = None) -> list[Any]:
     """Unfinished runs of ``entry_point`` with fingerprint ``print_`` whose
-    process is gone (FAILED/KILLED, or RUNNING with a dead process on this
-    host), with or without a resume state: the runs whose half-logged
-    models nobody will finish."""
-    import mlflow
-
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=(f"tags.entry_point = '{entry_point}' and "
-                       f"tags.`{TAG_FINGERPRINT}` = '{print_}'"),
-        order_by=['attributes.start_time DESC'], max_results=50)
-    found = []
-    for run in runs:
-        tags = run.data.tags
-        if run.info.run_id == exclude or \
-                run.info.lifecycle_stage != 'active' or \
-                tags.get(TAG_STATE) == 'finished':
-            continue
-        if run.info.status in ('FAILED', 'KILLED') or (
-                run.info.status == 'RUNNING' and not _alive_here(tags)):
-            found.append(run)
-    return found
+    process is gone, with or without a resume state: the runs whose
+    half-logged models nobody will finish."""
+    return [run for run in _runs_of_config(experiment_id, entry_point, print_)
+            if _dead_unfinished(run, exclude)]
 
 
 def config_differences(run: Any, flat_cfg: Mapping[str, Any],

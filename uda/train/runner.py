@@ -237,8 +237,7 @@ def _training_run(entry_point: str, params: Mapping[str, Any],
     """The MLflow run to train in (see module docstring, step 2)."""
     import mlflow
 
-    from uda.registry import temporary_env
-    from uda.tracking import entry_point_run
+    from uda.tracking import entry_point_run, temporary_env
 
     launched = os.environ.get('MLFLOW_RUN_ID')
     if resume_run_id and launched and launched != resume_run_id:
