@@ -571,16 +571,10 @@ def _serving_device(device: str) -> Iterator[None]:
     """Run MLflow's input-example check of ``log_model`` on ``device`` (the
     CPU), not on the GPU a training run is using."""
     from uda.serving import DEVICE_ENV
+    from uda.tracking import temporary_env
 
-    previous = os.environ.get(DEVICE_ENV)
-    os.environ[DEVICE_ENV] = device
-    try:
+    with temporary_env(DEVICE_ENV, device):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(DEVICE_ENV, None)
-        else:
-            os.environ[DEVICE_ENV] = previous
 
 
 def log_segmentor(checkpoint: Union[str, os.PathLike, nn.Module,
