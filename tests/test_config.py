@@ -109,3 +109,117 @@ def test_dump_is_reloadable(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+# --- user presets that extend the built-in ones (issue 9) ---------------------------------------
+
+def _without_max_iters(cfg):
+    cfg = {**cfg, "runner": dict(cfg["runner"])}
+    del cfg["runner"]["max_iters"]
+    return cfg
+
+
+@pytest.mark.parametrize("base", ["cs2acdc", "cs2acdc.yaml"])
+def test_user_preset_extends_a_built_in_by_name_or_file_name(tmp_path, base):
+    mine = tmp_path / "my.yaml"
+    mine.write_text(f"_base_: {base}\nrunner: {{max_iters: 123}}\n")
+    cfg, full = load_config(mine), load_config("cs2acdc")
+    assert cfg["runner"]["max_iters"] == 123
+    assert _without_max_iters(cfg) == _without_max_iters(full)
+
+
+def test_user_preset_extends_the_embedded_default(tmp_path):
+    mine = tmp_path / "my.yaml"
+    mine.write_text("_base_: default\nrunner: {max_iters: 4}\n")
+    cfg = load_config(mine)
+    assert cfg["runner"]["max_iters"] == 4
+    assert _without_max_iters(cfg) == _without_max_iters(load_config("default"))
+
+
+def test_base_by_absolute_and_home_path(tmp_path, monkeypatch):
+    (tmp_path / "base.yaml").write_text("_base_: cs2acdc\nseed: 5\n")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    absolute = other / "abs.yaml"
+    absolute.write_text(f"_base_: {tmp_path / 'base'}\n")  # no suffix: .yaml is appended
+    assert load_config(absolute)["seed"] == 5
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = other / "home.yaml"
+    home.write_text("_base_: ~/base.yaml\n")
+    assert load_config(home)["seed"] == 5
+
+
+def test_local_base_wins_over_a_built_in_of_the_same_name(tmp_path):
+    # A local cs2acdc.yaml naming "cs2acdc" would be itself: it extends the built-in one.
+    (tmp_path / "cs2acdc.yaml").write_text("_base_: cs2acdc\nseed: 11\n")
+    mine = tmp_path / "my.yaml"
+    mine.write_text("_base_: cs2acdc\nrunner: {max_iters: 9}\n")
+    cfg = load_config(mine)
+    assert cfg["seed"] == 11 and cfg["runner"]["max_iters"] == 9
+    assert load_config(tmp_path / "cs2acdc.yaml")["seed"] == 11
+    full = load_config("cs2acdc")
+    assert {**_without_max_iters(cfg), "seed": full["seed"]} == _without_max_iters(full)
+
+
+def test_chain_user_then_local_base_then_built_in(tmp_path):
+    (tmp_path / "mybase.yaml").write_text("_base_: cs2acdc.yaml\nseed: 3\nrunner: {max_iters: 50}\n")
+    mine = tmp_path / "my.yaml"
+    mine.write_text("_base_: mybase\nrunner: {max_iters: 7}\n")
+    cfg = load_config(mine)
+    assert (cfg["seed"], cfg["runner"]["max_iters"]) == (3, 7)
+    assert cfg["teacher"] == load_config("cs2acdc")["teacher"]
+
+
+def test_built_in_default_still_extends_cs2acdc_yaml():
+    assert "_base_: cs2acdc.yaml" in (load_config.__globals__["PRESETS_DIR"] / "default.yaml").read_text()
+    assert load_config("default")["uda"]["pseudo_threshold"] == 0.968
+
+
+def test_missing_base_is_one_clear_error(tmp_path):
+    mine = tmp_path / "my.yaml"
+    mine.write_text("_base_: cs2acdc-large\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(mine)
+    message = str(info.value)
+    assert str(mine.resolve()) in message  # the file that asked for it
+    assert str(tmp_path.resolve() / "cs2acdc-large.yaml") in message  # where it looked
+    assert "uda/configs/cs2acdc-large.yaml" in message.replace("\\", "/")
+    assert "Built-in presets: cs2acdc, default" in message
+
+
+@pytest.mark.parametrize("base", ["[cs2acdc.yaml, default.yaml]", "3", "''"])
+def test_base_must_be_one_string(tmp_path, base):
+    mine = tmp_path / "my.yaml"
+    mine.write_text(f"_base_: {base}\n")
+    with pytest.raises(ConfigError, match="only one base file is supported"):
+        load_config(mine)
+
+
+def test_circular_chains_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="Circular _base_ chain"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("_base_: self\n")  # not a built-in: no fallback
+    with pytest.raises(ConfigError, match="Circular _base_ chain"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_entry_point_prints_a_missing_base_as_one_error_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: nowhere\n")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "entrypoints/evaluate.py", "--preset", str(bad),
+                           "--target-root", "data/embedded/acdc"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "nowhere" in errors[0] and "cs2acdc, default" in errors[0]

@@ -3,9 +3,14 @@
 A preset is a YAML file in ``uda/configs/`` (or any path). The full recipe,
 ``cs2acdc.yaml``, defines every key; other presets name it in ``_base_`` and
 may only change values, so a typo is an error instead of a silently ignored
-knob. Overrides use mmsegmentation's ``--cfg-options`` form, ``a.b.c=value``,
-with values parsed as YAML (``runner.max_iters=200``,
-``model.hr_crop_size=[256,256]``).
+knob. ``_base_`` is one string: an absolute path (``~`` works), or a name
+looked up first next to the file that names it (as given, then with ``.yaml``
+or ``.yml`` appended when it has no suffix), then among the built-in presets
+(``cs2acdc`` or ``cs2acdc.yaml``). So a user's ``my.yaml`` anywhere can say
+``_base_: cs2acdc``; a local file that names itself (a ``cs2acdc.yaml`` with
+``_base_: cs2acdc``) extends the built-in preset of that name. Overrides use
+mmsegmentation's ``--cfg-options`` form, ``a.b.c=value``, with values parsed
+as YAML (``runner.max_iters=200``, ``model.hr_crop_size=[256,256]``).
 
 Example:
     >>> cfg = load_config("default", ["runner.max_iters=10"])
@@ -112,6 +117,46 @@ def merge_into(base: dict[str, Any], update: Mapping[str, Any], prefix: str = ""
     return merged
 
 
+def _with_suffixes(path: Path) -> list[Path]:
+    """``path`` as given, then with ``.yaml``/``.yml`` when it has no suffix."""
+    if path.suffix:
+        return [path]
+    return [path, path.with_name(path.name + ".yaml"), path.with_name(path.name + ".yml")]
+
+
+def _resolve_base(base: Any, path: Path) -> Path:
+    """Find the file that ``path``'s ``_base_: base`` names (see the module docstring)."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"{path}: {BASE_KEY} must be a string naming one base file (a preset name or a YAML "
+            f"path), got {base!r}; only one base file is supported.")
+    try:
+        given = Path(base.strip()).expanduser()
+    except RuntimeError:  # "~" with no home directory
+        raise ConfigError(f"{path}: cannot expand {BASE_KEY} {base!r}: no home directory.") from None
+    local = _with_suffixes(given if given.is_absolute() else path.parent / given)
+    named_itself = False
+    for candidate in local:
+        if candidate.is_file():
+            if candidate.resolve() == path:
+                # "cs2acdc.yaml" saying "_base_: cs2acdc" means the built-in one, not itself.
+                named_itself = True
+                continue
+            return candidate
+    # Only a bare name can be a built-in preset; "../x.yaml" or "/x" is a path.
+    builtin: list[Path] = []
+    if not given.is_absolute() and len(given.parts) == 1:
+        builtin = [PRESETS_DIR / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")]
+        if builtin[0].is_file():
+            return builtin[0]
+    if named_itself:
+        return path  # no built-in of that name: report it as the circular chain it is
+    looked = ", ".join(str(c) for c in (*local, *builtin))
+    raise ConfigError(
+        f"{path} has {BASE_KEY}: {base}, which was not found. Looked for: {looked}. "
+        f"Built-in presets: {', '.join(list_presets())}.")
+
+
 def _load_preset_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
@@ -120,7 +165,7 @@ def _load_preset_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     base_name = data.pop(BASE_KEY, None)
     if base_name is None:
         return data
-    base = _load_preset_file((path.parent / base_name), (*seen, path))
+    base = _load_preset_file(_resolve_base(base_name, path), (*seen, path))
     try:
         return merge_into(base, data)
     except ConfigError as err:
