@@ -14,8 +14,11 @@
 4. ClassMix of half the source classes into the target crops, colour jitter
    and blur, loss with the per-pixel weights, backward;
 5. MIC: the ``mask_mode`` images (``separate``: first source + first target
-   crop) with 70 % of their 64-px blocks zeroed, loss with the same labels
-   and weights, fused loss × ``mask_lambda``, backward;
+   crop) with 70 % of their 64-px blocks zeroed, loss with the unmixed
+   pseudo-labels, fused loss × ``mask_lambda``, backward. The target weight
+   is the unmixed pseudo weight with the EMA teacher (MIC) and the
+   ClassMix-mixed weight of step 4 with a frozen teacher (the original CKD,
+   ``ckd_single.py``; see :func:`~uda.train.masking.masked_pseudo_weight`);
 6. ``optimizer.step()``, ``scheduler.step()``.
 
 ``runner.precision: bf16`` runs every forward pass (student, teacher,
@@ -66,7 +69,7 @@ from .data import STREAM_STEP, iteration_seed, seed_everything
 from .distributed import DistContext
 from .feature_distance import ImageNetFeatureDistance
 from .masking import (build_mask_generator, mask_mode_uses_aug,
-                      select_masked_batch)
+                      masked_pseudo_weight, select_masked_batch)
 from .optim import build_lr_scheduler, build_optimizer, current_lrs
 from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
 
@@ -371,6 +374,11 @@ class UDATrainer:
                     mixed_img=mixed.img[0].detach().cpu(),
                     mixed_label=mixed.label[0, 0].cpu(),
                     mixed_pred=_prediction(mix_logits[0], gt.shape[-2:]))
+            # The masked loss's target weight: the mixed one for the
+            # distillation (original CKD, ckd_single.py), the unmixed one for
+            # MIC (dacs.py). Rebinding frees whichever is not needed.
+            pseudo_weight = masked_pseudo_weight(self.mode, pseudo_weight,
+                                                 mixed.weight)
             del mix_logits, mixed
 
             # 4. MIC masked image consistency

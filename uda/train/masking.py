@@ -26,6 +26,15 @@ The ``aug`` variants run the DACS colour jitter and blur
 *before* masking; the plain variants mask the clean images. MIC scales only
 the fused ``decode.loss_seg`` of the masked forward by ``mask_lambda`` (the
 detail loss keeps weight 1); with ``mask_lambda = 1`` nothing changes.
+
+The target weight of the masked loss depends on the teacher
+(:func:`masked_pseudo_weight`): MIC (EMA teacher) passes the *unmixed*
+pseudo-label weight, as lhoyer/MIC ``dacs.py``; the distillation (frozen
+teacher) passes the *ClassMix-mixed* weight (1 where source pixels were
+pasted, the confidence weight elsewhere), as the original CKD
+(leoil/ACDC_UDA_seg ``mmseg/models/uda/ckd_single.py``, which overwrites its
+pseudo weight with the mixed one before calling the MIC module). The pseudo
+*label* stays the unmixed teacher label in both.
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'MASK_MODES', 'BlockMaskGenerator', 'build_mask_generator',
-    'mask_mode_uses_aug', 'select_masked_batch'
+    'mask_mode_uses_aug', 'masked_pseudo_weight', 'select_masked_batch'
 ]
 
 #: Every ``uda.mask_mode`` MIC accepts.
@@ -125,6 +134,34 @@ def mask_mode_uses_aug(mask_mode: str) -> bool:
     """Whether ``mask_mode`` colour-augments the images before masking."""
     _check_mode(mask_mode)
     return mask_mode.endswith('aug')
+
+
+def masked_pseudo_weight(teacher_mode: str, pseudo_weight: torch.Tensor,
+                         mixed_weight: torch.Tensor) -> torch.Tensor:
+    """The target weight the masked (MIC) loss trains with.
+
+    Args:
+        teacher_mode: :attr:`uda.train.loop.UDATrainer.mode`: ``'mic'`` (EMA
+            teacher) or ``'distill'`` (frozen teacher).
+        pseudo_weight: ``(B, H, W)`` unmixed pseudo-label weight.
+        mixed_weight: ``(B, H, W)`` ClassMix weight of the same batch
+            (:attr:`uda.train.augment.MixedBatch.weight`: 1 under the mix
+            mask, ``pseudo_weight`` elsewhere).
+
+    Returns:
+        ``mixed_weight`` for ``'distill'``: the original CKD
+        (leoil/ACDC_UDA_seg ``ckd_single.py`` ``forward_train``) overwrites
+        ``pseudo_weight[i]`` by the ``strong_transform`` of
+        ``(gt_pixel_weight[i], pseudo_weight[i])`` and passes that to
+        ``self.mic(...)``. ``pseudo_weight`` for ``'mic'``: lhoyer/MIC
+        ``dacs.py`` passes the unmixed weight.
+    """
+    if teacher_mode == 'distill':
+        return mixed_weight
+    if teacher_mode == 'mic':
+        return pseudo_weight
+    raise ValueError(f"teacher_mode must be 'mic' or 'distill', got "
+                     f"{teacher_mode!r}.")
 
 
 def select_masked_batch(
