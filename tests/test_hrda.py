@@ -280,13 +280,35 @@ def test_builder_validation_errors_name_the_key():
         normalize_model_cfg(tiny_cfg(test_cfg={'mode': 'tiles'}))
 
 
+def test_max_windows_per_batch_is_validated_and_reaches_the_model():
+    for bad in (0, -2, True, 1.5, '2', [2]):
+        with pytest.raises(ModelConfigError,
+                           match=r'model\.test_cfg\.max_windows_per_batch '
+                                 r'must be a positive integer .* or null'):
+            normalize_model_cfg(tiny_cfg(test_cfg={
+                'max_windows_per_batch': bad}))
+    cfg = normalize_model_cfg(tiny_cfg(test_cfg={'max_windows_per_batch': 3}))
+    assert cfg['test_cfg']['max_windows_per_batch'] == 3
+    assert cfg['test_cfg']['mode'] == 'slide'  # the rest keeps its defaults
+    assert normalize_model_cfg(tiny_cfg(test_cfg={
+        'max_windows_per_batch': None}))['test_cfg'][
+            'max_windows_per_batch'] is None
+    model = build_segmentor(tiny_cfg(test_cfg={'max_windows_per_batch': 2}))
+    assert model.max_windows_per_batch == 2
+    with pytest.raises(ValueError, match='max_windows_per_batch'):
+        HRDASegmentor(model.backbone, NUM_CLASSES, channels=16,
+                      dilations=(1, 2), hr_crop_size=(32, 32),
+                      test_cfg={'max_windows_per_batch': 0})
+
+
 def test_builder_defaults_are_mic_values():
     cfg = normalize_model_cfg({'backbone': 'mit_b5'})
     assert cfg['scales'] == [1, 0.5] and cfg['hr_crop_size'] == [512, 512]
     assert cfg['hr_loss_weight'] == 0.1 and cfg['crop_coord_divisible'] == 8
     assert cfg['decode_head']['dilations'] == [1, 6, 12, 18]
     assert cfg['test_cfg'] == {'mode': 'slide', 'crop_size': [1024, 1024],
-                               'stride': [512, 512], 'batched_slide': True}
+                               'stride': [512, 512], 'batched_slide': True,
+                               'max_windows_per_batch': None}
 
 
 def test_presets_build(model):

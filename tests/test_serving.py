@@ -376,6 +376,54 @@ def test_small_request_is_not_held_up_by_a_large_one(served, windows,
     assert order.count('large') == 12
 
 
+def test_odd_sized_image_gives_a_label_map_of_its_size(served, segmentor):
+    # 73x101: no multiple of 8, smaller than one 128x128 window (clipped).
+    png = example_image_png(73, 101)
+    out = served.predict(None, input_frame(png))
+    assert (out['height'][0], out['width'][0]) == (73, 101)
+    label_map = decode_png(out['label_map'][0])
+    assert label_map.shape == (73, 101) and label_map.dtype == np.uint8
+    rgb = np.array(Image.open(io.BytesIO(png)).convert('RGB'))
+    assert_labels_match_reference(label_map, segmentor, rgb)
+
+
+def test_serving_runs_the_segmentors_bounded_slide_loop(served, segmentor,
+                                                        monkeypatch):
+    from uda.models.hrda import default_windows_per_batch
+
+    # The served model got the CPU default bound at load; the preset's
+    # model (and its config) did not change.
+    assert served.model.max_windows_per_batch == 64 == \
+        default_windows_per_batch('cpu', 64 * 64)
+    assert segmentor.max_windows_per_batch is None
+    # 137x263: 2 x 4 windows, the last row (at 9) and column (at 135)
+    # clamped to the border.
+    rgb = _rgb(137, 263)
+    monkeypatch.setattr(served, 'slide_batch_pixels', 3 * 128 * 128)
+    groups = served.model.slide_batches(137, 263, windows_per_forward=3)
+    assert [len(g) for g in groups] == [3, 3, 2]
+    assert groups[-1][-1] == (9, 137, 135, 263)
+    passes: list[int] = []
+    handle = served.model.backbone.register_forward_hook(
+        lambda module, args, out: passes.append(args[0].shape[0]))
+    try:
+        label_map = served.segment(rgb)
+        # Per window group: one context pass, then the 9 detail windows of
+        # each of its windows in passes of at most 64 ...
+        assert passes == [3, 27, 3, 27, 2, 18]
+        assert_labels_match_reference(label_map, segmentor, rgb)
+        # ... or of the model's own bound.
+        monkeypatch.setitem(served.model.test_cfg, 'max_windows_per_batch',
+                            8)
+        passes.clear()
+        bounded = served.segment(rgb)
+        assert passes == [3, 8, 8, 8, 3, 3, 8, 8, 8, 3, 2, 8, 8, 2]
+    finally:
+        handle.remove()
+    assert label_map.shape == bounded.shape == (137, 263)
+    assert_labels_match_reference(bounded, segmentor, rgb)
+
+
 
 def test_bad_row_is_named_and_costs_no_inference(served):
     frame = pd.DataFrame({'image': [b64(example_image_png()), 'AAAA']})

@@ -49,6 +49,7 @@ from uda.data.layouts import ACDC_CONDITIONS, Sample
 from uda.data.pipelines import load_image
 from uda.errors import UserError
 from uda.metrics import ConditionTable, ConfusionMatrix, PerConditionMetrics
+from uda.models.hrda import bounded_slide
 from uda.precision import PRECISIONS, autocast
 
 __all__ = [
@@ -283,7 +284,9 @@ def predict_dataset(model: torch.nn.Module,
     try:
         for group in _consecutive_batches(loader, int(batch_size)):
             imgs = torch.stack([item['img'] for item in group]).to(device, non_blocking=True)
-            with autocast(device, precision):
+            # Bounded windows per forward on a CPU (a full-size frame would
+            # otherwise batch every window at once, as MIC does on a GPU).
+            with autocast(device, precision), bounded_slide(model, device):
                 logits = model.inference(imgs, mode)
             for k, item in enumerate(group):
                 size = [int(v) for v in item['ori_size']]

@@ -36,15 +36,21 @@ Bounded cost per request:
   bytes per request (sums over its images). They are checked from the file
   headers before any pixel is decoded; an over-budget request is answered
   with HTTP 413 and a message naming the limit.
-* **Memory.** Slide-mode models run their windows in batches of at most
-  :data:`SLIDE_BATCH_PIXELS` window pixels, and the overlapping window
-  logits are averaged in a strip one window high that is turned into
-  label-map rows as soon as no later window covers them. So a request
-  costs one batch of windows plus about 4 bytes per pixel (RGB + label
-  map) and one strip, whatever the image size; the label map equals
-  ``model(img).argmax(1)`` (same windows, sums in the same order) up to
-  last-bit differences of the window logits between batch sizes, which
-  can only flip near-tied pixels.
+* **Memory.** Slide-mode models run their windows through the segmentor's
+  own window loop (:meth:`uda.models.hrda.HRDASegmentor.slide_forward`,
+  the one :meth:`~uda.models.hrda.HRDASegmentor.slide_inference` uses) in
+  batches of at most :data:`SLIDE_BATCH_PIXELS` window pixels, and the
+  overlapping window logits are averaged in a strip one window high that is
+  turned into label-map rows as soon as no later window covers them. The
+  model's ``test_cfg.max_windows_per_batch`` is set at load to its device
+  default (:func:`uda.models.hrda.default_windows_per_batch`: on CPU at
+  most 2**18 input pixels per backbone pass, so the 9 detail windows of a
+  full-recipe window run one per pass; on CUDA unbounded) unless its config
+  sets one. So a request costs one batch of windows plus about 4 bytes per
+  pixel (RGB + label map) and one strip, whatever the image size; the label
+  map equals ``model(img).argmax(1)`` (same windows, sums in the same
+  order) up to last-bit differences of the window logits between batch
+  sizes, which can only flip near-tied pixels.
 * **Deadline.** Under ``mlflow models serve`` the model reads the server's
   request timeout (``-t``, passed to the server process as
   ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``) and checks it before every
@@ -558,6 +564,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.device = torch.device(name)
         self.model = build_from_checkpoint(checkpoint_path).eval().to(
             self.device)
+        # This wrapper's own model: bounded detail passes on a CPU (the
+        # model's own value, when its config sets one, is kept).
+        self.model.set_windows_per_batch(
+            self.model.device_windows_per_batch(self.device))
 
     def load_context(self, context: Any) -> None:
         """Build the segmentor from the logged checkpoint artifact.
@@ -589,10 +599,14 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def windows_per_batch(self, window_pixels: int) -> int:
         """Slide windows run together: as many as fit in
         :attr:`slide_batch_pixels` (at least one), or one when the model's
-        ``test_cfg.batched_slide`` is off."""
+        ``test_cfg.batched_slide`` is off. The segmentor's window loop
+        (:meth:`~uda.models.hrda.HRDASegmentor.slide_batches`) caps it
+        further at the model's ``test_cfg.max_windows_per_batch``."""
+        from uda.models.hrda import windows_for_pixels
+
         if not self._segmentor().test_cfg.get('batched_slide', False):
             return 1
-        return max(1, self.slide_batch_pixels // max(window_pixels, 1))
+        return windows_for_pixels(self.slide_batch_pixels, window_pixels)
 
     def segment(self, rgb: np.ndarray, deadline: Optional[float] = None,
                 name: str = 'the image') -> np.ndarray:
@@ -620,29 +634,34 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                     raise deadline.error(f'before {name}')
                 logits = model(_to_tensor(rgb, self.device))
                 return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
-        from uda.models.hrda import slide_windows
-
         height, width = rgb.shape[:2]
-        boxes = slide_windows(height, width, model.test_cfg['crop_size'],
-                              model.test_cfg['stride'])
-        window_h = boxes[0][1] - boxes[0][0]
-        window_w = boxes[0][3] - boxes[0][2]
-        per_batch = self.windows_per_batch(window_h * window_w)
+        # Clipped to the image when a window is larger than it.
+        window_h = min(int(model.test_cfg['crop_size'][0]), height)
+        window_w = min(int(model.test_cfg['crop_size'][1]), width)
         stitcher = _StripStitcher(height, width, window_h, model.num_classes,
                                   self.device)
-        for start in range(0, len(boxes), per_batch):
-            chunk = boxes[start:start + per_batch]
-            where = (f'after {start} of the {len(boxes)} windows of {name}')
+
+        @contextlib.contextmanager
+        def turn(start: int, total: int) -> Iterator[None]:
+            where = f'after {start} of the {total} windows of {name}'
             with self._turns.turn(deadline, where):
                 # Checked again once it is our turn: the wait may have used
                 # the time up.
                 if deadline.expired():
                     raise deadline.error(where)
-                logits = model.encode_decode(
-                    _windows_tensor(rgb, chunk, self.device))
-                for box, window_logits in zip(chunk, logits):
-                    stitcher.add(box, window_logits)
-                del logits
+                yield
+
+        def add(boxes: Sequence[Box], logits: torch.Tensor) -> None:
+            for box, window_logits in zip(boxes, logits):
+                stitcher.add(box, window_logits)
+
+        # The segmentor's window loop (same windows and groups as its
+        # slide_inference), strip-stitched here to bound the memory.
+        model.slide_forward(
+            height, width,
+            lambda boxes: _windows_tensor(rgb, boxes, self.device), add,
+            windows_per_forward=self.windows_per_batch(window_h * window_w),
+            around_batch=turn)
         return stitcher.finish()
 
     def _check_request(self, frame: pd.DataFrame) -> list[Image.Image]:

@@ -21,7 +21,8 @@ The ``model`` section of a preset uses MIC's vocabulary::
       hr_slide_inference: true
       feature_scale: 0.5                 # optional (MIC: 0.5)
       test_cfg: {mode: slide, crop_size: [1024, 1024], stride: [512, 512],
-                 batched_slide: true}
+                 batched_slide: true,
+                 max_windows_per_batch: null}  # null: all at once (MIC)
 
 Every key except ``backbone`` is optional and defaults to the MIC/HRDA value
 above; an unknown key is an error naming it and the valid keys.
@@ -213,6 +214,13 @@ def normalize_model_cfg(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     test['stride'] = _pair(test['stride'], 'model.test_cfg.stride')
     test['batched_slide'] = _bool(test['batched_slide'],
                                   'model.test_cfg.batched_slide')
+    bound = test['max_windows_per_batch']
+    if bound is not None and (isinstance(bound, bool) or
+                              not isinstance(bound, int) or bound < 1):
+        raise ModelConfigError(
+            f'model.test_cfg.max_windows_per_batch must be a positive '
+            f'integer (most windows per forward pass in inference) or null '
+            f'(every window at once, as MIC), got {bound!r}.')
     cfg['test_cfg'] = test
     return cfg
 

@@ -26,10 +26,21 @@ Inference: ``whole`` (one pass; the detail branch optionally by overlapping
 slide of ``hr_crop_size`` windows, ``hr_slide_inference``) or ``slide``
 (overlapping ``test_cfg.crop_size`` windows, optionally batched,
 count-normalised), always returning logits at the input resolution.
+
+Bounded memory: ``test_cfg.max_windows_per_batch`` (null: MIC's behaviour,
+every slide window and every detail window of an image in one forward pass)
+caps the images of one backbone pass: slide windows per forward, and detail
+windows per backbone + head pass. The logits are the same up to float
+batch-size effects. :func:`default_windows_per_batch` is the bound the
+evaluate and serving paths pick for a device (CPU: a small one; CUDA: none),
+applied with :func:`bounded_slide` or
+:meth:`HRDASegmentor.limit_windows_per_batch` without changing the preset.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+import contextlib
+from typing import (Any, Callable, ContextManager, Iterator, Mapping,
+                    Optional, Sequence, Union)
 
 import torch
 import torch.nn as nn
@@ -40,7 +51,8 @@ from .losses import IGNORE_INDEX, get_loss, pixel_accuracy
 
 __all__ = [
     'HRDAHead', 'HRDASegmentor', 'get_crop_bbox', 'crop', 'slide_windows',
-    'DEFAULT_TEST_CFG'
+    'DEFAULT_TEST_CFG', 'CPU_PASS_PIXELS', 'windows_for_pixels',
+    'check_windows_per_batch', 'default_windows_per_batch', 'bounded_slide'
 ]
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), like MIC
@@ -52,7 +64,81 @@ DEFAULT_TEST_CFG: dict[str, Any] = {
     'crop_size': [1024, 1024],
     'stride': [512, 512],
     'batched_slide': True,
+    # Most images per backbone pass in inference (slide windows per forward,
+    # detail windows per pass); None: all at once, as MIC.
+    'max_windows_per_batch': None,
 }
+
+#: Input pixels per backbone pass that :func:`default_windows_per_batch`
+#: allows off-GPU: one 512x512 image, i.e. one window of the full recipe
+#: (a 1024x1024 window at the context scale 0.5, or one 512x512 detail
+#: window; ~0.4 GB of activations for FAN-L), 64 of the default preset's
+#: (64x64 each). Never less than one window.
+CPU_PASS_PIXELS = 2**18
+
+# "Use test_cfg.max_windows_per_batch" (None already means "no bound").
+_FROM_CFG: Any = object()
+
+
+def windows_for_pixels(pixel_budget: int, window_pixels: int) -> int:
+    """Windows of ``window_pixels`` that fit in ``pixel_budget`` (>= 1)."""
+    return max(1, int(pixel_budget) // max(int(window_pixels), 1))
+
+
+def check_windows_per_batch(value: Any,
+                            key: str = 'test_cfg.max_windows_per_batch'
+                            ) -> Optional[int]:
+    """``value`` if it is a positive int or None, else a ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{key} must be a positive integer or null (null: '
+                         f'every window in one batch, as MIC), got '
+                         f'{value!r}.')
+    return int(value)
+
+
+def default_windows_per_batch(device: Union[str, torch.device, None],
+                              image_pixels: Optional[int] = None
+                              ) -> Optional[int]:
+    """The ``max_windows_per_batch`` to run inference with on ``device``.
+
+    CUDA: None (MIC's one batch; a 1920x1080 frame of the full recipe fits a
+    32 GB GPU). Any other device (CPU): as many images of ``image_pixels``
+    (the largest input of one backbone pass, see
+    :meth:`HRDASegmentor.device_windows_per_batch`) as fit in
+    :data:`CPU_PASS_PIXELS`: 1 for the full recipe, 64 for the default
+    preset; 1 without ``image_pixels``. All at once costs ~20 GB of RAM per
+    1920x1080 frame of the full recipe.
+    """
+    if device is not None and torch.device(device).type == 'cuda':
+        return None
+    if image_pixels is None:
+        return 1
+    return windows_for_pixels(CPU_PASS_PIXELS, image_pixels)
+
+
+@contextlib.contextmanager
+def bounded_slide(model: nn.Module,
+                  device: Union[str, torch.device, None]
+                  ) -> Iterator[Optional[int]]:
+    """Run ``model`` with its device default ``max_windows_per_batch``
+    inside the block, restoring its ``test_cfg`` afterwards.
+
+    The model's own value wins when it is set (not None); otherwise
+    :func:`default_windows_per_batch` of ``device``. A model without the
+    key (not an :class:`HRDASegmentor`) runs unchanged. Not for a model
+    shared between threads (it changes ``model.test_cfg`` for the block).
+
+    Yields:
+        The bound in force (None: unbounded).
+    """
+    if not isinstance(model, HRDASegmentor):
+        yield None
+        return
+    bound = model.device_windows_per_batch(device)
+    with model.limit_windows_per_batch(bound):
+        yield bound
 
 
 def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -150,6 +236,36 @@ def _scale_box(box: Box, factor: float) -> Box:
     return tuple(int(v / factor) for v in box)  # type: ignore[return-value]
 
 
+class _WindowSums:
+    """Sums of window logits and window counts over a ``(B, C, H, W)`` map,
+    filled batch by batch; :meth:`mean` divides each pixel by the number of
+    windows covering it. Sums are in fp32 even under autocast and are added
+    in window order, so any batching gives the same sums of the same
+    logits."""
+
+    def __init__(self, batch_size: int, channels: int, height: int,
+                 width: int, device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.sums = torch.zeros((batch_size, channels, height, width),
+                                dtype=torch.float32, device=device)
+        self.count = torch.zeros((batch_size, 1, height, width),
+                                 dtype=torch.float32, device=device)
+
+    def add(self, boxes: Sequence[Box], logits: torch.Tensor) -> None:
+        """Add window logits held crop-major: rows ``i*B:(i+1)*B`` belong to
+        ``boxes[i]``."""
+        b = self.batch_size
+        for i, (y1, y2, x1, x2) in enumerate(boxes):
+            self.sums[:, :, y1:y2, x1:x2] += logits[i * b:(i + 1) * b]
+            self.count[:, :, y1:y2, x1:x2] += 1
+
+    def mean(self) -> torch.Tensor:
+        if bool((self.count == 0).any()):
+            raise RuntimeError('Slide windows do not cover the whole image; '
+                               'check crop_size and stride.')
+        return self.sums / self.count
+
+
 def _stitch(logits: torch.Tensor, boxes: Sequence[Box], batch_size: int,
             height: int, width: int) -> torch.Tensor:
     """Average window logits into a ``(B, C, height, width)`` map.
@@ -157,18 +273,10 @@ def _stitch(logits: torch.Tensor, boxes: Sequence[Box], batch_size: int,
     ``logits`` holds the windows crop-major: rows ``i*B:(i+1)*B`` belong to
     ``boxes[i]``. Each pixel is divided by the number of windows covering it.
     """
-    # Accumulate in fp32 even under autocast.
-    out = logits.new_zeros((batch_size, logits.shape[1], height, width),
-                           dtype=torch.float32)
-    count = logits.new_zeros((batch_size, 1, height, width),
-                             dtype=torch.float32)
-    for i, (y1, y2, x1, x2) in enumerate(boxes):
-        out[:, :, y1:y2, x1:x2] += logits[i * batch_size:(i + 1) * batch_size]
-        count[:, :, y1:y2, x1:x2] += 1
-    if bool((count == 0).any()):
-        raise RuntimeError('Slide windows do not cover the whole image; '
-                           'check crop_size and stride.')
-    return out / count
+    sums = _WindowSums(batch_size, logits.shape[1], height, width,
+                       logits.device)
+    sums.add(boxes, logits)
+    return sums.mean()
 
 
 class HRDAHead(nn.Module):
@@ -217,7 +325,9 @@ class HRDAHead(nn.Module):
             hr_input: Backbone features of the detail input, or a dict
                 ``{'features': crop-major window features, 'boxes': windows
                 in detail-image pixels}`` (see
-                :meth:`HRDASegmentor.extract_slide_feat`).
+                :meth:`HRDASegmentor.extract_slide_feat`), or ``{'logits':
+                crop-major window logits of :attr:`head`, 'boxes': ...}``
+                (see :meth:`HRDASegmentor.slide_detail_logits`).
             batch_size: Images per window.
         """
         if not isinstance(hr_input, Mapping):
@@ -225,7 +335,10 @@ class HRDAHead(nn.Module):
         boxes = [_scale_box(b, self.os) for b in hr_input['boxes']]
         height = max(b[1] for b in boxes)
         width = max(b[3] for b in boxes)
-        window_logits = self.head(hr_input['features'])
+        if 'logits' in hr_input:
+            window_logits = hr_input['logits']
+        else:
+            window_logits = self.head(hr_input['features'])
         return _stitch(window_logits, boxes, batch_size, height, width)
 
     def forward(
@@ -308,7 +421,9 @@ class HRDASegmentor(nn.Module):
             (MIC: 0.5, the context features, for the ImageNet feature
             distance).
         test_cfg: ``{'mode': 'slide'|'whole', 'crop_size', 'stride',
-            'batched_slide'}``.
+            'batched_slide', 'max_windows_per_batch'}`` (see
+            :data:`DEFAULT_TEST_CFG`; ``max_windows_per_batch``: most images
+            per backbone pass in inference, None = all at once as MIC).
         ignore_index: Label value without supervision.
     """
 
@@ -358,6 +473,7 @@ class HRDASegmentor(nn.Module):
         if self.test_cfg['mode'] not in ('slide', 'whole'):
             raise ValueError(f"test_cfg.mode must be 'slide' or 'whole', got "
                              f"{self.test_cfg['mode']!r}.")
+        check_windows_per_batch(self.test_cfg['max_windows_per_batch'])
         if self.hr_slide_inference and self.hr_crop_size is None:
             raise ValueError('hr_slide_inference needs hr_crop_size (the '
                              'detail window size).')
@@ -390,6 +506,27 @@ class HRDASegmentor(nn.Module):
         windows = torch.cat([crop(img, b) for b in boxes], dim=0)
         return {'features': self.extract_unscaled_feat(windows),
                 'boxes': boxes}
+
+    def slide_detail_logits(self, img: torch.Tensor,
+                            max_windows_per_batch: Optional[int] = None
+                            ) -> dict[str, Any]:
+        """Segmentation-head logits of the overlapping ``hr_crop_size``
+        windows (stride = half a window), crop-major, at most
+        ``max_windows_per_batch`` windows per backbone + head pass (None:
+        all in one pass, as MIC). Returns ``{'logits', 'boxes'}`` for
+        :meth:`HRDAHead.decode_hr`."""
+        assert self.hr_crop_size is not None
+        stride = [v // 2 for v in self.hr_crop_size]
+        boxes = slide_windows(img.shape[2], img.shape[3], self.hr_crop_size,
+                              stride)
+        windows = torch.cat([crop(img, b) for b in boxes], dim=0)
+        step = windows.shape[0] if max_windows_per_batch is None else \
+            max_windows_per_batch
+        logits = [self.decode_head.head(self.extract_unscaled_feat(
+            windows[start:start + step]))
+            for start in range(0, windows.shape[0], step)]
+        return {'logits': logits[0] if len(logits) == 1 else
+                torch.cat(logits, dim=0), 'boxes': boxes}
 
     # ------------------------------------------------------------------
     # Training
@@ -478,15 +615,33 @@ class HRDASegmentor(nn.Module):
     # ------------------------------------------------------------------
     # Inference
     # ------------------------------------------------------------------
-    def encode_decode(self, img: torch.Tensor) -> torch.Tensor:
+    def encode_decode(self, img: torch.Tensor,
+                      max_windows_per_batch: Optional[int] = _FROM_CFG
+                      ) -> torch.Tensor:
         """Fused logits of whole inputs, at the input resolution.
 
         The detail branch runs on the full-resolution input, by overlapping
         ``hr_crop_size`` windows when ``hr_slide_inference`` is set.
+
+        Args:
+            img: ``(N, 3, H, W)`` inputs.
+            max_windows_per_batch: Most images per backbone pass: more
+                inputs are run in groups of that many, and the detail
+                windows of a group that many per pass. Default:
+                ``test_cfg.max_windows_per_batch``; None: all at once.
         """
+        limit = self._windows_limit(max_windows_per_batch)
+        if limit is not None and img.shape[0] > limit:
+            return torch.cat([self._encode_decode(img[start:start + limit],
+                                                  limit)
+                              for start in range(0, img.shape[0], limit)])
+        return self._encode_decode(img, limit)
+
+    def _encode_decode(self, img: torch.Tensor,
+                       limit: Optional[int]) -> torch.Tensor:
         lr_feats = self.extract_unscaled_feat(resize_by(img, self.lr_scale))
         if self.hr_slide_inference:
-            hr_input: Any = self.extract_slide_feat(img)
+            hr_input: Any = self.slide_detail_logits(img, limit)
         else:
             hr_input = self.extract_unscaled_feat(img)
         fused = self.decode_head(lr_feats, hr_input)[0]
@@ -499,24 +654,162 @@ class HRDASegmentor(nn.Module):
         """Logits of the whole image in one pass (``test_cfg.mode='whole'``)."""
         return self.encode_decode(img)
 
-    def slide_inference(self, img: torch.Tensor) -> torch.Tensor:
+    # -- bounded slide inference ------------------------------------------
+    @property
+    def max_windows_per_batch(self) -> Optional[int]:
+        """``test_cfg.max_windows_per_batch`` (None: all at once)."""
+        return self.test_cfg.get('max_windows_per_batch')
+
+    def set_windows_per_batch(self, value: Optional[int]) -> None:
+        """Set ``test_cfg.max_windows_per_batch`` of this model (a positive
+        int, or None for MIC's all at once). Inference only: checkpoints
+        save ``model.model_cfg``, which keeps the configured value."""
+        self.test_cfg['max_windows_per_batch'] = check_windows_per_batch(value)
+
+    @contextlib.contextmanager
+    def limit_windows_per_batch(self,
+                                value: Optional[int]) -> Iterator[None]:
+        """``max_windows_per_batch = value`` inside the block only (it
+        changes ``test_cfg`` meanwhile: not for a model that other threads
+        run at the same time)."""
+        saved = self.test_cfg.get('max_windows_per_batch')
+        self.set_windows_per_batch(value)
+        try:
+            yield
+        finally:
+            self.test_cfg['max_windows_per_batch'] = saved
+
+    def pass_image_pixels(self) -> int:
+        """Pixels of the largest image of one backbone pass in slide
+        inference: a ``test_cfg.crop_size`` window at the context scale, or
+        a detail window (``hr_crop_size``; the whole window without
+        ``hr_slide_inference``). Full recipe: 512 x 512 for both."""
+        h, w = (int(v) for v in self.test_cfg['crop_size'])
+        context = int(h * self.lr_scale) * int(w * self.lr_scale)
+        if self.hr_slide_inference and self.hr_crop_size is not None:
+            detail = min(self.hr_crop_size[0], h) * \
+                min(self.hr_crop_size[1], w)
+        else:
+            detail = h * w
+        return max(context, detail, 1)
+
+    def device_windows_per_batch(
+            self, device: Union[str, torch.device, None]) -> Optional[int]:
+        """The model's own ``max_windows_per_batch`` when set, else
+        :func:`default_windows_per_batch` of ``device`` for its passes
+        (CPU: 1 for the full recipe, 64 for the default preset; CUDA:
+        None)."""
+        if self.max_windows_per_batch is not None:
+            return self.max_windows_per_batch
+        return default_windows_per_batch(device, self.pass_image_pixels())
+
+    def _windows_limit(self, value: Any) -> Optional[int]:
+        if value is _FROM_CFG:
+            value = self.max_windows_per_batch
+        return check_windows_per_batch(value, 'max_windows_per_batch')
+
+    def slide_batches(self, height: int, width: int, batch_size: int = 1,
+                      max_windows_per_batch: Optional[int] = _FROM_CFG,
+                      windows_per_forward: Optional[int] = None
+                      ) -> list[list[Box]]:
+        """The slide windows of an image in the groups run per forward.
+
+        :func:`slide_windows` of ``test_cfg.crop_size``/``stride``, in that
+        order, one window per group without ``test_cfg.batched_slide``,
+        else ``max_windows_per_batch // batch_size`` (at least one; None:
+        all windows in one group), and at most ``windows_per_forward``.
+        """
+        boxes = slide_windows(height, width, self.test_cfg['crop_size'],
+                              self.test_cfg['stride'])
+        limit = self._windows_limit(max_windows_per_batch)
+        if not self.test_cfg.get('batched_slide', False):
+            per_forward = 1
+        elif limit is None:
+            per_forward = len(boxes)
+        else:
+            per_forward = max(1, limit // max(int(batch_size), 1))
+        if windows_per_forward is not None:
+            per_forward = max(1, min(per_forward, int(windows_per_forward)))
+        return [boxes[start:start + per_forward]
+                for start in range(0, len(boxes), per_forward)]
+
+    def slide_forward(
+            self,
+            height: int,
+            width: int,
+            windows_of: Callable[[Sequence[Box]], torch.Tensor],
+            consume: Callable[[Sequence[Box], torch.Tensor], None],
+            batch_size: int = 1,
+            max_windows_per_batch: Optional[int] = _FROM_CFG,
+            windows_per_forward: Optional[int] = None,
+            around_batch: Optional[Callable[[int, int],
+                                            ContextManager[Any]]] = None
+    ) -> None:
+        """Run the slide windows of an image group by group.
+
+        The one window loop of slide inference: :meth:`slide_inference`
+        averages the window logits into a logit map, the serving module
+        into label-map strips (:mod:`uda.serving`).
+
+        Args:
+            height, width: Image size.
+            windows_of: Boxes -> their crops, crop-major ``(len(boxes) *
+                batch_size, 3, h, w)``, normalised.
+            consume: Called with each group's boxes and its
+                :meth:`encode_decode` logits (same layout).
+            batch_size: Images per window.
+            max_windows_per_batch: See :meth:`encode_decode`; default:
+                ``test_cfg.max_windows_per_batch``.
+            windows_per_forward: A further cap on the windows per forward
+                (serving's pixel budget).
+            around_batch: ``(first window index, number of windows)`` -> a
+                context manager entered before each group's forward and
+                exited once ``consume`` returned (serving: its turn on the
+                device and its deadline check; raising there stops).
+        """
+        groups = self.slide_batches(height, width, batch_size,
+                                    max_windows_per_batch,
+                                    windows_per_forward)
+        total = sum(len(group) for group in groups)
+        start = 0
+        for group in groups:
+            context = around_batch(start, total) if around_batch is not None \
+                else contextlib.nullcontext()
+            with context:
+                windows = windows_of(group)
+                if max_windows_per_batch is _FROM_CFG:
+                    logits = self.encode_decode(windows)
+                else:
+                    logits = self.encode_decode(windows,
+                                                max_windows_per_batch)
+                del windows
+                consume(group, logits)
+                del logits
+            start += len(group)
+
+    def slide_inference(
+            self,
+            img: torch.Tensor,
+            max_windows_per_batch: Optional[int] = _FROM_CFG,
+            around_batch: Optional[Callable[[int, int],
+                                            ContextManager[Any]]] = None
+    ) -> torch.Tensor:
         """Logits from overlapping ``test_cfg.crop_size`` windows.
 
-        Windows are run as one batch when ``test_cfg.batched_slide`` is set;
-        overlapping logits are averaged.
+        Windows are run as one batch when ``test_cfg.batched_slide`` is set
+        (in groups of at most ``max_windows_per_batch`` images per backbone
+        pass when that is not None; default ``test_cfg``); overlapping
+        logits are averaged. ``around_batch``: see :meth:`slide_forward`.
         """
-        boxes = slide_windows(img.shape[2], img.shape[3],
-                              self.test_cfg['crop_size'],
-                              self.test_cfg['stride'])
-        batch_size = img.shape[0]
-        if self.test_cfg.get('batched_slide', False):
-            window_logits = self.encode_decode(
-                torch.cat([crop(img, b) for b in boxes], dim=0))
-        else:
-            window_logits = torch.cat(
-                [self.encode_decode(crop(img, b)) for b in boxes], dim=0)
-        return _stitch(window_logits, boxes, batch_size, img.shape[2],
-                       img.shape[3])
+        batch_size, _, height, width = img.shape
+        sums = _WindowSums(batch_size, self.num_classes, height, width,
+                           img.device)
+        self.slide_forward(
+            height, width,
+            lambda boxes: torch.cat([crop(img, b) for b in boxes], dim=0),
+            sums.add, batch_size, max_windows_per_batch,
+            around_batch=around_batch)
+        return sums.mean()
 
     def inference(self, img: torch.Tensor,
                   mode: Optional[str] = None) -> torch.Tensor:
