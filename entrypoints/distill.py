@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     cfg = cli.training_config(args)
     # Before any work: the registry name (else it fails after training) and
     # the teacher's existence (else after data preparation).
-    model_name = cli.check_training_args(args, "distill")
+    model_name = cli.check_training_args(args, "distill", cfg)
 
     from uda.train.runner import TrainRequest, train
 

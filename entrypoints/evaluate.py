@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, evaluation, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
+from uda.models.foreign import role_model_cfg  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="models:/cs2acdc-student@serving",
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
                              "models:/m-<logged model id>, runs:/RUN_ID/PATH or a checkpoint file")
+    parser.add_argument("--role", default="student",
+                        help="a foreign checkpoint file (MIC, the original's distillation or soup): the "
+                             "preset section with its architecture, student or teacher")
     parser.add_argument("--split", default="val", help="val (mIoU) or test (submission PNGs)")
     parser.add_argument("--mode", default="", help="whole or slide (default: the model's test_cfg)")
     parser.add_argument("--batch-size", default="1")
@@ -39,7 +43,10 @@ def main(argv=None) -> int:
     # Everything that can be wrong is checked before the run logs anything.
     prepare_roots(target_root=args.target_root)
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
-    model, _ = evaluation.load_model(reference.uri, device)
+    # A foreign file does not describe its model: the preset's <role>.model does.
+    foreign_cfg = role_model_cfg(cfg, args.role.strip())
+    model, _ = evaluation.load_model(reference.uri, device, foreign_cfg,
+                                     f"preset {cfg['name']!r} {args.role.strip()}.model")
     options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,
                    num_workers=cfg["data"]["workers_per_gpu"])
 

@@ -19,12 +19,13 @@ def main(argv=None) -> int:
     cli.add_device_arg(parser)
     parser.add_argument("--source-root", required=True)
     parser.add_argument("--target-root", required=True)
-    parser.add_argument("--seed", default="0")
+    parser.add_argument("--seed", default="", help="random seed (default: the preset's)")
     parser.add_argument("--soup-trials", default="", help="Optuna trials of the soup step")
     args = parser.parse_args(argv)
     cfg = cli.resolve_config(args.preset, args.cfg_options, seed=cli.optional_int("seed", args.seed),
                              data__source__root=args.source_root, data__target__root=args.target_root)
     soup_trials = cli.optional_int("soup_trials", args.soup_trials, minimum=1)
+    cli.check_pretrained(cfg, ["teacher", "student"])  # both are trained; fail before any work
     embedded = prepare_roots(args.source_root, args.target_root)
     summary = summarize(args.source_root, args.target_root)
     with tracking.entry_point_run("main", vars(args), cfg) as run:

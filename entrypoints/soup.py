@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", default=step.DEFAULT_TEACHER, help="teacher URI for teacher-agreement")
     parser.add_argument("--study-storage", default="", help="Optuna storage: file or URL (default optuna.db)")
     parser.add_argument("--batch-size", default="", help="images per inference batch (default: by pixels)")
-    parser.add_argument("--seed", default="0")
+    parser.add_argument("--seed", default="", help="random seed (default: the preset's)")
     args = parser.parse_args(argv)
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] or None
     cfg = cli.resolve_config(

@@ -13,14 +13,18 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="", help="MIC checkpoint to import instead of training")
     args = parser.parse_args(argv)
     cfg = cli.training_config(args)
+    checkpoint = args.checkpoint.strip()
     # Before any work: a bad name would otherwise fail after training.
-    model_name = cli.check_training_args(args, "teacher")
+    model_name = cli.check_training_args(args, "teacher", cfg)
 
-    from uda.train.runner import TrainRequest, import_checkpoint, train
+    if checkpoint:  # the same code as `-e import -P role=teacher`
+        from uda import importing
 
-    if args.checkpoint.strip():
-        import_checkpoint(args.checkpoint.strip(), cfg, vars(args), model_name)
+        request = importing.make_request(cfg, checkpoint, role="teacher", model_name=model_name)
+        importing.import_checkpoints(request, vars(args), entry_point="teacher")
         return 0
+    from uda.train.runner import TrainRequest, train
+
     train(TrainRequest("teacher", cfg, vars(args), device=cli.resolve_device(args.device),
                        resume=args.resume, model_name=model_name))
     return 0

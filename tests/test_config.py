@@ -28,7 +28,7 @@ def test_full_recipe_numbers_from_the_design():
         assert model["decode_head"]["channels"] == 256
         assert model["decode_head"]["dilations"] == [1, 6, 12, 18]
         assert model["test_cfg"] == {"mode": "slide", "crop_size": [1024, 1024], "stride": [512, 512],
-                                     "batched_slide": True}
+                                     "batched_slide": True, "max_windows_per_batch": None}
     assert student["decode_head"]["loss"] == "logit_constraint"
     uda = cfg["uda"]
     assert uda["pseudo_threshold"] == 0.968 and uda["alpha"] == 0.999

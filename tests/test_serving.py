@@ -548,9 +548,10 @@ def _tree_cpu_s(pid: int) -> float:
 
 
 class _Server:
-    """A real `mlflow models serve` of models:/student@serving on 127.0.0.1."""
+    """A real `mlflow models serve` of ``model_uri`` on 127.0.0.1."""
 
-    def __init__(self, tracking_uri: str, workdir, timeout_s=None) -> None:
+    def __init__(self, tracking_uri: str, workdir, timeout_s=None,
+                 model_uri: str = 'models:/student@serving') -> None:
         self.url = f'http://127.0.0.1:{_free_port()}'
         self.log_path = workdir / f'serve-{timeout_s or "default"}.log'
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri,
@@ -559,7 +560,7 @@ class _Server:
                    os.environ.get('PATH', ''))
         env.pop(TIMEOUT_ENV, None)  # MLflow sets it from -t (default 60)
         command = [sys.executable, '-m', 'mlflow', 'models', 'serve', '-m',
-                   'models:/student@serving', '--env-manager', 'local', '-p',
+                   model_uri, '--env-manager', 'local', '-p',
                    self.url.rsplit(':', 1)[1], '-h', '127.0.0.1']
         if timeout_s is not None:
             command += ['-t', str(timeout_s)]

@@ -201,7 +201,11 @@ def test_teacher_imports_a_mic_checkpoint_as_an_import_version(store,
     assert len(found) == before + 1
     imported = found[-1]
     assert imported.tags['kind'] == 'import'
-    assert 'iteration' not in imported.tags
+    # The iteration and its alias come from MIC's meta.iter.
+    assert imported.tags['iteration'] == '40000'
+    assert imported.tags['source_format'] == 'mic'
+    assert str(mlflow.MlflowClient().get_registered_model(
+        'cs2acdc-teacher').aliases['iter-40000']) == str(imported.version)
     loaded, _ = load_segmentor(f'models:/cs2acdc-teacher/{imported.version}')
     for key, value in loaded.state_dict().items():  # model.*, not ema_model.*
         assert torch.equal(value, weights[key]), key

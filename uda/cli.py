@@ -122,7 +122,7 @@ def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument("--target-root", required=True)
     parser.add_argument("--iterations", default="", help="runner.max_iters (default: the preset's)")
     parser.add_argument("--checkpoint-interval", default="", help="checkpoint_config.interval")
-    parser.add_argument("--seed", default="0")
+    parser.add_argument("--seed", default="", help="random seed (default: the preset's)")
     parser.add_argument("--resume", default="auto", help="auto, none or the run id to continue")
     parser.add_argument("--model-name", default="", help=f"registered model (default {default_model})")
 
@@ -154,7 +154,18 @@ def check_model(text: str, parameter: str | None) -> Any:
     return check_model_uri(text, parameter)
 
 
-def check_training_args(args: argparse.Namespace, entry_point: str) -> str | None:
+def check_pretrained(cfg: dict[str, Any], roles: Sequence[str]) -> None:
+    """The ImageNet weights that training the ``roles`` (``teacher``,
+    ``student``) starts from exist, checked before any work."""
+    from uda.models.pretrained import resolve_pretrained
+
+    for role in roles:
+        model = cfg[role]["model"]
+        resolve_pretrained(model.get("pretrained"), str(model.get("backbone")), f"{role}.model.pretrained")
+
+
+def check_training_args(args: argparse.Namespace, entry_point: str,
+                        cfg: dict[str, Any] | None = None) -> str | None:
     """Every ``teacher`` / ``distill`` parameter that can only fail later,
     checked now: a bad ``model_name`` would otherwise fail at the first
     checkpoint, after training; a teacher that does not exist, or a
@@ -164,11 +175,16 @@ def check_training_args(args: argparse.Namespace, entry_point: str) -> str | Non
         args: The parsed parameters (``--model-name``, distill's
             ``--teacher``, teacher's ``--checkpoint``).
         entry_point: ``teacher`` or ``distill``.
+        cfg: The resolved preset: the ImageNet weights training starts from
+            must exist (not needed when ``teacher`` imports a checkpoint).
 
     Returns:
         The registered model name (None: the entry point's default).
     """
     model_name = check_model_name(args.model_name)
+    checkpoint = str(getattr(args, "checkpoint", "") or "").strip()
+    if cfg is not None and not checkpoint:  # training starts from these files
+        check_pretrained(cfg, ["teacher" if entry_point == "teacher" else "student"])
     if entry_point == "distill":
         from uda.registry import RegistryError, UnknownModelError, check_model_uri
 
@@ -180,7 +196,6 @@ def check_training_args(args: argparse.Namespace, entry_point: str) -> str | Non
         if teacher.kind == "folder":  # the runner loads files and URIs only
             raise RegistryError(f"teacher {args.teacher!r} is a logged model folder; pass its checkpoint "
                                 f"file ({teacher.uri}/{teacher.checkpoint}) or a models:/ or runs:/ URI.")
-    checkpoint = str(getattr(args, "checkpoint", "") or "").strip()
     if checkpoint:
         from uda.models.checkpoint import CheckpointError, check_checkpoint_file
         from uda.registry import ModelNotFoundError

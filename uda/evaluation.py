@@ -138,7 +138,9 @@ def build_dataset(root: PathLike, split: str = 'val',
                         backend=backend)
 
 
-def load_model(model_uri: PathLike, device: Device = 'cpu') -> tuple[torch.nn.Module, dict]:
+def load_model(model_uri: PathLike, device: Device = 'cpu',
+               foreign_cfg: Optional[Mapping[str, Any]] = None,
+               architecture: str = '') -> tuple[torch.nn.Module, dict]:
     """:func:`uda.registry.load_segmentor`: every URI form, one clear error.
 
     Args:
@@ -146,6 +148,8 @@ def load_model(model_uri: PathLike, device: Device = 'cpu') -> tuple[torch.nn.Mo
             ``models:/NAME/latest``, ``models:/m-<logged model id>``,
             ``runs:/RUN_ID/PATH``, a logged-model folder or a checkpoint file.
         device: Where to put the model.
+        foreign_cfg, architecture: The architecture of a foreign checkpoint
+            file (a preset's ``<role>.model``) and where it came from.
 
     Returns:
         ``(model, model_cfg)``, the model in eval mode.
@@ -159,7 +163,9 @@ def load_model(model_uri: PathLike, device: Device = 'cpu') -> tuple[torch.nn.Mo
     from uda.registry import MODEL_URI_FORMS, load_segmentor
 
     try:
-        return load_segmentor(model_uri, device=str(device))
+        return load_segmentor(model_uri, device=str(device),
+                              foreign_cfg=foreign_cfg,
+                              architecture=architecture)
     except FileNotFoundError as err:
         if isinstance(err, UserError):
             raise

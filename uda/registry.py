@@ -51,7 +51,8 @@ __all__ = [
     'iteration_alias', 'MODEL_URI_FORMS', 'ModelNotFoundError',
     'UnknownModelError',
     'ModelReference', 'validate_model_name', 'validate_alias',
-    'check_model_uri', 'get_registered_model'
+    'check_model_uri', 'get_registered_model', 'find_versions',
+    'version_metadata'
 ]
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ def _locate_registered(given: str) -> ModelReference:
 def _latest_version(name: str) -> str:
     """The highest usable version number of ``name`` (``models:/NAME/latest``)."""
     get_registered_model(name)
-    versions = [v for v in _versions(name)
+    versions = [v for v in find_versions(name)
                 if v.status != 'FAILED_REGISTRATION']
     if not versions:
         raise RegistryError(f'Registered model {name!r} has no versions yet; '
@@ -501,16 +502,6 @@ def _check_kind(kind: str) -> None:
                          f'{kind!r}.')
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------
@@ -526,9 +517,9 @@ def _checkpoint_file(checkpoint: Union[str, os.PathLike, nn.Module,
     checkpoint (MIC / CKD / mmseg) is written to a temporary file that is
     deleted after logging, so only the logged copy remains.
     """
-    from uda.models import (FORMAT_TAG, build_segmentor, load_checkpoint,
-                            normalize_model_cfg, read_checkpoint,
+    from uda.models import (FORMAT_TAG, normalize_model_cfg, read_checkpoint,
                             save_checkpoint)
+    from uda.models.foreign import convert_checkpoint
 
     with tempfile.TemporaryDirectory(prefix='uda-ckpt-') as tmp:
         target = Path(tmp) / 'checkpoint.pth'
@@ -539,7 +530,7 @@ def _checkpoint_file(checkpoint: Union[str, os.PathLike, nn.Module,
             yield target, normalize_model_cfg(cfg)
             return
         path = Path(checkpoint)
-        obj = read_checkpoint(path)
+        obj = read_checkpoint(path, mmap=True)
         if isinstance(obj, Mapping) and obj.get('format') == FORMAT_TAG:
             stored = dict(obj['model_cfg'])
             if model_cfg is not None and \
@@ -557,13 +548,11 @@ def _checkpoint_file(checkpoint: Union[str, os.PathLike, nn.Module,
                 f'{str(path)!r} is not a cs2acdc-uda/1 checkpoint, so it does '
                 f'not say which model it holds; pass model_cfg (the preset\'s '
                 f'model section) to import it.')
-        model = build_segmentor(dict(model_cfg, pretrained=None))
-        report = load_checkpoint(model, obj, strict=True)
         del obj
-        log.info('Imported %s: %s', path, report)
-        save_checkpoint(target, model, model.model_cfg,
-                        dict(meta or {}, imported_from=str(path)))
-        yield target, dict(model.model_cfg)
+        converted = convert_checkpoint(path, target, model_cfg,
+                                       meta=dict(meta or {}))
+        log.info('Imported %s: %s', path, converted.report)
+        yield target, converted.model_cfg
 
 
 @contextmanager
@@ -615,6 +604,7 @@ def log_segmentor(checkpoint: Union[str, os.PathLike, nn.Module,
         FileNotFoundError / CheckpointError: Unreadable checkpoint.
     """
     from uda.models import FORMAT_TAG
+    from uda.models.checkpoint import file_sha256
     from uda.serving import (CHECKPOINT_ARTIFACT, example_image_png,
                              input_frame, serving_signature)
     from uda.tracking import flatten
@@ -640,7 +630,7 @@ def log_segmentor(checkpoint: Union[str, os.PathLike, nn.Module,
             'checkpoint_format': FORMAT_TAG,
             'checkpoint_file': path.name,
             'checkpoint_bytes': path.stat().st_size,
-            'checkpoint_sha256': _sha256(path),
+            'checkpoint_sha256': file_sha256(path),
             'backbone': cfg.get('backbone'),
             'num_classes': cfg.get('num_classes'),
             'test_mode': (cfg.get('test_cfg') or {}).get('mode'),
@@ -683,7 +673,9 @@ def _model_source(model: Union[ModelInfo, str]) -> tuple[str, str, Optional[str]
                      f'or "runs:/RUN_ID/NAME"), got {model!r}.')
 
 
-def _versions(name: str, filter_extra: str = '') -> list[ModelVersion]:
+def find_versions(name: str, filter_extra: str = '') -> list[ModelVersion]:
+    """Every version of ``name`` matching ``filter_extra`` (MLflow's
+    search syntax, e.g. ``tags.kind = 'soup'``), all pages, oldest first."""
     client = _client()
     query = f"name='{name}'" + (f' and {filter_extra}' if filter_extra else '')
     found: list[ModelVersion] = []
@@ -700,7 +692,7 @@ def _find_version(name: str, run_id: str, kind: str,
                   iteration: Optional[int]) -> Optional[ModelVersion]:
     """The version registered before for ``(run_id, kind, iteration)``."""
     try:
-        candidates = _versions(name, f"run_id='{run_id}'")
+        candidates = find_versions(name, f"run_id='{run_id}'")
     except MlflowException as err:
         if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
             return None
@@ -794,6 +786,18 @@ def _verify_artifacts(name: str, version: str) -> None:
         raise RegistryError(
             f'{where}: checkpoint {entry!r} has {sizes[file_name]} bytes, '
             f'{expected} were logged; the upload is incomplete.')
+
+
+def version_metadata(name: str, version: Union[int, str]) -> dict[str, Any]:
+    """The ``metadata`` of a version's MLmodel: ``checkpoint_bytes``,
+    ``checkpoint_sha256``, ``backbone``, ``num_classes``, ``test_mode``."""
+    from mlflow.store.artifact.artifact_repository_registry import \
+        get_artifact_repository
+
+    repo = get_artifact_repository(f'models:/{name}/{version}')
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = _read_mlmodel(repo, tmp)
+    return dict(mlmodel.metadata or {})
 
 
 def _set_alias(name: str, alias: str, version: str,
@@ -1048,7 +1052,7 @@ def get_registered_model(name: str, hint: str = '') -> Any:
 
 
 def _describe_versions(name: str) -> str:
-    versions = _versions(name)
+    versions = find_versions(name)
     if not versions:
         return 'no versions'
     parts = []
@@ -1148,7 +1152,9 @@ def set_alias_safely(name: str, alias: str,
 # Back to torch
 # ----------------------------------------------------------------------
 def load_segmentor(model_uri: Union[str, os.PathLike],
-                   device: str = 'cpu') -> tuple[nn.Module, dict[str, Any]]:
+                   device: str = 'cpu',
+                   foreign_cfg: Optional[Mapping[str, Any]] = None,
+                   architecture: str = '') -> tuple[nn.Module, dict[str, Any]]:
     """The torch segmentor of a registered version, a logged model or a file.
 
     Only the checkpoint artifact (and the small MLmodel file) is downloaded.
@@ -1157,8 +1163,12 @@ def load_segmentor(model_uri: Union[str, os.PathLike],
         model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
             ``models:/NAME/latest``, ``models:/m-<logged model id>``,
             ``runs:/RUN_ID/NAME``, a local logged model directory, or a
-            ``cs2acdc-uda/1`` checkpoint file.
+            checkpoint file: ours, or a foreign one (MIC, the original's
+            distillation or soup, a state dict) given ``foreign_cfg``.
         device: Device to put the model on.
+        foreign_cfg: The architecture of a foreign checkpoint file (a
+            preset's ``<role>.model``), loaded strictly.
+        architecture: Where ``foreign_cfg`` came from, for messages.
 
     Returns:
         ``(model, model_cfg)``: the segmentor in eval mode and its
@@ -1174,11 +1184,13 @@ def load_segmentor(model_uri: Union[str, os.PathLike],
         get_artifact_repository
 
     from uda.models import build_from_checkpoint
+    from uda.models.foreign import load_segmentor_file
 
     # One owner for every URI form and its errors (see check_model_uri).
     reference = check_model_uri(model_uri, parameter=None)
     if reference.kind == 'file':
-        model = build_from_checkpoint(reference.uri)
+        model, _, _ = load_segmentor_file(reference.uri, foreign_cfg,
+                                          architecture=architecture)
     elif reference.kind == 'folder':
         model = build_from_checkpoint(Path(reference.uri) /
                                       str(reference.checkpoint))

@@ -40,6 +40,7 @@ from .losses import LOSSES
 from uda.errors import UserError
 from .fan import FAN_VARIANTS, create_fan
 from .mit import MIT_VARIANTS, create_mit
+from .pretrained import resolve_pretrained
 
 __all__ = [
     'DEFAULT_MODEL_CFG', 'ModelConfigError', 'backbone_names',
@@ -234,7 +235,11 @@ def build_backbone(name: str, drop_path_rate: float = 0.0,
         drop_path_rate: Stochastic-depth rate.
         pretrained: NVlabs FAN ``.pth.tar`` / SegFormer ``mit_*.pth`` file,
             loaded through the backbone's ``checkpoint_filter_fn`` (strict:
-            every backbone weight must be present).
+            every backbone weight must be present); relative to the current
+            folder or the project (:mod:`uda.models.pretrained`).
+
+    Raises:
+        PretrainedWeightsMissing: ``pretrained`` names no existing file.
     """
     factories: dict[str, Callable[..., nn.Module]] = {}
     factories.update({n: create_mit for n in MIT_VARIANTS})
@@ -242,6 +247,7 @@ def build_backbone(name: str, drop_path_rate: float = 0.0,
     if name not in factories:
         raise ModelConfigError(f'Unknown backbone {name!r}; valid: '
                                f'{", ".join(factories)}.')
+    pretrained = resolve_pretrained(pretrained or None, name)
     backbone = factories[name](name, drop_path_rate=drop_path_rate)
     if pretrained:
         from .checkpoint import load_checkpoint

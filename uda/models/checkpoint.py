@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import hashlib
 import importlib
 import io
 import os
@@ -57,8 +58,8 @@ from uda.errors import UserError
 
 __all__ = [
     'FORMAT_TAG', 'SUBMODEL_PREFIXES', 'CheckpointError',
-    'CheckpointMismatchError', 'KeyReport', 'read_checkpoint',
-    'check_checkpoint_file',
+    'CheckpointMismatchError', 'MissingPrefixError', 'KeyReport', 'read_checkpoint',
+    'check_checkpoint_file', 'file_sha256', 'unwrap_state_dict', 'strip_module', 'prefix_counts',
     'detect_format', 'load_checkpoint', 'save_checkpoint',
     'read_model_cfg', 'build_from_checkpoint'
 ]
@@ -80,6 +81,10 @@ class CheckpointError(UserError, ValueError):
 
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint whose keys or shapes do not fit the model."""
+
+
+class MissingPrefixError(CheckpointMismatchError):
+    """An mmcv UDA checkpoint without the requested sub-model."""
 
 
 @dataclass
@@ -162,11 +167,14 @@ def _check_readable(path: Path) -> None:
                               f"{err.strerror or err}.") from None
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with clear errors.
 
     Args:
         path: Checkpoint file.
+        mmap: Map the tensors of a zip-format file instead of reading them
+            (cheap look at ``meta`` and key names of a multi-GB file; a
+            legacy-format file is read as usual).
 
     Raises:
         FileNotFoundError: No such file.
@@ -182,9 +190,19 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
                 warnings.catch_warnings():
             # Its note on pickle protocols is noise next to our message.
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # zip/pickle/EOF errors of damaged files
         raise CheckpointError(_explain_unreadable(path, err)) from None
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (multi-GB checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_checkpoint_file(path: Union[str, os.PathLike]) -> Path:
@@ -435,7 +453,7 @@ def _is_state_dict(obj: Any) -> bool:
             torch.is_tensor(v) for v in obj.values())
 
 
-def _unwrap(obj: Any, source: str) -> tuple[dict[str, Any], str]:
+def unwrap_state_dict(obj: Any, source: str) -> tuple[dict[str, Any], str]:
     """Return ``(state_dict, container_format)`` of a loaded checkpoint."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{source} holds a {type(obj).__name__}, not a '
@@ -457,7 +475,7 @@ def _unwrap(obj: Any, source: str) -> tuple[dict[str, Any], str]:
                           f'{_summary(sorted(map(str, obj)))}).')
 
 
-def _strip_module(state_dict: dict[str, Any]) -> dict[str, Any]:
+def strip_module(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Remove a DataParallel/DDP ``module.`` prefix present on every key."""
     if state_dict and all(k.startswith('module.') for k in state_dict):
         return {k[len('module.'):]: v for k, v in state_dict.items()}
@@ -474,7 +492,8 @@ def detect_format(state_dict: Mapping[str, Any]) -> str:
     return 'backbone'
 
 
-def _prefix_counts(state_dict: Mapping[str, Any]) -> Counter:
+def prefix_counts(state_dict: Mapping[str, Any]) -> Counter:
+    """Tensor count per first key component (``'model.'``: 812, ...)."""
     return Counter(k.split('.', 1)[0] + '.' for k in state_dict if '.' in k)
 
 
@@ -484,13 +503,13 @@ def _select_prefix(state_dict: dict[str, Any], fmt: str, prefix: str,
         prefix = 'model.' if fmt == 'mmcv-uda' else ''
     if not prefix:
         return state_dict, '', {}
-    counts = _prefix_counts(state_dict)
+    counts = prefix_counts(state_dict)
     if counts.get(prefix, 0) == 0:
-        available = ', '.join(p for p in counts if p in SUBMODEL_PREFIXES) \
-            or 'none'
-        raise CheckpointMismatchError(
-            f'{source} has no {prefix!r} weights; sub-model prefixes present: '
-            f'{available}.')
+        available = ', '.join(p.rstrip('.') for p in counts
+                              if p in SUBMODEL_PREFIXES) or 'none'
+        raise MissingPrefixError(
+            f'{source} has no {prefix!r} weights; the sub-models it holds: '
+            f'{available} (choose one with prefix=…).')
     selected = {k[len(prefix):]: v for k, v in state_dict.items()
                 if k.startswith(prefix)}
     others = {p: n for p, n in counts.items() if p != prefix}
@@ -564,7 +583,8 @@ def _backbone_filter(backbone: nn.Module):
 def load_checkpoint(model: nn.Module,
                     path_or_state_dict: PathOrStateDict,
                     prefix: str = 'auto',
-                    strict: bool = True) -> KeyReport:
+                    strict: bool = True,
+                    source: Optional[str] = None) -> KeyReport:
     """Load any supported checkpoint into a segmentor (or a backbone).
 
     Args:
@@ -579,6 +599,7 @@ def load_checkpoint(model: nn.Module,
         strict: Raise when model keys are missing or checkpoint keys are
             unexpected. Shape mismatches always raise. For backbone-format
             weights the check covers the backbone only.
+        source: The file a loaded dict came from, for messages.
 
     Returns:
         A :class:`KeyReport`.
@@ -589,12 +610,12 @@ def load_checkpoint(model: nn.Module,
         CheckpointMismatchError: The weights do not fit ``model``.
     """
     if isinstance(path_or_state_dict, Mapping):
-        source, obj = '<state_dict>', path_or_state_dict
+        source, obj = source or '<state_dict>', path_or_state_dict
     else:
         source = str(path_or_state_dict)
         obj = read_checkpoint(path_or_state_dict)
-    state_dict, container = _unwrap(obj, source)
-    state_dict = _strip_module(state_dict)
+    state_dict, container = unwrap_state_dict(obj, source)
+    state_dict = strip_module(state_dict)
     fmt = container or detect_format(state_dict)
     if prefix not in ('auto', '') and prefix not in SUBMODEL_PREFIXES:
         raise ValueError(f"prefix must be 'auto', '' or one of "
@@ -725,7 +746,7 @@ def read_model_cfg(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return dict(obj['model_cfg'])
 
 
-def build_from_checkpoint(path: Union[str, os.PathLike],
+def build_from_checkpoint(checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
                           strict: bool = True) -> nn.Module:
     """Rebuild a segmentor from a ``cs2acdc-uda/1`` checkpoint and load it.
 
@@ -733,15 +754,19 @@ def build_from_checkpoint(path: Union[str, os.PathLike],
     The file's ``meta`` is attached as ``model.checkpoint_meta``.
 
     Args:
-        path: Checkpoint written by :func:`save_checkpoint`.
+        checkpoint: A file written by :func:`save_checkpoint`, or its
+            contents already read with :func:`read_checkpoint`.
         strict: See :func:`load_checkpoint`.
     """
     from .builder import build_segmentor
 
-    obj = read_checkpoint(path)
+    if isinstance(checkpoint, Mapping):
+        obj, source = checkpoint, '<checkpoint>'
+    else:
+        obj, source = read_checkpoint(checkpoint), str(checkpoint)
     if not isinstance(obj, Mapping) or obj.get('format') != FORMAT_TAG:
         raise CheckpointError(
-            f'{str(path)!r} is not a {FORMAT_TAG} checkpoint, so it does not '
+            f'{source!r} is not a {FORMAT_TAG} checkpoint, so it does not '
             f'describe its model; build the model from a preset and use '
             f'load_checkpoint().')
     model_cfg = dict(obj['model_cfg'], pretrained=None)

@@ -26,8 +26,7 @@ registered model versions.
    preset, val mIoU) through :func:`uda.registry.log_and_register`, then
    write the resume state (:mod:`uda.train.checkpointing`).
 
-:func:`import_checkpoint` registers a published MIC checkpoint (its
-``model.*`` teacher weights) as a version of kind ``import``.
+Importing a published checkpoint instead of training is :mod:`uda.importing`.
 """
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ from .loop import (FitHooks, LogAccumulator, StepOutput, TrainConfigError,
 
 __all__ = ['TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'TrainRequest',
            'TrainResult', 'TeacherError', 'resolve_model_uri', 'load_teacher',
-           'train', 'import_checkpoint']
+           'train']
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,6 @@ TEACHER_MODEL_NAME = 'cs2acdc-teacher'
 STUDENT_MODEL_NAME = 'cs2acdc-student'
 _ROLES = {'teacher': ('teacher', TEACHER_MODEL_NAME),
           'distill': ('student', STUDENT_MODEL_NAME)}
-# Architecture-defining keys of a model section (the rest: inference knobs).
-_ARCH_KEYS = ('backbone', 'num_classes', 'scales', 'attention_classwise')
-_HEAD_ARCH_KEYS = ('channels', 'dilations', 'attention_embed_dim')
 _SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
@@ -138,21 +134,11 @@ def resolve_model_uri(uri: str) -> str:
     return check_model_uri(uri, parameter=None).uri
 
 
-def _arch(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from uda.models import normalize_model_cfg
-
-    cfg = normalize_model_cfg(model_cfg)
-    arch = {k: cfg[k] for k in _ARCH_KEYS}
-    arch.update({f'decode_head.{k}': cfg['decode_head'][k]
-                 for k in _HEAD_ARCH_KEYS})
-    return arch
-
-
 def _check_teacher_arch(found: Mapping[str, Any], wanted: Mapping[str, Any],
                         where: str) -> None:
-    have, want = _arch(found), _arch(wanted)
-    diffs = [f'{k}: {have[k]} (teacher) vs {want[k]} (preset)'
-             for k in want if have[k] != want[k]]
+    from uda.models.foreign import architecture_differences
+
+    diffs = architecture_differences(found, wanted, ('teacher', 'preset'))
     if diffs:
         raise TeacherError(
             f'The teacher {where} is not the architecture of the preset\'s '
@@ -177,9 +163,7 @@ def load_teacher(uri: str, teacher_model_cfg: Mapping[str, Any]
         TeacherError / RegistryError / CheckpointError /
         CheckpointMismatchError: all ``UserError``.
     """
-    from uda.models import (FORMAT_TAG, build_from_checkpoint,
-                            build_segmentor, load_checkpoint,
-                            read_checkpoint)
+    from uda.models.foreign import load_segmentor_file
     from uda.registry import load_segmentor
 
     uri = str(uri).strip()
@@ -189,14 +173,10 @@ def load_teacher(uri: str, teacher_model_cfg: Mapping[str, Any]
                            'checkpoint file.')
     local = Path(uri)
     if local.is_file():
-        obj = read_checkpoint(local)
-        if isinstance(obj, Mapping) and obj.get('format') == FORMAT_TAG:
-            model = build_from_checkpoint(local)
-        else:  # MIC / mmcv / mmseg file: the preset says what it holds
-            model = build_segmentor(dict(teacher_model_cfg, pretrained=None))
-            report = load_checkpoint(model, obj, prefix='auto', strict=True)
-            log.info('Teacher %s: %s', uri, report)
-        del obj
+        # A MIC / mmcv / mmseg file: the preset says what it holds.
+        model, _, report = load_segmentor_file(
+            local, teacher_model_cfg, architecture="the preset's teacher.model")
+        log.info('Teacher %s: %s', uri, report)
         _check_teacher_arch(model.model_cfg, teacher_model_cfg, repr(uri))
         return model.eval(), str(local.resolve())
     if ':/' not in uri:
@@ -739,62 +719,3 @@ def _print_summary(result: TrainResult) -> None:
     if result.val_miou is not None:
         print(f'Final ACDC val mIoU: {100 * result.val_miou:.2f}. '
               f'Run {result.run_id}.')
-
-
-# ----------------------------------------------------------------------
-# Import of a published MIC checkpoint
-# ----------------------------------------------------------------------
-def import_checkpoint(path: str, cfg: Mapping[str, Any],
-                      params: Mapping[str, Any],
-                      model_name: Optional[str] = None) -> Any:
-    """Register a MIC checkpoint's teacher as a version, without training.
-
-    The ``model.*`` weights of a MIC/mmcv checkpoint (or a ``cs2acdc-uda``
-    file) are loaded into the preset's ``teacher.model`` strictly (a file of
-    another architecture is refused before any run starts), converted to
-    this project's format and registered with kind ``import``.
-
-    Args:
-        path: The checkpoint file.
-        cfg: The resolved preset.
-        params: Entry-point parameters (logged).
-        model_name: Registered model (default ``cs2acdc-teacher``).
-
-    Returns:
-        The :class:`~mlflow.entities.model_registry.ModelVersion`.
-    """
-    import mlflow
-
-    from uda.models import read_checkpoint, save_checkpoint
-    from uda.registry import log_and_register
-    from uda.tracking import entry_point_run
-
-    model_name = model_name or TEACHER_MODEL_NAME
-    source = Path(path)
-    if not source.is_file():
-        raise TeacherError(f'Checkpoint to import not found: {path!r}.')
-    model, _ = load_teacher(str(source), cfg['teacher']['model'])
-    obj = read_checkpoint(source)
-    source_iter = None
-    if isinstance(obj, Mapping) and isinstance(obj.get('meta'), Mapping):
-        source_iter = obj['meta'].get('iter', obj['meta'].get('iteration'))
-    del obj
-    with tempfile.TemporaryDirectory(prefix='uda-import-') as tmp:
-        converted = save_checkpoint(
-            Path(tmp) / 'imported.pth', model,
-            meta={'imported_from': str(source.resolve()),
-                  'source_iteration': None if source_iter is None
-                  else int(source_iter)})
-        with entry_point_run('teacher', params, cfg) as run:
-            mlflow.set_tags({'uda.mode': 'import',
-                             'uda.imported_from': str(source.resolve())})
-            version = log_and_register(
-                converted, model_name, kind='import', alias=None,
-                preset=str(cfg.get('name')),
-                extra_tags={'imported_from': source.name,
-                            **({'source_iteration': source_iter}
-                               if source_iter is not None else {})})
-    print(f'Imported {source} as {model_name} version {version.version} '
-          f'(models:/{model_name}/{version.version}); run '
-          f'{run.info.run_id}.')
-    return version

@@ -1,0 +1,372 @@
+"""The ``import`` step: foreign checkpoint files in, registered versions out.
+
+Order of operations (:func:`import_checkpoints`), so that bad input
+registers nothing:
+
+1. **Request** (:func:`make_request`): every file exists and can be a
+   checkpoint, the role and prefix are known, the aliases are valid.
+2. **Prepare**, nothing written to the registry: each file's SHA-256; a file
+   already registered in the model (tag ``source_sha256``) is reused; every
+   other file is converted, strictly, into a temporary ``cs2acdc-uda/1`` file
+   (:func:`uda.models.foreign.convert_checkpoint`). Aliases are resolved
+   (``iter-<N>`` from ``meta.iter`` or the file name, unless given) and two
+   files may not claim the same one.
+3. **Register**, one nested MLflow run per new file: the converted file is
+   logged once as a pyfunc model and registered (``kind=import``, tags
+   ``source_file``, ``source_sha256``, ``source_format``, ``source_prefix``,
+   ``role``), then its alias is set; a reused version only gets its alias.
+
+Two imports of the same file at the same moment can both register it (the
+SHA-256 check is not a lock); the next import reuses the older version.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from uda.errors import UserError
+from uda.train.runner import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+
+__all__ = ['ImportRequestError', 'ImportRequest', 'ImportedVersion', 'make_request',
+           'import_checkpoints', 'DEFAULT_MODEL_NAMES']
+
+log = logging.getLogger(__name__)
+
+#: Registered model of each role (``-P model_name`` overrides): the ones
+#: ``distill`` and ``teacher`` register into.
+DEFAULT_MODEL_NAMES = {'student': STUDENT_MODEL_NAME,
+                       'teacher': TEACHER_MODEL_NAME}
+_NO_ALIAS = ('none', '-')
+
+
+class ImportRequestError(UserError):
+    """An import request that cannot be carried out."""
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """A validated import request (nothing in it has touched the registry).
+
+    Attributes:
+        checkpoints: The files, absolute, in the order given.
+        role: ``student`` or ``teacher``: the preset section that gives the
+            architecture.
+        prefix: Sub-model prefix (``'auto'``, ``''`` or ``'model.'`` …).
+        aliases: One alias per file (None: no alias), or None for
+            ``iter-<N>`` from each file's iteration.
+        model_name: Registered model the versions join.
+        cfg: The resolved preset.
+    """
+    checkpoints: tuple
+    role: str
+    prefix: str
+    aliases: Optional[tuple]
+    model_name: str
+    cfg: dict = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return f"preset {self.cfg.get('name')!r} {self.role}.model"
+
+
+@dataclass
+class ImportedVersion:
+    """One file's outcome.
+
+    Attributes:
+        source: The file.
+        version: The registered version.
+        reused: True when the file was registered before (same SHA-256).
+        alias: The alias now on it (None: none).
+        iteration: The training iteration it came from, if known.
+        layout: The file's layout (``ckd-distill``, ``mic``, ...).
+        prefix: The sub-model taken.
+        seconds: Conversion time (0 for a reused version).
+        source_bytes, stored_bytes: Size of the file and of the stored
+            checkpoint (the registry's share of it).
+    """
+    source: Path
+    version: str
+    reused: bool
+    alias: Optional[str]
+    iteration: Optional[int]
+    layout: str
+    prefix: str
+    seconds: float = 0.0
+    source_bytes: int = 0
+    stored_bytes: int = 0
+
+
+def _split(text: Any) -> list[str]:
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [str(t).strip() for t in text]
+    text = str(text).strip()
+    return [part.strip() for part in text.split(',')] if text else []
+
+
+def make_request(cfg: Mapping[str, Any], checkpoints: Any, role: str = 'student',
+                 prefix: str = 'auto', aliases: Any = '',
+                 model_name: Optional[str] = None) -> ImportRequest:
+    """Check an import request before any work (cheap: no tensors read).
+
+    Args:
+        cfg: The resolved preset (gives the architecture of ``role``).
+        checkpoints: Comma-separated files (or a list).
+        role: ``student`` or ``teacher``.
+        prefix: ``auto`` (``model.*``), ``none`` or a sub-model prefix.
+        aliases: Comma-separated, one per file (``none`` for no alias);
+            empty: ``iter-<N>`` from each file's iteration.
+        model_name: Registered model; default ``cs2acdc-<role>``.
+
+    Raises:
+        ImportRequestError / CheckpointError / RegistryError / FileNotFoundError
+        subclasses: all ``UserError``; nothing has been written.
+    """
+    from uda.models.checkpoint import check_checkpoint_file
+    from uda.models.foreign import normalize_prefix, role_model_cfg
+    from uda.registry import (ModelNotFoundError, validate_alias,
+                              validate_model_name)
+
+    role = str(role or 'student').strip()
+    role_model_cfg(cfg, role)  # the role exists
+    files = _split(checkpoints)
+    if not files or any(not f for f in files):
+        raise ImportRequestError(
+            f'checkpoints must be a comma-separated list of checkpoint files '
+            f'(e.g. fan_iter_24k.pth,fan_iter_32k.pth,fan_iter_40k.pth), got '
+            f'{checkpoints!r}.')
+    paths = []
+    for name in files:
+        path = Path(name).expanduser()
+        try:
+            check_checkpoint_file(path)
+        except FileNotFoundError as err:
+            raise ModelNotFoundError(f'checkpoints: {err}') from None
+        paths.append(path.resolve())
+    chosen: Optional[tuple] = None
+    given = _split(aliases)
+    if given:
+        if len(given) != len(paths):
+            raise ImportRequestError(
+                f'aliases names {len(given)} alias(es) for {len(paths)} '
+                f'checkpoint(s); give one per file, in the same order (none '
+                f'for no alias), or leave it empty for iter-<N>.')
+        chosen = tuple(None if a.lower() in _NO_ALIAS else
+                       validate_alias(a, 'aliases') for a in given)
+    name = model_name.strip() if model_name and model_name.strip() else \
+        DEFAULT_MODEL_NAMES[role]
+    name = validate_model_name(name)
+    return ImportRequest(tuple(paths), role, normalize_prefix(prefix),
+                         chosen, name, dict(cfg))
+
+
+@dataclass
+class _Prepared:
+    source: Path
+    sha256: str
+    layout: str
+    prefix: str
+    iteration: Optional[int]
+    alias: Optional[str]
+    existing: Any = None            # a registered ModelVersion
+    converted: Optional[Path] = None
+    seconds: float = 0.0
+
+
+def _registered_with_sha(model_name: str, sha256: str, prefix: str) -> Any:
+    """The oldest complete version of ``model_name`` imported from the
+    sub-model ``prefix`` of a file with this SHA-256, or None."""
+    from mlflow.exceptions import MlflowException
+
+    from uda.registry import find_versions
+
+    try:
+        found = find_versions(model_name,
+                              f"tags.source_sha256 = '{sha256}'")
+    except MlflowException as err:
+        if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
+            return None
+        raise
+    found = [v for v in found if v.tags.get('source_prefix', '') == prefix]
+    return found[0] if found else None
+
+
+def _check_reused_architecture(request: ImportRequest, source: Path,
+                               version: Any) -> None:
+    """A reused version must be the architecture the preset asks for (a
+    new conversion would check it by loading strictly)."""
+    from uda.models.foreign import role_model_cfg
+    from uda.registry import version_metadata
+
+    stored = version_metadata(request.model_name, version.version)
+    wanted = role_model_cfg(request.cfg, request.role)
+    for key in ('backbone', 'num_classes'):
+        if key in stored and str(stored[key]) != str(wanted[key]):
+            raise ImportRequestError(
+                f'{source.name} is already registered as '
+                f'{request.model_name} version {version.version} with '
+                f'{key} {stored[key]}, but the {request.architecture} has '
+                f'{wanted[key]}; pass the preset and role it was trained '
+                f'with. Nothing was registered.')
+
+
+def _prepare(request: ImportRequest, folder: Path) -> list[_Prepared]:
+    from uda.models.checkpoint import file_sha256
+    from uda.models.foreign import (convert_checkpoint, describe,
+                                    role_model_cfg, selected_prefix)
+    from uda.registry import iteration_alias
+
+    model_cfg = role_model_cfg(request.cfg, request.role)
+    prepared: list[_Prepared] = []
+    seen: dict[str, _Prepared] = {}
+    total = len(request.checkpoints)
+    for index, source in enumerate(request.checkpoints):
+        step = f'[{index + 1}/{total}] {source.name}'
+        digest = file_sha256(source)
+        if digest in seen:
+            print(f'{step}: the same file as {seen[digest].source.name} '
+                  f'(SHA-256 {digest[:12]}…); imported once.', flush=True)
+            continue
+        summary = describe(source)
+        prefix = selected_prefix(summary.layout, request.prefix)
+        existing = _registered_with_sha(request.model_name, digest, prefix)
+        if existing is not None:
+            _check_reused_architecture(request, source, existing)
+            item = _Prepared(source, digest, summary.layout, prefix,
+                             summary.iteration, None, existing=existing)
+            print(f'{step}: already registered as {request.model_name} '
+                  f'version {existing.version} (same SHA-256 and prefix '
+                  f'{prefix or "(none)"}); reusing it.',
+                  flush=True)
+        else:
+            print(f'{step}: converting ({request.architecture})…', flush=True)
+            converted = convert_checkpoint(
+                source, folder / f'{index:03d}-{source.stem}.pth', model_cfg,
+                request.prefix, request.architecture,
+                meta={'role': request.role})
+            item = _Prepared(source, digest, converted.summary.layout,
+                             converted.prefix, converted.summary.iteration,
+                             None, converted=converted.path,
+                             seconds=converted.seconds)
+            origin = converted.summary.iteration_from
+            print(f'{step}: {converted.summary.layout}, prefix '
+                  f'{converted.prefix or "(none)"}, '
+                  + (f'iteration {item.iteration} (from the {origin}), '
+                     if item.iteration is not None else 'no iteration, ')
+                  + f'{converted.report.loaded} tensors, '
+                  f'{converted.seconds:.1f} s.', flush=True)
+        if request.aliases is not None:
+            item.alias = request.aliases[index]
+        elif item.iteration is not None:
+            item.alias = iteration_alias(item.iteration)
+        seen[digest] = item
+        prepared.append(item)
+    claimed: dict[str, Path] = {}
+    for item in prepared:
+        if item.alias is None:
+            continue
+        if item.alias in claimed:
+            raise ImportRequestError(
+                f'{claimed[item.alias].name} and {item.source.name} would '
+                f'both get the alias {item.alias!r}; give each file its own '
+                f'with -P aliases=… (one per file, none for no alias). '
+                f'Nothing was registered.')
+        claimed[item.alias] = item.source
+    return prepared
+
+
+def _register(request: ImportRequest, item: _Prepared) -> ImportedVersion:
+    import mlflow
+
+    from uda.registry import (log_and_register, set_alias_safely,
+                              version_metadata)
+
+    tags = {'source_file': item.source.name, 'source_sha256': item.sha256,
+            'source_format': item.layout, 'source_prefix': item.prefix,
+            'role': request.role}
+    source_bytes = item.source.stat().st_size
+
+    def stored_bytes(version: str) -> int:
+        return int(version_metadata(request.model_name, version).get(
+            'checkpoint_bytes', 0))
+
+    if item.existing is not None:
+        version = str(item.existing.version)
+        if item.alias and item.alias not in (item.existing.aliases or ()):
+            set_alias_safely(request.model_name, item.alias, version)
+        return ImportedVersion(item.source, version, True, item.alias,
+                               item.iteration, item.layout, item.prefix,
+                               source_bytes=source_bytes,
+                               stored_bytes=stored_bytes(version))
+    # One run per file: a version is identified by (run, kind, iteration),
+    # and two files may share an iteration or have none.
+    with mlflow.start_run(run_name=f'import {item.source.name}', nested=True):
+        mlflow.set_tags({'entry_point': 'import', 'uda.role': request.role,
+                         **{f'uda.{k}': v for k, v in tags.items()}})
+        registered = log_and_register(
+            item.converted, request.model_name, iteration=item.iteration,
+            alias=item.alias, kind='import',
+            preset=str(request.cfg.get('name')), extra_tags=tags,
+            name='import')
+    version = str(registered.version)
+    return ImportedVersion(item.source, version, False, item.alias,
+                           item.iteration, item.layout, item.prefix,
+                           item.seconds, source_bytes, stored_bytes(version))
+
+
+def import_checkpoints(request: ImportRequest, params: Mapping[str, Any],
+                       entry_point: str = 'import') -> list[ImportedVersion]:
+    """Register each file of ``request`` as a version (see module docstring).
+
+    Args:
+        request: From :func:`make_request`.
+        params: The entry point's parameters (logged).
+        entry_point: The run's entry point (``import``; ``teacher`` when its
+            ``-P checkpoint=`` imports a MIC teacher).
+
+    Returns:
+        One :class:`ImportedVersion` per distinct file, in order.
+    """
+    import mlflow
+
+    from uda.tracking import entry_point_run
+
+    with tempfile.TemporaryDirectory(prefix='uda-import-') as tmp:
+        prepared = _prepare(request, Path(tmp))
+        with entry_point_run(entry_point, params, request.cfg) as run:
+            mlflow.set_tags({'uda.mode': 'import', 'uda.role': request.role,
+                             'uda.model_name': request.model_name})
+            results = [_register(request, item) for item in prepared]
+            mlflow.log_table({
+                'file': [r.source.name for r in results],
+                'version': [r.version for r in results],
+                'reused': [r.reused for r in results],
+                'alias': [r.alias or '' for r in results],
+                'iteration': [r.iteration if r.iteration is not None else -1
+                              for r in results],
+                'format': [r.layout for r in results],
+                'prefix': [r.prefix for r in results],
+                'source_bytes': [r.source_bytes for r in results],
+                'stored_bytes': [r.stored_bytes for r in results],
+            }, 'imports.json')
+    _print_summary(request, results, run.info.run_id)
+    return results
+
+
+def _print_summary(request: ImportRequest, results: Sequence[ImportedVersion],
+                   run_id: str) -> None:
+    for r in results:
+        what = 'reused' if r.reused else 'registered'
+        alias = f' @{r.alias}' if r.alias else ''
+        print(f'  {r.source.name}: {what} {request.model_name} version '
+              f'{r.version}{alias} (models:/{request.model_name}/{r.version}; '
+              f'{r.source_bytes / 2**20:.1f} MiB file, '
+              f'{r.stored_bytes / 2**20:.1f} MiB stored).')
+    new = sum(not r.reused for r in results)
+    print(f'Imported {len(results)} checkpoint(s) into {request.model_name}: '
+          f'{new} new, {len(results) - new} reused; run {run_id}.')
