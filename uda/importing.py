@@ -248,7 +248,7 @@ def _prepare(request: ImportRequest, folder: Path) -> list[_Prepared]:
             converted = convert_checkpoint(
                 source, folder / f'{index:03d}-{source.stem}.pth', model_cfg,
                 request.prefix, request.architecture,
-                meta={'role': request.role})
+                meta={'role': request.role}, sha256=digest)
             item = _Prepared(source, digest, converted.summary.layout,
                              converted.prefix, converted.summary.iteration,
                              None, converted=converted.path,

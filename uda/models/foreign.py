@@ -315,8 +315,8 @@ def convert_checkpoint(path: Union[str, os.PathLike],
                        destination: Union[str, os.PathLike],
                        model_cfg: Optional[Mapping[str, Any]] = None,
                        prefix: str = 'auto', architecture: str = '',
-                       meta: Optional[Mapping[str, Any]] = None
-                       ) -> ConvertedCheckpoint:
+                       meta: Optional[Mapping[str, Any]] = None,
+                       sha256: Optional[str] = None) -> ConvertedCheckpoint:
     """Write ``path`` as a ``cs2acdc-uda/1`` file (atomically) holding only
     the selected sub-model, with its provenance in ``meta``.
 
@@ -325,13 +325,15 @@ def convert_checkpoint(path: Union[str, os.PathLike],
             :func:`load_segmentor_file`.
         destination: The file to write.
         meta: More ``meta`` entries (e.g. the role).
+        sha256: The source's SHA-256 when the caller has it (a multi-GB
+            file is not read twice for it).
 
     Returns:
         A :class:`ConvertedCheckpoint`.
     """
     started = time.perf_counter()
     source = Path(path)
-    digest = file_sha256(source)
+    digest = sha256 or file_sha256(source)
     model, summary, report = load_segmentor_file(source, model_cfg, prefix,
                                                  architecture)
     provenance = {'imported_from': source.name, 'source_sha256': digest,
