@@ -47,3 +47,11 @@ def test_unknown_job_is_a_usage_error(benchmark, capsys):
         benchmark.main(['--jobs', 'student,train'])
     assert exit_info.value.code == 2
     assert 'unknown train' in capsys.readouterr().err
+
+
+def test_full_preset_needs_no_imagenet_files(benchmark):
+    # A benchmark machine has no pretrained/ files; timing needs none.
+    cfg = benchmark._config('full')
+    assert cfg['student']['model']['backbone'] == 'fan_large_16_p4_hybrid'
+    assert cfg['student']['model']['pretrained'] is None
+    assert cfg['teacher']['model']['pretrained'] is None

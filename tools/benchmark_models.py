@@ -63,6 +63,14 @@ from uda.models import build_segmentor, count_parameters  # noqa: E402
 from uda.precision import autocast  # noqa: E402
 
 PRESETS = {'tiny': 'default', 'full': 'cs2acdc'}
+# Timing needs no ImageNet weights (the full preset names files under
+# pretrained/ that a benchmark machine need not have).
+_NO_PRETRAINED = ['student.model.pretrained=null',
+                  'teacher.model.pretrained=null']
+
+
+def _config(preset: str) -> dict:
+    return load_config(PRESETS[preset], _NO_PRETRAINED)
 JOBS = ('student', 'teacher', 'student-slide', 'distill')
 
 # The preset keys each distill-iteration mode sets (see the module docstring).
@@ -158,7 +166,7 @@ def distill_iteration(preset: str, device: str, mode_name: str, warmup: int,
     torch.set_num_threads(threads)
     _configure_backends(device)
     mode = DISTILL_MODES[mode_name]
-    cfg = copy.deepcopy(load_config(PRESETS[preset]))
+    cfg = copy.deepcopy(_config(preset))
     cfg['runner']['precision'] = mode['precision']
     cfg['runner']['channels_last'] = mode['channels_last']
     cfg['optimizer']['fused'] = mode['fused']
@@ -215,7 +223,7 @@ def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any
 def run_distill(preset: str, device: str, warmup: int, repeats: int
                 ) -> list[dict[str, Any]]:
     """Every distill-iteration mode, each in its own process."""
-    cfg = load_config(PRESETS[preset])
+    cfg = _config(preset)
     student = cfg['student']['model']['backbone']
     teacher = cfg['teacher']['model']['backbone']
     rows, baseline = [], None
@@ -243,7 +251,7 @@ def run_distill(preset: str, device: str, warmup: int, repeats: int
 def run(preset: str, device: str, warmup: int, repeats: int,
         compile_: bool, jobs: tuple[str, ...] = JOBS) -> dict[str, Any]:
     """Run the chosen benchmarks and return the results."""
-    cfg = load_config(PRESETS[preset])
+    cfg = _config(preset)
     src, tgt = cfg['data']['source'], cfg['data']['target']
     batch = int(cfg['data']['samples_per_gpu'])
     crop_h, crop_w = src['crop_size']
