@@ -47,6 +47,10 @@ def files(models, tmp_path_factory):
         'distill_b': layouts.ckd_distill(folder / 'iter_32000.pth',
                                          layouts.perturbed(student, 1),
                                          teacher, None, 32000),
+        # Another run's 32k file: the same automatic alias as distill_b.
+        'distill_c': layouts.ckd_distill(folder / 'fan_iter_32k.pth',
+                                         layouts.perturbed(student, 2),
+                                         teacher, None, 32000),
         'mic': layouts.mic(folder / 'latest.pth', teacher),
         'segmentor': folder / 'plain.pth',
         'module': folder / 'ddp.pth',
@@ -131,10 +135,12 @@ def test_prefix_words(text, prefix):
 
 # ------------------------------------------------------------- bad input
 def _store_state():
+    """Registered models with their aliases, and every version's tags."""
     client = mlflow.MlflowClient()
-    models = sorted(m.name for m in client.search_registered_models())
-    versions = sorted((v.name, v.version) for v in
-                      client.search_model_versions(''))
+    models = sorted((m.name, sorted((m.aliases or {}).items()))
+                    for m in client.search_registered_models())
+    versions = sorted((v.name, v.version, sorted(v.tags.items()))
+                      for v in client.search_model_versions(''))
     return models, versions
 
 
@@ -159,7 +165,8 @@ def test_a_good_import_and_a_duplicate_in_one_call(tracking_uri, files,
 
 @pytest.mark.parametrize('case', [
     'missing', 'corrupt', 'truncated', 'pickled', 'role', 'imagenet',
-    'prefix', 'same_alias', 'alias_count', 'bad_alias', 'bad_role',
+    'prefix', 'same_alias', 'same_auto_alias', 'same_file_two_aliases',
+    'own_format_wrong_role', 'alias_count', 'bad_alias', 'bad_role',
     'bad_prefix', 'folder', 'empty'])
 def test_bad_input_is_one_error_line_and_registers_nothing(
         tracking_uri, files, capsys, case):
@@ -181,10 +188,21 @@ def test_bad_input_is_one_error_line_and_registers_nothing(
                      'student.model.pretrained'),
         'prefix': (['--checkpoints', str(files['distill_b']),
                     '--prefix', 'imnet_model'],
-                   "the sub-models it holds: model, ca_model (choose one"),
+                   "the sub-models it holds: model, ca_model (pick one"),
         'same_alias': (['--checkpoints',
                         f'{files["distill_b"]},{files["soup"]}',
-                        '--aliases', 'iter-1,iter-1'], "both get the alias"),
+                        '--aliases', 'iter-1,iter-1'],
+                       'gives iter-1 to more than one file'),
+        'same_auto_alias': (['--checkpoints',
+                             f'{files["distill_b"]},{files["distill_c"]}'],
+                            "would both get the alias 'iter-32000'"),
+        'same_file_two_aliases': (['--checkpoints',
+                                   f'{files["soup"]},{files["soup"]}',
+                                   '--aliases', 'a,b'],
+                                  'are the same file'),
+        'own_format_wrong_role': (['--checkpoints', str(files['ours']),
+                                   '--role', 'teacher'],
+                                  'holds another model than the preset'),
         'alias_count': (['--checkpoints', str(files['soup']),
                          '--aliases', 'a,b'], 'give one per file'),
         'bad_alias': (['--checkpoints', str(files['soup']),
@@ -231,3 +249,74 @@ def test_pickle_refusal_names_the_object_without_running_it(files):
     torch.load(files['pickled'], weights_only=False)
     assert PWNED.exists()
     PWNED.unlink()
+
+
+def _aliases(name='cs2acdc-student'):
+    return {a: str(v) for a, v in mlflow.MlflowClient().get_registered_model(
+        name).aliases.items()}
+
+
+def test_aliases_on_reimport_and_from_other_versions(tracking_uri, files,
+                                                     capsys):
+    assert _run(['--checkpoints', str(files['distill'])]) == 0
+    first = _aliases()['iter-24000']
+    # A file without an iteration gets no alias.
+    assert _run(['--checkpoints', str(files['soup'])]) == 0
+    soup_version = max(int(v.version) for v in mlflow.MlflowClient(
+        ).search_model_versions("name='cs2acdc-student'"))
+    assert str(soup_version) not in _aliases().values()
+    # An explicit alias moves from another version, and says so.
+    capsys.readouterr()
+    assert _run(['--checkpoints', str(files['soup']),
+                 '--aliases', 'iter-24000']) == 0
+    assert 'iter-24000 moved from version' in capsys.readouterr().out
+    assert _aliases()['iter-24000'] == str(soup_version)
+    # Re-importing the 24k file reuses its version and leaves the alias.
+    assert _run(['--checkpoints', str(files['distill'])]) == 0
+    out = capsys.readouterr().out
+    assert 'reusing it' in out and 'stays on version' in out
+    assert _aliases()['iter-24000'] == str(soup_version)
+    # ... unless the alias is asked for.
+    assert _run(['--checkpoints', str(files['distill']),
+                 '--aliases', 'iter-24000']) == 0
+    assert _aliases()['iter-24000'] == first
+    assert len(mlflow.MlflowClient().search_model_versions(
+        "name='cs2acdc-student'")) == 2
+
+
+def test_a_frozen_teacher_out_of_a_distillation_file(tracking_uri, files,
+                                                     models):
+    argv = ['--checkpoints', str(files['distill']), '--role', 'teacher',
+            '--prefix', 'ca_model']
+    assert _run(argv) == 0
+    [version] = mlflow.MlflowClient().search_model_versions(
+        "name='cs2acdc-teacher'")
+    # Frozen: the file's iteration is the student's, not the teacher's.
+    assert 'iteration' not in version.tags and not _aliases('cs2acdc-teacher')
+    assert version.tags['source_prefix'] == 'ca_model.'
+    from uda.registry import load_segmentor
+
+    model, _ = load_segmentor(f'models:/cs2acdc-teacher/{version.version}')
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, models['teacher'][name]), name
+
+
+@pytest.mark.parametrize('case', ['role', 'preset', 'bad_role'])
+def test_evaluate_a_foreign_file_with_the_wrong_architecture(
+        tracking_uri, files, capsys, case):
+    from uda.data.synthetic import ensure_embedded
+
+    acdc = ensure_embedded().acdc_root
+    argv, expected = {
+        'role': (['--role', 'teacher'], 'does not fit this segmentor'),
+        'preset': (['--preset', 'cs2acdc'], 'does not fit this segmentor'),
+        'bad_role': (['--role', 'pupil'], 'role must be student or teacher'),
+    }[case]
+    module = load_entry_module('evaluate')
+    assert cli.run_cli(module.main, ['--target-root', str(acdc), '--model',
+                                     str(files['soup']), *argv]) == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith('error:')]
+    assert expected in line and 'Traceback' not in err
+    assert not mlflow.MlflowClient().search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])

@@ -137,6 +137,7 @@ def test_released_checkpoints_import_soup_evaluate_submit_and_serve(
     result = _ok(_import(tracking_uri, released))
     assert 'reusing it' in result.stdout
     assert len(_versions()) == 3
+    assert mlflow.MlflowClient().get_registered_model(NAME).aliases == aliases
 
     # 3. the headline command on the released ingredients
     _ok(mlflow_run('soup', tracking_uri, 'weights=3,3,4',

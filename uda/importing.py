@@ -4,17 +4,24 @@ Order of operations (:func:`import_checkpoints`), so that bad input
 registers nothing:
 
 1. **Request** (:func:`make_request`): every file exists and can be a
-   checkpoint, the role and prefix are known, the aliases are valid.
-2. **Prepare**, nothing written to the registry: each file's SHA-256; a file
-   already registered in the model (tag ``source_sha256``) is reused; every
-   other file is converted, strictly, into a temporary ``cs2acdc-uda/1`` file
-   (:func:`uda.models.foreign.convert_checkpoint`). Aliases are resolved
-   (``iter-<N>`` from ``meta.iter`` or the file name, unless given) and two
-   files may not claim the same one.
-3. **Register**, one nested MLflow run per new file: the converted file is
-   logged once as a pyfunc model and registered (``kind=import``, tags
-   ``source_file``, ``source_sha256``, ``source_format``, ``source_prefix``,
-   ``role``), then its alias is set; a reused version only gets its alias.
+   checkpoint, the role and prefix are known, the aliases are valid and
+   distinct.
+2. **Plan**, nothing written: each file's SHA-256, layout, sub-model,
+   iteration (``meta.iter`` or the file name; none for a frozen sub-model
+   such as ``ca_model.``) and alias (``iter-<N>`` unless given); a file
+   already registered in the model (same ``source_sha256`` and
+   ``source_prefix``, READY) is reused. Two files may not claim one alias.
+3. **Convert** every new file, strictly, into a temporary ``cs2acdc-uda/1``
+   file holding only the chosen sub-model
+   (:func:`uda.models.foreign.convert_checkpoint`).
+4. **Register**, one nested MLflow run per new file: the converted file is
+   logged once as a pyfunc model and registered (``kind=import``; created
+   with the tags ``source_sha256`` and ``source_prefix`` it is found by,
+   then ``source_file``, ``source_format``, ``role``).
+5. **Aliases**, once every version exists: an alias on another version
+   moves, and the output says so; a re-import without ``-P aliases`` does
+   not move an alias back. An interrupted import moved no alias; running it
+   again completes it.
 
 Two imports of the same file at the same moment can both register it (the
 SHA-256 check is not a lock); the next import reuses the older version.
@@ -158,6 +165,12 @@ def make_request(cfg: Mapping[str, Any], checkpoints: Any, role: str = 'student'
                 f'for no alias), or leave it empty for iter-<N>.')
         chosen = tuple(None if a.lower() in _NO_ALIAS else
                        validate_alias(a, 'aliases') for a in given)
+        named = [a for a in chosen if a is not None]
+        twice = sorted({a for a in named if named.count(a) > 1})
+        if twice:
+            raise ImportRequestError(
+                f'aliases gives {", ".join(twice)} to more than one file; an '
+                f'alias names one version.')
     name = model_name.strip() if model_name and model_name.strip() else \
         DEFAULT_MODEL_NAMES[role]
     name = validate_model_name(name)
@@ -192,7 +205,9 @@ def _registered_with_sha(model_name: str, sha256: str, prefix: str) -> Any:
         if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
             return None
         raise
-    found = [v for v in found if v.tags.get('source_prefix', '') == prefix]
+    # A version that never became READY is not one to reuse.
+    found = [v for v in found if v.status == 'READY' and
+             v.tags.get('source_prefix', '') == prefix]
     return found[0] if found else None
 
 
@@ -215,59 +230,47 @@ def _check_reused_architecture(request: ImportRequest, source: Path,
                 f'with. Nothing was registered.')
 
 
-def _prepare(request: ImportRequest, folder: Path) -> list[_Prepared]:
-    from uda.models.checkpoint import file_sha256
-    from uda.models.foreign import (convert_checkpoint, describe,
-                                    role_model_cfg, selected_prefix)
+def _plan(request: ImportRequest) -> list[_Prepared]:
+    """What each file becomes, without converting anything yet: its
+    SHA-256, layout, sub-model, iteration and alias, and the version it
+    already is. Aliases that clash are an error here, before the
+    (multi-GB) conversions."""
+    from uda.models.foreign import describe, iteration_of, selected_prefix
     from uda.registry import iteration_alias
+    from uda.models.checkpoint import file_sha256
 
-    model_cfg = role_model_cfg(request.cfg, request.role)
-    prepared: list[_Prepared] = []
+    planned: list[_Prepared] = []
     seen: dict[str, _Prepared] = {}
     total = len(request.checkpoints)
     for index, source in enumerate(request.checkpoints):
-        step = f'[{index + 1}/{total}] {source.name}'
         digest = file_sha256(source)
-        if digest in seen:
-            print(f'{step}: the same file as {seen[digest].source.name} '
-                  f'(SHA-256 {digest[:12]}…); imported once.', flush=True)
-            continue
         summary = describe(source)
         prefix = selected_prefix(summary.layout, request.prefix)
+        alias = None
+        if request.aliases is not None:
+            alias = request.aliases[index]
+        elif iteration_of(summary, prefix) is not None:
+            alias = iteration_alias(iteration_of(summary, prefix))
+        if digest in seen:
+            first = seen[digest]
+            if request.aliases is not None and alias != first.alias:
+                raise ImportRequestError(
+                    f'{first.source.name} and {source.name} are the same file '
+                    f'(SHA-256 {digest[:12]}…) but get different aliases '
+                    f'({first.alias}, {alias}); a file is one version.')
+            print(f'[{index + 1}/{total}] {source.name}: the same file as '
+                  f'{first.source.name}; imported once.', flush=True)
+            continue
         existing = _registered_with_sha(request.model_name, digest, prefix)
         if existing is not None:
             _check_reused_architecture(request, source, existing)
-            item = _Prepared(source, digest, summary.layout, prefix,
-                             summary.iteration, None, existing=existing)
-            print(f'{step}: already registered as {request.model_name} '
-                  f'version {existing.version} (same SHA-256 and prefix '
-                  f'{prefix or "(none)"}); reusing it.',
-                  flush=True)
-        else:
-            print(f'{step}: converting ({request.architecture})…', flush=True)
-            converted = convert_checkpoint(
-                source, folder / f'{index:03d}-{source.stem}.pth', model_cfg,
-                request.prefix, request.architecture,
-                meta={'role': request.role}, sha256=digest)
-            item = _Prepared(source, digest, converted.summary.layout,
-                             converted.prefix, converted.summary.iteration,
-                             None, converted=converted.path,
-                             seconds=converted.seconds)
-            origin = converted.summary.iteration_from
-            print(f'{step}: {converted.summary.layout}, prefix '
-                  f'{converted.prefix or "(none)"}, '
-                  + (f'iteration {item.iteration} (from the {origin}), '
-                     if item.iteration is not None else 'no iteration, ')
-                  + f'{converted.report.loaded} tensors, '
-                  f'{converted.seconds:.1f} s.', flush=True)
-        if request.aliases is not None:
-            item.alias = request.aliases[index]
-        elif item.iteration is not None:
-            item.alias = iteration_alias(item.iteration)
+        item = _Prepared(source, digest, summary.layout, prefix,
+                         iteration_of(summary, prefix), alias,
+                         existing=existing)
         seen[digest] = item
-        prepared.append(item)
+        planned.append(item)
     claimed: dict[str, Path] = {}
-    for item in prepared:
+    for item in planned:
         if item.alias is None:
             continue
         if item.alias in claimed:
@@ -277,46 +280,97 @@ def _prepare(request: ImportRequest, folder: Path) -> list[_Prepared]:
                 f'with -P aliases=… (one per file, none for no alias). '
                 f'Nothing was registered.')
         claimed[item.alias] = item.source
-    return prepared
+    return planned
+
+
+def _convert(request: ImportRequest, planned: Sequence[_Prepared],
+             folder: Path) -> None:
+    """Convert every file that is not registered yet (strictly: a file that
+    does not fit stops the import before anything is registered)."""
+    from uda.models.foreign import convert_checkpoint, role_model_cfg
+
+    model_cfg = role_model_cfg(request.cfg, request.role)
+    for index, item in enumerate(planned):
+        step = f'[{index + 1}/{len(planned)}] {item.source.name}'
+        if item.existing is not None:
+            print(f'{step}: already registered as {request.model_name} '
+                  f'version {item.existing.version} (same SHA-256 and prefix '
+                  f'{item.prefix or "(none)"}); reusing it.', flush=True)
+            continue
+        print(f'{step}: converting ({request.architecture})…', flush=True)
+        converted = convert_checkpoint(
+            item.source, folder / f'{index:03d}-{item.source.stem}.pth',
+            model_cfg, request.prefix, request.architecture, request.role,
+            meta={'role': request.role}, sha256=item.sha256)
+        item.converted, item.seconds = converted.path, converted.seconds
+        iteration = f'iteration {item.iteration}' if item.iteration is not \
+            None else 'no iteration'
+        print(f'{step}: {item.layout}, prefix {item.prefix or "(none)"}, '
+              f'{iteration}, {converted.report.loaded} tensors, '
+              f'{converted.seconds:.1f} s.', flush=True)
 
 
 def _register(request: ImportRequest, item: _Prepared) -> ImportedVersion:
+    """The version of one file: reused, or logged and registered in a
+    nested run (its alias is set later, by :func:`_set_aliases`)."""
     import mlflow
 
-    from uda.registry import (log_and_register, set_alias_safely,
-                              version_metadata)
+    from uda.registry import log_and_register, version_metadata
 
-    tags = {'source_file': item.source.name, 'source_sha256': item.sha256,
-            'source_format': item.layout, 'source_prefix': item.prefix,
+    identity = {'source_sha256': item.sha256, 'source_prefix': item.prefix}
+    tags = {'source_file': item.source.name, 'source_format': item.layout,
             'role': request.role}
     source_bytes = item.source.stat().st_size
-
-    def stored_bytes(version: str) -> int:
-        return int(version_metadata(request.model_name, version).get(
-            'checkpoint_bytes', 0))
-
     if item.existing is not None:
-        version = str(item.existing.version)
-        if item.alias and item.alias not in (item.existing.aliases or ()):
-            set_alias_safely(request.model_name, item.alias, version)
-        return ImportedVersion(item.source, version, True, item.alias,
-                               item.iteration, item.layout, item.prefix,
-                               source_bytes=source_bytes,
-                               stored_bytes=stored_bytes(version))
-    # One run per file: a version is identified by (run, kind, iteration),
-    # and two files may share an iteration or have none.
-    with mlflow.start_run(run_name=f'import {item.source.name}', nested=True):
-        mlflow.set_tags({'entry_point': 'import', 'uda.role': request.role,
-                         **{f'uda.{k}': v for k, v in tags.items()}})
-        registered = log_and_register(
-            item.converted, request.model_name, iteration=item.iteration,
-            alias=item.alias, kind='import',
-            preset=str(request.cfg.get('name')), extra_tags=tags,
-            name='import')
-    version = str(registered.version)
-    return ImportedVersion(item.source, version, False, item.alias,
-                           item.iteration, item.layout, item.prefix,
-                           item.seconds, source_bytes, stored_bytes(version))
+        version, reused, seconds = str(item.existing.version), True, 0.0
+    else:
+        # One run per file: a version is identified by (run, kind,
+        # iteration), and two files may share an iteration or have none.
+        with mlflow.start_run(run_name=f'import {item.source.name}',
+                              nested=True):
+            mlflow.set_tags({'entry_point': 'import', 'uda.role': request.role,
+                             **{f'uda.{k}': v for k, v in
+                                {**identity, **tags}.items()}})
+            registered = log_and_register(
+                item.converted, request.model_name, iteration=item.iteration,
+                alias=None, kind='import',
+                preset=str(request.cfg.get('name')), extra_tags=tags,
+                name='import', identity_tags=identity)
+        version, reused, seconds = str(registered.version), False, \
+            item.seconds
+    stored = int(version_metadata(request.model_name, version).get(
+        'checkpoint_bytes', 0))
+    return ImportedVersion(item.source, version, reused, item.alias,
+                           item.iteration, item.layout, item.prefix, seconds,
+                           source_bytes, stored)
+
+
+def _set_aliases(request: ImportRequest,
+                 results: Sequence[ImportedVersion]) -> list[str]:
+    """Point each alias at its version once every version exists. An alias
+    on another version moves (said in the output); a re-import without
+    ``-P aliases`` leaves an alias that meanwhile names another version."""
+    from uda.registry import get_registered_model, set_alias
+
+    current = dict(get_registered_model(request.model_name).aliases or {})
+    notes = []
+    for result in results:
+        if result.alias is None:
+            continue
+        before = current.get(result.alias)
+        if before is not None and str(before) == result.version:
+            continue
+        if before is not None and result.reused and request.aliases is None:
+            notes.append(f'{result.alias} stays on version {before} (not '
+                         f'moved back to the reused version {result.version};'
+                         f' pass -P aliases= to move it)')
+            result.alias = None
+            continue
+        set_alias(request.model_name, result.alias, result.version)
+        if before is not None:
+            notes.append(f'{result.alias} moved from version {before} to '
+                         f'version {result.version}')
+    return notes
 
 
 def import_checkpoints(request: ImportRequest, params: Mapping[str, Any],
@@ -336,12 +390,16 @@ def import_checkpoints(request: ImportRequest, params: Mapping[str, Any],
 
     from uda.tracking import entry_point_run
 
+    planned = _plan(request)
     with tempfile.TemporaryDirectory(prefix='uda-import-') as tmp:
-        prepared = _prepare(request, Path(tmp))
+        _convert(request, planned, Path(tmp))
         with entry_point_run(entry_point, params, request.cfg) as run:
             mlflow.set_tags({'uda.mode': 'import', 'uda.role': request.role,
                              'uda.model_name': request.model_name})
-            results = [_register(request, item) for item in prepared]
+            # Every version first, then the aliases: an interrupted import
+            # moves no alias, and running it again completes it.
+            results = [_register(request, item) for item in planned]
+            notes = _set_aliases(request, results)
             mlflow.log_table({
                 'file': [r.source.name for r in results],
                 'version': [r.version for r in results],
@@ -354,6 +412,8 @@ def import_checkpoints(request: ImportRequest, params: Mapping[str, Any],
                 'source_bytes': [r.source_bytes for r in results],
                 'stored_bytes': [r.stored_bytes for r in results],
             }, 'imports.json')
+    for note in notes:
+        print(f'Alias {note}.')
     _print_summary(request, results, run.info.run_id)
     return results
 

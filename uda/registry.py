@@ -47,7 +47,7 @@ __all__ = [
     'RegistryError', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
     'log_segmentor', 'register_checkpoint', 'log_and_register',
     'discard_unfinished_models', 'resolve_alias', 'verify_loadable',
-    'set_alias_safely', 'load_segmentor',
+    'set_alias', 'set_alias_safely', 'load_segmentor',
     'iteration_alias', 'MODEL_URI_FORMS', 'ModelNotFoundError',
     'UnknownModelError',
     'ModelReference', 'validate_model_name', 'validate_alias',
@@ -827,7 +827,9 @@ def register_checkpoint(model: Union[ModelInfo, str],
                         kind: str = 'checkpoint',
                         preset: Optional[str] = None,
                         extra_tags: Optional[Mapping[str, Any]] = None,
-                        description: Optional[str] = None) -> ModelVersion:
+                        description: Optional[str] = None,
+                        identity_tags: Optional[Mapping[str, Any]] = None
+                        ) -> ModelVersion:
     """Register a logged segmentor as a model version (idempotent).
 
     A version already registered for the same ``(run_id, kind, iteration)``
@@ -850,6 +852,10 @@ def register_checkpoint(model: Union[ModelInfo, str],
         preset: Preset name (tag ``preset``).
         extra_tags: More version tags (e.g. soup ingredients and weights).
         description: Description of the registered model if it is created.
+        identity_tags: Tags the version is created with, next to
+            ``run_id``/``kind``/``iteration``, because searches find it by
+            them (an import's ``source_sha256``): a process killed before
+            the other tags are set leaves a version that is still found.
 
     Returns:
         The (new or existing) :class:`ModelVersion`, with its tags.
@@ -874,6 +880,7 @@ def register_checkpoint(model: Union[ModelInfo, str],
         key_tags = {'run_id': run_id, 'kind': kind}
         if iteration is not None:
             key_tags['iteration'] = str(int(iteration))
+        key_tags.update({k: str(v) for k, v in (identity_tags or {}).items()})
         created = client.create_model_version(
             registered_name, source=model_uri, run_id=run_id, tags=key_tags,
             model_id=model_id)
@@ -973,7 +980,9 @@ def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
                      preset: Optional[str] = None,
                      extra_tags: Optional[Mapping[str, Any]] = None,
                      description: Optional[str] = None,
-                     name: Optional[str] = None) -> ModelVersion:
+                     name: Optional[str] = None,
+                     identity_tags: Optional[Mapping[str, Any]] = None
+                     ) -> ModelVersion:
     """Log (once) and register a checkpoint of the active run.
 
     Resuming is safe: if this run already registered ``(kind, iteration)``
@@ -988,6 +997,7 @@ def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
             See :func:`register_checkpoint`.
         model_cfg: See :func:`log_segmentor`.
         name: Logged-model name within the run (default ``iter-<N>``).
+        identity_tags: See :func:`register_checkpoint`.
 
     Returns:
         The :class:`ModelVersion`.
@@ -1013,7 +1023,8 @@ def log_and_register(checkpoint: Union[str, os.PathLike, nn.Module,
                                    iteration=iteration, metrics=metrics,
                                    alias=alias, kind=kind, preset=preset,
                                    extra_tags=extra_tags,
-                                   description=description)
+                                   description=description,
+                                   identity_tags=identity_tags)
     except BaseException as error:
         # MLflow marks a model FAILED only on an Exception; Ctrl-C inside
         # log_model leaves it PENDING. Either way it is half-logged: hide it.
@@ -1124,6 +1135,15 @@ def verify_loadable(name: str, version: Union[int, str]) -> None:
             decode_png(out['label_map'][0]).shape != (64, 64):
         raise RegistryError(f'{uri} loads but does not return a 64x64 '
                             f'label map for a 64x64 image.')
+
+
+def set_alias(name: str, alias: str, version: Union[int, str]) -> None:
+    """Point ``alias`` at a version that is READY with complete artifacts
+    (without loading it; :func:`set_alias_safely` also runs it once)."""
+    _check_name(name)
+    version = str(_wait_ready(name, str(version)).version)
+    _verify_artifacts(name, version)
+    _set_alias(name, alias, version)
 
 
 def set_alias_safely(name: str, alias: str,

@@ -60,6 +60,7 @@ __all__ = [
     'FORMAT_TAG', 'SUBMODEL_PREFIXES', 'CheckpointError',
     'CheckpointMismatchError', 'MissingPrefixError', 'KeyReport', 'read_checkpoint',
     'check_checkpoint_file', 'file_sha256', 'unwrap_state_dict', 'strip_module', 'prefix_counts',
+    'resolve_prefix',
     'detect_format', 'load_checkpoint', 'save_checkpoint',
     'read_model_cfg', 'build_from_checkpoint'
 ]
@@ -190,8 +191,13 @@ def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Any:
                 warnings.catch_warnings():
             # Its note on pickle protocols is noise next to our message.
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(path, map_location='cpu', weights_only=True,
-                              mmap=mmap and zipfile.is_zipfile(path))
+            if mmap and zipfile.is_zipfile(path):
+                try:
+                    return torch.load(path, map_location='cpu',
+                                      weights_only=True, mmap=True)
+                except Exception:  # e.g. a repacked zip: read it instead
+                    pass
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # zip/pickle/EOF errors of damaged files
         raise CheckpointError(_explain_unreadable(path, err)) from None
 
@@ -497,19 +503,30 @@ def prefix_counts(state_dict: Mapping[str, Any]) -> Counter:
     return Counter(k.split('.', 1)[0] + '.' for k in state_dict if '.' in k)
 
 
+def resolve_prefix(fmt: str, prefix: str) -> str:
+    """The sub-model ``prefix`` takes from weights of format ``fmt``:
+    ``'auto'`` is ``'model.'`` (MIC's and the original's choice) in an mmcv
+    UDA file and none elsewhere; our own format holds one model."""
+    if fmt == FORMAT_TAG:
+        return ''
+    if prefix == 'auto':
+        return 'model.' if fmt == 'mmcv-uda' else ''
+    return prefix
+
+
 def _select_prefix(state_dict: dict[str, Any], fmt: str, prefix: str,
                    source: str) -> tuple[dict[str, Any], str, dict[str, int]]:
-    if prefix == 'auto':
-        prefix = 'model.' if fmt == 'mmcv-uda' else ''
+    prefix = resolve_prefix(fmt, prefix)
     if not prefix:
         return state_dict, '', {}
     counts = prefix_counts(state_dict)
     if counts.get(prefix, 0) == 0:
-        available = ', '.join(p.rstrip('.') for p in counts
-                              if p in SUBMODEL_PREFIXES) or 'none'
+        held = [p.rstrip('.') for p in counts if p in SUBMODEL_PREFIXES]
+        what = (f'the sub-models it holds: {", ".join(held)} (pick one with '
+                f'prefix=…)') if held else \
+            'it is a plain state dict without sub-models (use prefix=auto)'
         raise MissingPrefixError(
-            f'{source} has no {prefix!r} weights; the sub-models it holds: '
-            f'{available} (choose one with prefix=…).')
+            f'{source} has no {prefix!r} weights; {what}.')
     selected = {k[len(prefix):]: v for k, v in state_dict.items()
                 if k.startswith(prefix)}
     others = {p: n for p, n in counts.items() if p != prefix}
@@ -544,14 +561,12 @@ def _load_into(module: nn.Module, state_dict: dict[str, Any], strict: bool,
         if report.unexpected:
             parts.append(f'{len(report.unexpected)} unexpected keys, e.g. '
                          f'{_summary(report.unexpected, 3)}')
-        hint = '' if mismatched else \
-            ' (strict=False loads the matching part.)'
         raise CheckpointMismatchError(
             f'{report.source} (format {report.format}'
             f"{', prefix ' + repr(report.prefix) if report.prefix else ''}) "
             f'does not fit this {what}: {"; ".join(parts)}. Is it a '
             f'checkpoint of another architecture/backbone, or the wrong '
-            f'sub-model prefix?{hint}')
+            f'sub-model prefix?')
     usable = {k: v for k, v in state_dict.items() if k in model_state}
     module.load_state_dict(usable, strict=False)
     report.loaded = len(usable)

@@ -42,11 +42,12 @@ from .checkpoint import (FORMAT_TAG, SUBMODEL_PREFIXES, CheckpointError,
                          MissingPrefixError,
                          build_from_checkpoint, detect_format, file_sha256,
                          load_checkpoint, prefix_counts, read_checkpoint,
+                         resolve_prefix,
                          save_checkpoint, strip_module, unwrap_state_dict)
 
 __all__ = ['ROLES', 'LAYOUTS', 'NotASegmentorError', 'CheckpointSummary',
            'ConvertedCheckpoint', 'normalize_prefix', 'selected_prefix',
-           'role_model_cfg',
+           'iteration_of', 'role_model_cfg',
            'iteration_from_name', 'architecture_differences', 'describe',
            'load_segmentor_file', 'convert_checkpoint']
 
@@ -61,6 +62,7 @@ _HEAD_ARCH_KEYS = ('channels', 'dilations', 'attention_embed_dim')
 # iter_40000.pth, fan_iter_40k.pth, iter-24000: mmcv's and the original's names.
 _ITERATION_IN_NAME = re.compile(r'iter[_-]?(\d+)(k?)(?![0-9a-z])', re.I)
 _PREFIX_WORDS = {'': 'auto', 'auto': 'auto', 'none': ''}
+_TRAINED_PREFIXES = ('', 'model.', 'ema_model.', 'stu_model.')
 
 
 class NotASegmentorError(CheckpointError):
@@ -129,12 +131,19 @@ def normalize_prefix(text: Optional[str], parameter: str = 'prefix') -> str:
 
 
 def selected_prefix(layout: str, prefix: str) -> str:
-    """The sub-model ``prefix`` takes from a file of ``layout``: ``'auto'``
-    is ``'model.'`` in mmcv UDA files and none elsewhere; our own files
-    have none."""
-    if layout in (FORMAT_TAG, 'segmentor', 'backbone'):
-        return '' if prefix == 'auto' else prefix
-    return 'model.' if prefix == 'auto' else prefix
+    """The sub-model ``prefix`` takes from a file of ``layout``
+    (:func:`~uda.models.checkpoint.resolve_prefix` of its format)."""
+    fmt = layout if layout in (FORMAT_TAG, 'segmentor', 'backbone') \
+        else 'mmcv-uda'
+    return resolve_prefix(fmt, prefix)
+
+
+def iteration_of(summary: CheckpointSummary, prefix: str) -> Optional[int]:
+    """The iteration the weights under ``prefix`` were trained to: the
+    file's for the trained model (``model.``, ``ema_model.``, ``stu_model.``
+    or a bare state dict), none for a frozen sub-model (the distillation's
+    ``ca_model.`` teacher, the ``imnet_model.`` ImageNet copy)."""
+    return summary.iteration if prefix in _TRAINED_PREFIXES else None
 
 
 def role_model_cfg(cfg: Mapping[str, Any], role: str) -> dict:
@@ -252,9 +261,11 @@ def _not_a_segmentor(path: Path, role: Optional[str]) -> NotASegmentorError:
 def load_segmentor_file(path: Union[str, os.PathLike],
                         model_cfg: Optional[Mapping[str, Any]] = None,
                         prefix: str = 'auto',
-                        architecture: str = '') -> tuple[nn.Module,
-                                                         CheckpointSummary,
-                                                         KeyReport]:
+                        architecture: str = '',
+                        role: Optional[str] = None,
+                        check_own: bool = False) -> tuple[nn.Module,
+                                                          CheckpointSummary,
+                                                          KeyReport]:
     """A segmentor from any checkpoint file, loaded strictly.
 
     Args:
@@ -265,6 +276,11 @@ def load_segmentor_file(path: Union[str, os.PathLike],
         prefix: Sub-model of a foreign file (see :func:`normalize_prefix`).
         architecture: Where ``model_cfg`` came from, for messages
             (``"preset 'cs2acdc' student.model"``).
+        role: The preset section of ``model_cfg`` (``student``/``teacher``),
+            for the message about ImageNet files.
+        check_own: Our own file must be ``model_cfg``'s architecture too
+            (an import into a role); otherwise it is used as it describes
+            itself.
 
     Returns:
         ``(model, summary, report)``, the model in eval mode on the CPU.
@@ -280,11 +296,16 @@ def load_segmentor_file(path: Union[str, os.PathLike],
     obj = read_checkpoint(path, mmap=True)
     summary = _summary(obj, path)
     if summary.layout == 'backbone':
-        role = architecture.rsplit(' ', 1)[-1].split('.')[0] \
-            if architecture else None
-        raise _not_a_segmentor(path, role if role in ROLES else None)
+        raise _not_a_segmentor(path, role)
     if summary.layout == FORMAT_TAG:
         model = build_from_checkpoint(obj)
+        differences = architecture_differences(model.model_cfg, model_cfg) \
+            if check_own and model_cfg is not None else []
+        if differences:
+            raise CheckpointMismatchError(
+                f'{str(path)!r} holds another model than the '
+                f'{architecture or "preset"}: {"; ".join(differences)}. Pass '
+                f'the preset and role it was trained with.')
         report = KeyReport(format=FORMAT_TAG, source=str(path),
                            loaded=len(model.state_dict()))
         return model.eval(), summary, report
@@ -315,14 +336,16 @@ def convert_checkpoint(path: Union[str, os.PathLike],
                        destination: Union[str, os.PathLike],
                        model_cfg: Optional[Mapping[str, Any]] = None,
                        prefix: str = 'auto', architecture: str = '',
+                       role: Optional[str] = None,
                        meta: Optional[Mapping[str, Any]] = None,
                        sha256: Optional[str] = None) -> ConvertedCheckpoint:
     """Write ``path`` as a ``cs2acdc-uda/1`` file (atomically) holding only
     the selected sub-model, with its provenance in ``meta``.
 
     Args:
-        path, model_cfg, prefix, architecture: See
-            :func:`load_segmentor_file`.
+        path, model_cfg, prefix, architecture, role: See
+            :func:`load_segmentor_file`; our own file must fit ``model_cfg``
+            too.
         destination: The file to write.
         meta: More ``meta`` entries (e.g. the role).
         sha256: The source's SHA-256 when the caller has it (a multi-GB
@@ -334,12 +357,14 @@ def convert_checkpoint(path: Union[str, os.PathLike],
     started = time.perf_counter()
     source = Path(path)
     digest = sha256 or file_sha256(source)
-    model, summary, report = load_segmentor_file(source, model_cfg, prefix,
-                                                 architecture)
+    model, summary, report = load_segmentor_file(
+        source, model_cfg, prefix, architecture, role,
+        check_own=model_cfg is not None)
     provenance = {'imported_from': source.name, 'source_sha256': digest,
                   'source_format': summary.layout,
                   'source_prefix': report.prefix,
-                  'source_iteration': summary.iteration, **(meta or {})}
+                  'source_iteration': iteration_of(summary, report.prefix),
+                  **(meta or {})}
     written = save_checkpoint(destination, model, meta=provenance)
     return ConvertedCheckpoint(written, summary, digest, report.prefix, report,
                                dict(model.model_cfg),

@@ -13,13 +13,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from uda.data.paths import PROJECT_DIR
 from uda.errors import UserError
 
-__all__ = ['PretrainedWeightsMissing', 'PROJECT_DIR', 'expected_file',
-           'resolve_pretrained']
-
-#: The project root (relative ``pretrained`` paths are found here too).
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+__all__ = ['PretrainedWeightsMissing', 'expected_file', 'resolve_pretrained']
 
 # Published ImageNet files per backbone: (file name, who publishes it).
 _NVLABS = 'NVlabs FAN (ImageNet-22k, fine-tuned on 1k)'
@@ -44,10 +41,12 @@ def expected_file(backbone: str) -> Optional[tuple[str, str]]:
 
 
 def _candidates(path: Path) -> list[Path]:
+    """Where a ``pretrained`` path may be: the working folder, then the
+    project (none when the package is installed without it)."""
     if path.is_absolute():
         return [path]
     found = [Path.cwd() / path]
-    if (PROJECT_DIR / path) not in found:
+    if PROJECT_DIR is not None and (PROJECT_DIR / path) not in found:
         found.append(PROJECT_DIR / path)
     return found
 
