@@ -54,9 +54,10 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models.convnext import ConvNeXtStage
+
+from .recompute import checkpointed
 
 __all__ = [
     "FAN",
@@ -603,7 +604,7 @@ class FAN(nn.Module):
         x = self.pos_drop(tokens + pos.to(tokens.dtype))
         for index, block in enumerate(self.blocks):
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, height, width, use_reentrant=False)
+                x = checkpointed(block, x, height, width)
             else:
                 x = block(x, height, width)
             if index == self.out_index:

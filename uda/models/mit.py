@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 
+from .recompute import checkpointed
+
 __all__ = [
     'MixVisionTransformer', 'MIT_VARIANTS', 'create_mit',
     'checkpoint_filter_fn', 'mit_nano', 'mit_b0', 'mit_b1', 'mit_b2',
@@ -339,6 +341,9 @@ class MixVisionTransformer(nn.Module):
                 f'drop_path_rate must be in [0, 1), got {drop_path_rate}.')
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
+        #: Recompute each block in backward instead of keeping its
+        #: activations (training only): less memory, one more forward.
+        self.use_checkpoint = False
         self.out_channels = list(embed_dims)
         self.strides = list(MIT_STRIDES)
 
@@ -429,7 +434,11 @@ class MixVisionTransformer(nn.Module):
         for stage in range(1, 5):
             x, height, width = getattr(self, f'patch_embed{stage}')(x)
             for block in getattr(self, f'block{stage}'):
-                x = block(x, height, width)
+                if self.use_checkpoint and self.training and \
+                        torch.is_grad_enabled():
+                    x = checkpointed(block, x, height, width)
+                else:
+                    x = block(x, height, width)
             x = getattr(self, f'norm{stage}')(x)
             x = x.reshape(batch, height, width, -1).permute(0, 3, 1,
                                                             2).contiguous()

@@ -116,8 +116,13 @@ def check_schedule(cfg: Mapping[str, Any]) -> None:
 
 
 def check_runtime(cfg: Mapping[str, Any]) -> tuple[str, bool]:
-    """``runner.precision`` and ``runner.channels_last``, validated."""
+    """``runner.precision`` and ``runner.channels_last`` (and
+    ``runner.activation_checkpointing``), validated."""
     runner = cfg['runner']
+    recompute = runner.get('activation_checkpointing', False)
+    if not isinstance(recompute, bool):
+        raise TrainConfigError(f'runner.activation_checkpointing must be true '
+                               f'or false, got {recompute!r}.')
     precision = runner.get('precision', 'fp32')
     if precision not in PRECISIONS:
         raise TrainConfigError(
@@ -213,6 +218,15 @@ class UDATrainer:
         self.seed = int(seed)
         uda = cfg['uda']
         self.precision, self.channels_last = check_runtime(cfg)
+        # Before the feature-distance copy and the EMA teacher are made: they
+        # run without gradients, where the backbones never recompute.
+        if cfg['runner'].get('activation_checkpointing', False):
+            backbone = getattr(model, 'backbone', None)
+            if not hasattr(backbone, 'use_checkpoint'):
+                raise TrainConfigError(
+                    f'runner.activation_checkpointing: the backbone '
+                    f'{type(backbone).__name__} cannot recompute its blocks.')
+            backbone.use_checkpoint = True
         self.model = self._to_device(model)
         self.model.train()
         self.max_iters = _positive_int(cfg, 'runner.max_iters')
