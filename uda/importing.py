@@ -189,6 +189,8 @@ class _Prepared:
     existing: Any = None            # a registered ModelVersion
     converted: Optional[Path] = None
     seconds: float = 0.0
+    iteration_from: Optional[str] = None   # 'meta' or 'file name'
+
 
 
 def _registered_with_sha(model_name: str, sha256: str, prefix: str) -> Any:
@@ -264,9 +266,11 @@ def _plan(request: ImportRequest) -> list[_Prepared]:
         existing = _registered_with_sha(request.model_name, digest, prefix)
         if existing is not None:
             _check_reused_architecture(request, source, existing)
-        item = _Prepared(source, digest, summary.layout, prefix,
-                         iteration_of(summary, prefix), alias,
-                         existing=existing)
+        iteration = iteration_of(summary, prefix)
+        item = _Prepared(source, digest, summary.layout, prefix, iteration,
+                         alias, existing=existing,
+                         iteration_from=summary.iteration_from
+                         if iteration is not None else None)
         seen[digest] = item
         planned.append(item)
     claimed: dict[str, Path] = {}
@@ -303,8 +307,9 @@ def _convert(request: ImportRequest, planned: Sequence[_Prepared],
             model_cfg, request.prefix, request.architecture, request.role,
             meta={'role': request.role}, sha256=item.sha256)
         item.converted, item.seconds = converted.path, converted.seconds
-        iteration = f'iteration {item.iteration}' if item.iteration is not \
-            None else 'no iteration'
+        iteration = (f'iteration {item.iteration} (from the '
+                     f'{item.iteration_from})' if item.iteration is not None
+                     else 'no iteration')
         print(f'{step}: {item.layout}, prefix {item.prefix or "(none)"}, '
               f'{iteration}, {converted.report.loaded} tensors, '
               f'{converted.seconds:.1f} s.', flush=True)
