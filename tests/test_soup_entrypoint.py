@@ -61,16 +61,21 @@ def test_soup_entry_point_mixes_registers_and_serves(copied_store,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('weights, message', [
+    ('3,x,4', "error: weight 2 ('x') in '3,x,4' is not a number"),
+    # A value starting with '-' reaches the script as a value, not an option.
+    ('-1,1,1', 'error: weight 1 is negative (-1)')])
 def test_soup_entry_point_bad_weights_is_one_clear_error(copied_store,
-                                                         tracking_uri):
+                                                         tracking_uri,
+                                                         weights, message):
     mlflow.MlflowClient().set_registered_model_alias(NAME, 'serving', '3')
     before = len(mlflow.MlflowClient().search_model_versions(
         f"name='{NAME}'"))
     result = mlflow_run('soup', tracking_uri,
-                        *_params(copied_store, 'weights=3,x,4',
+                        *_params(copied_store, f'weights={weights}',
                                  'aliases=iter-40,iter-80,iter-120'))
     assert result.returncode != 0
-    assert "error: weight 2 ('x') in '3,x,4' is not a number" in result.stderr
+    assert message in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr.split('mlflow.exceptions')[0]
     assert len(mlflow.MlflowClient().search_model_versions(
         f"name='{NAME}'")) == before

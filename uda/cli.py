@@ -101,19 +101,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 130
 
 
-def log_pending_step(entry_point: str, params: dict[str, Any], cfg: dict[str, Any], what: str) -> int:
-    """Log the run of an entry point whose work lands in a later release, and say so."""
-    from uda.tracking import entry_point_run
-
-    with entry_point_run(entry_point, params, cfg) as run:
-        import mlflow
-
-        mlflow.set_tag("status", "not-implemented")
-        print(f"{entry_point}: {what} is not implemented yet; run {run.info.run_id} logged its "
-              "parameters and resolved config only.")
-    return 0
-
-
 def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> None:
     """The parameters ``teacher`` and ``distill`` share (data, schedule, resume, registry name)."""
     add_config_args(parser)
