@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from uda.errors import UserError
-from uda.train.runner import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 
 __all__ = ['ImportRequestError', 'ImportRequest', 'ImportedVersion', 'make_request',
            'import_checkpoints', 'DEFAULT_MODEL_NAMES']
@@ -248,11 +248,12 @@ def _plan(request: ImportRequest) -> list[_Prepared]:
         digest = file_sha256(source)
         summary = describe(source)
         prefix = selected_prefix(summary.layout, request.prefix)
+        iteration = iteration_of(summary, prefix)
         alias = None
         if request.aliases is not None:
             alias = request.aliases[index]
-        elif iteration_of(summary, prefix) is not None:
-            alias = iteration_alias(iteration_of(summary, prefix))
+        elif iteration is not None:
+            alias = iteration_alias(iteration)
         if digest in seen:
             first = seen[digest]
             if request.aliases is not None and alias != first.alias:
@@ -266,7 +267,6 @@ def _plan(request: ImportRequest) -> list[_Prepared]:
         existing = _registered_with_sha(request.model_name, digest, prefix)
         if existing is not None:
             _check_reused_architecture(request, source, existing)
-        iteration = iteration_of(summary, prefix)
         item = _Prepared(source, digest, summary.layout, prefix, iteration,
                          alias, existing=existing,
                          iteration_from=summary.iteration_from

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from uda.errors import UserError
+from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 
 from . import checkpointing as ckpt
 from .data import (build_train_data, build_val_dataset, seed_everything,
@@ -61,9 +62,7 @@ __all__ = ['TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'TrainRequest',
 
 log = logging.getLogger(__name__)
 
-#: Registered model of each entry point (``--model-name`` overrides).
-TEACHER_MODEL_NAME = 'cs2acdc-teacher'
-STUDENT_MODEL_NAME = 'cs2acdc-student'
+# Registered model of each entry point (``--model-name`` overrides).
 _ROLES = {'teacher': ('teacher', TEACHER_MODEL_NAME),
           'distill': ('student', STUDENT_MODEL_NAME)}
 _SYSTEM_METRICS_INTERVAL_S = 10.0
