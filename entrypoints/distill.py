@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     from uda.train.runner import TrainRequest, train
 
-    train(TrainRequest("distill", cfg, vars(args), device=cli.resolve_device(args.device),
+    train(TrainRequest("distill", cfg, vars(args), device=cli.start_compute(args),
                        resume=args.resume, model_name=model_name, teacher=args.teacher))
     return 0
 

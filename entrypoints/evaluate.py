@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     precision = evaluation.check_precision(args.precision)
     batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1) or 1
     label_ids = cli.parse_bool("label_ids", args.label_ids)
-    device = cli.resolve_device(args.device)
+    device = cli.start_compute(args)
     cfg = cli.resolve_config(args.preset, args.cfg_options, data__target__root=args.target_root)
     # The model exists and is a segmentor (no weights read yet), pinned to
     # its version; the only model parameter, so the message needs no prefix.

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         cfg, model_name=args.model_name, aliases=aliases, weights=args.weights, method=args.method,
         promote=args.promote, teacher=args.teacher, study_storage=args.study_storage)
     batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1)
-    device = cli.resolve_device(args.device)
+    device = cli.start_compute(args)
     # Before the run starts: the teacher (only when the objective uses it),
     # the registered model and the aliases of the ingredients.
     if request.objective == "teacher-agreement":

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         return 0
     from uda.train.runner import TrainRequest, train
 
-    train(TrainRequest("teacher", cfg, vars(args), device=cli.resolve_device(args.device),
+    train(TrainRequest("teacher", cfg, vars(args), device=cli.start_compute(args),
                        resume=args.resume, model_name=model_name))
     return 0
 

@@ -29,6 +29,21 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_threads_of_this_test():
+    """A test that runs an entry point in-process registers pytest as a CPU
+    job (uda.cpu_threads): unregister it, so later subprocesses keep the cores."""
+    yield
+    from uda import cpu_threads
+
+    if cpu_threads._share is not None:
+        import torch
+
+        threads = cpu_threads._share.cores
+        cpu_threads.release()
+        torch.set_num_threads(threads)
+
+
 def _forget_active_experiment() -> None:
     """`mlflow.set_experiment` remembers an experiment id (process global and
     MLFLOW_EXPERIMENT_ID) that does not exist in the next test's fresh store."""

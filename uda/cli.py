@@ -28,7 +28,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads``: where the compute runs."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
+    parser.add_argument("--threads", default="auto",
+                        help="CPU threads: auto (the cores shared among the cs2acdc jobs "
+                             "running on this machine) or a number")
 
 
 def optional_int(name: str, text: str, minimum: int | None = None) -> int | None:
@@ -84,6 +88,27 @@ def resolve_device(name: str) -> str:
     return str(device)
 
 
+def check_threads(text: str) -> int | None:
+    """A ``threads`` parameter checked before any work (None = auto)."""
+    from uda.cpu_threads import ThreadsError, parse_threads
+
+    try:
+        return parse_threads(text)
+    except ThreadsError as error:
+        raise UserError(str(error)) from None
+
+
+def start_compute(args: argparse.Namespace) -> str:
+    """The device of ``--device``, with this process's CPU threads set from
+    ``--threads`` (see :mod:`uda.cpu_threads`)."""
+    from uda import cpu_threads
+
+    check_threads(args.threads)
+    device = resolve_device(args.device)
+    cpu_threads.configure(args.threads)
+    return device
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run an entry point's ``main`` and turn predictable failures into clean exits."""
     logging.basicConfig(level=os.environ.get("UDA_LOG_LEVEL", "INFO"),
@@ -99,6 +124,33 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not _sqlite_is_locked(err):
+            raise
+        print(f"error: {sqlite_locked_message()}", file=sys.stderr)
+        return 2
+
+
+def _sqlite_is_locked(err: BaseException) -> bool:
+    """SQLite's "database is locked", however MLflow or SQLAlchemy wrapped it."""
+    seen = 0
+    while err is not None and seen < 10:
+        if "database is locked" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
+
+
+def sqlite_locked_message() -> str:
+    """What to do when the SQLite store held another writer for too long."""
+    store = os.environ.get("MLFLOW_TRACKING_URI", "the SQLite store")
+    return (f"{store} is locked: another process kept writing to it for longer than SQLite "
+            "waits (5 s). SQLite takes one writer at a time, so several jobs writing at once "
+            "can fail like this. For parallel jobs or a team, run a tracking server on "
+            "PostgreSQL (README, \"Scaling out\"; to try it: python tools/team_services.py "
+            "start --dir DIR) and set MLFLOW_TRACKING_URI to it. Run the same command again: "
+            "a training resumes from its last checkpoint.")
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -168,6 +220,7 @@ def check_training_args(args: argparse.Namespace, entry_point: str,
     Returns:
         The registered model name (None: the entry point's default).
     """
+    check_threads(args.threads)
     model_name = check_model_name(args.model_name)
     checkpoint = str(getattr(args, "checkpoint", "") or "").strip()
     if cfg is not None and not checkpoint:  # training starts from these files

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from uda import cpu_threads
 from uda.data.dataset import SegmentationDataset, acdc_dataset
 from uda.data.labels import CLASSES, PALETTE, colorize, train_id_to_label_id
 from uda.data.layouts import ACDC_CONDITIONS, Sample
@@ -289,6 +290,7 @@ def predict_dataset(model: torch.nn.Module,
     index = 0
     try:
         for group in _consecutive_batches(loader, int(batch_size)):
+            cpu_threads.rebalance()
             imgs = torch.stack([item['img'] for item in group]).to(device, non_blocking=True)
             # Bounded windows per forward on a CPU (a full-size frame would
             # otherwise batch every window at once, as MIC does on a GPU).

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uda import cpu_threads
 from uda.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from uda.data.layouts import ACDC_CONDITIONS, Sample
 from uda.metrics import ConditionTable, PerConditionMetrics
@@ -276,6 +277,7 @@ class SoupScorer:
         mmseg's ``CustomDataset`` evaluation does.
         """
         model = self.model if model is None else model
+        cpu_threads.rebalance()
         logits = model.inference(batch.images)
         if batch.labels is not None and \
                 tuple(logits.shape[-2:]) != tuple(batch.labels.shape[-2:]):

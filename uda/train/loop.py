@@ -60,6 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from uda import cpu_threads
 from uda.errors import UserError
 from uda.metrics import ConditionTable, PerConditionMetrics
 from uda.precision import PRECISIONS, autocast
@@ -520,6 +521,7 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]],
     metrics = PerConditionMetrics(tuple(conditions), device=device)
     try:
         for item in loader:
+            cpu_threads.rebalance()
             img = item['img'][None].to(device)
             gt = item['gt'].to(device)
             logits = model.inference(img, mode)
@@ -569,6 +571,7 @@ def fit(trainer: UDATrainer, batches: Iterable[Mapping[str, Any]],
         if batch.get('iteration', iteration) != iteration:
             raise RuntimeError(f'Batch of iteration {batch["iteration"]} '
                                f'arrived at iteration {iteration}.')
+        cpu_threads.rebalance()  # other jobs may have started or ended
         debug = bool(hooks.wants_debug and hooks.wants_debug(iteration + 1))
         out = trainer.train_step(batch, iteration, debug=debug)
         iteration += 1
