@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, pipeline, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
 from uda.data.summary import summarize  # noqa: E402
+from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
+from uda.soup.promotion import superseded_note  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     cfg = cli.resolve_config(args.preset, args.cfg_options, seed=cli.optional_int("seed", args.seed),
                              data__source__root=args.source_root, data__target__root=args.target_root)
     soup_trials = cli.optional_int("soup_trials", args.soup_trials, minimum=1)
+    cli.check_threads(args.threads)  # each step sets its own threads; main computes little
     cli.check_pretrained(cfg, ["teacher", "student"])  # both are trained; fail before any work
     embedded = prepare_roots(args.source_root, args.target_root)
     summary = summarize(args.source_root, args.target_root)
@@ -34,11 +37,18 @@ def main(argv=None) -> int:
         tracking.log_dataset_summary(summary, args.source_root, args.target_root)
         steps = pipeline.run_pipeline(preset=args.preset, source_root=args.source_root,
                                       target_root=args.target_root, cfg_options=args.cfg_options,
-                                      seed=args.seed, device=args.device, soup_trials=soup_trials)
+                                      seed=args.seed, device=args.device, soup_trials=soup_trials,
+                                      threads=args.threads)
     for step in steps.values():
         print(f"  {step.entry_point:9s} run {step.run_id}  "
               + ("reused" if step.reused else f"{step.seconds:.0f} s"))
-    print(f"Pipeline run {run.info.run_id} finished; `serving` points at the evaluated soup.")
+    moved = superseded_note(STUDENT_MODEL_NAME, steps["soup"].version)
+    if moved is None:
+        print(f"Pipeline run {run.info.run_id} finished; `serving` points at the evaluated soup "
+              f"(version {steps['soup'].version}).")
+    else:  # a team's server: another run promoted its soup since
+        print(f"Pipeline run {run.info.run_id} finished; `serving` has since moved to {moved}, "
+              f"promoted by another run after this pipeline's soup (version {steps['soup'].version}).")
     print(pipeline.next_steps_text())
     return 0
 

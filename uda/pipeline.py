@@ -22,12 +22,16 @@ from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
 
 from uda.errors import UserError
+from uda.registry import STUDENT_MODEL_NAME as STUDENT_MODEL
+from uda.registry import TEACHER_MODEL_NAME as TEACHER_MODEL
+from uda.registry import find_versions
 from uda.tracking import CODE_VERSION_TAG, code_version
 
-
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-TEACHER_MODEL = "cs2acdc-teacher"
-STUDENT_MODEL = "cs2acdc-student"
+
+#: Parameters that change how fast a step runs, not what it computes: a
+#: finished run is reused whatever their value.
+NOT_PART_OF_THE_RESULT = frozenset({"threads"})
 
 
 @dataclass
@@ -37,6 +41,7 @@ class StepResult:
     run_id: str
     reused: bool
     seconds: float
+    version: str | None = None  #: the model version it registered last, when it matters
 
 
 def find_finished_run(entry_point: str, parameters: Mapping[str, str], experiment_id: str,
@@ -56,7 +61,8 @@ def find_finished_run(entry_point: str, parameters: Mapping[str, str], experimen
         order_by=["attributes.start_time DESC"])
     for run in runs:
         # `mlflow run` logs the shell-quoted form of values with spaces or quotes ('' for empty).
-        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()):
+        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()
+               if k not in NOT_PART_OF_THE_RESULT):
             return run
     return None
 
@@ -90,8 +96,7 @@ def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str
 
 def registered_versions(model_name: str, run_id: str) -> list:
     """Versions of ``model_name`` registered by ``run_id``, highest iteration last."""
-    client = mlflow.MlflowClient()
-    versions = [v for v in client.search_model_versions(f"name = '{model_name}'")
+    versions = [v for v in find_versions(model_name)
                 if v.tags.get("run_id") == run_id or v.run_id == run_id]
     return sorted(versions, key=lambda v: (int(v.tags.get("iteration", -1)), int(v.version)))
 
@@ -106,11 +111,13 @@ def _last_version(model_name: str, step: StepResult) -> Any:
 
 
 def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options: str, seed: str,
-                 device: str, soup_trials: int | None = None) -> dict[str, StepResult]:
+                 device: str, soup_trials: int | None = None,
+                 threads: str = "auto") -> dict[str, StepResult]:
     """Chain the entry points inside the active MLflow run.
 
     Args:
-        preset, source_root, target_root, cfg_options, seed, device: Passed to every step.
+        preset, source_root, target_root, cfg_options, seed, device, threads:
+            Passed to every step.
         soup_trials: Optuna trials of the soup step (default: the preset's).
 
     Returns:
@@ -120,7 +127,8 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
     if run is None:
         raise RuntimeError("run_pipeline needs an active MLflow run (the main entry point's).")
     experiment_id = run.info.experiment_id
-    common = {"preset": preset, "cfg_options": cfg_options, "seed": seed, "device": device}
+    common = {"preset": preset, "cfg_options": cfg_options, "seed": seed, "device": device,
+              "threads": threads}
     steps: dict[str, StepResult] = {}
 
     steps["teacher"] = run_step("teacher", {**common, "source_root": source_root,
@@ -136,7 +144,9 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
         soup_params["trials"] = soup_trials
     steps["soup"] = run_step("soup", soup_params, experiment_id)
     soup = _last_version(STUDENT_MODEL, steps["soup"])
+    steps["soup"].version = str(soup.version)
     steps["evaluate"] = run_step("evaluate", {"preset": preset, "cfg_options": cfg_options, "device": device,
+                                              "threads": threads,
                                               "target_root": target_root, "split": "val",
                                               "model": f"models:/{STUDENT_MODEL}/{soup.version}"},
                                  experiment_id)
@@ -144,11 +154,19 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
     return steps
 
 
-def next_steps_text(port: int = 5000) -> str:
-    """What to run after the pipeline: the UI, the model server, a request."""
+def next_steps_text(port: int = 5000, tracking_uri: str | None = None) -> str:
+    """What to run after the pipeline: the UI, the model server, a request.
+
+    Against a tracking server (``http(s)://``) the UI is the server's own.
+    """
+    tracking_uri = tracking_uri if tracking_uri is not None else mlflow.get_tracking_uri()
+    if tracking_uri.startswith(("http://", "https://")):
+        ui = f"open {tracking_uri}                 # the tracking server's UI: runs, metrics, images, models"
+    else:
+        ui = f"mlflow ui --port {port}                      # every run, metric, image and model version"
     return f"""
 Next:
-  mlflow ui --port {port}                      # every run, metric, image and model version
+  {ui}
   mlflow models serve -m models:/{STUDENT_MODEL}@serving --env-manager local -h 127.0.0.1 -p {port + 1}
   # then, in another shell (see README, "Serving a model over REST"):
   python -c "from uda.serving import example_image_png; open('image.png', 'wb').write(example_image_png(135, 240))"

@@ -360,9 +360,28 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
 
 
 def _storage_url(storage: Any) -> Optional[str]:
-    if storage is None or isinstance(storage, str):
-        return storage
-    return str(getattr(storage, 'url', storage))
+    """The storage's URL as runs and messages show it: without its password."""
+    if storage is not None and not isinstance(storage, str):
+        storage = str(getattr(storage, 'url', storage))
+    return None if storage is None else redact_url(storage)
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:***@host/db`` for a URL with a password.
+
+    MLflow logs every parameter as given, so a team keeps the password out of
+    ``study_storage`` (libpq reads ``PGPASSWORD`` or ``~/.pgpass``); what this
+    project logs or prints itself never holds one either way.
+    """
+    if '@' not in url or '://' not in url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
 
 
 def _fail_stale_trials(study) -> None:

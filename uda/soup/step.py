@@ -20,8 +20,8 @@ Order of operations (:func:`run_soup`), so that bad input changes nothing and
    log the comparison.
 6. **Register** the soup as a new version of the same registered model
    (``kind=soup``, ingredient/weight/score tags).
-7. **Promote**: move ``serving`` to it with
-   :func:`~uda.registry.set_alias_safely` (loads and runs it first) —
+7. **Promote** (:mod:`uda.soup.promotion`): move ``serving`` to it (loaded
+   and run first; one move at a time, each recorded on both runs) —
    always, never (``promote=false``) or only if its report-split mIoU beats
    the version serving now (``promote=if-better``).
 
@@ -45,6 +45,7 @@ from uda.data.paths import EMBEDDED_ROOT
 
 from .mixing import (SoupError, check_compatible, mix_state_dicts,
                      parse_weights, uniform_weights)
+from .promotion import SERVING_ALIAS, current_serving, promote  # noqa: F401
 
 __all__ = [
     'METHODS', 'OBJECTIVES', 'PROMOTE_CHOICES', 'DEFAULT_TEACHER',
@@ -58,7 +59,6 @@ METHODS = ('optuna', 'greedy', 'uniform')
 OBJECTIVES = ('miou', 'teacher-agreement')
 PROMOTE_CHOICES = ('true', 'false', 'if-better')
 DEFAULT_TEACHER = 'models:/cs2acdc-teacher/latest'
-SERVING_ALIAS = 'serving'
 #: How ``-P weights`` asks for searched weights instead of fixed ones.
 _SEARCH_WORDS = ('', 'optuna', 'auto')
 _NUM_DEFAULT_INGREDIENTS = 3
@@ -285,18 +285,6 @@ def _registered_model(name: str):
         name, 'Run the distill step first (it registers its checkpoints) or pass -P model_name.')
 
 
-def _all_versions(name: str) -> list:
-    client = _client()
-    found, token = [], None
-    while True:
-        page = client.search_model_versions(f"name='{name}'",
-                                            page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return sorted(found, key=lambda v: int(v.version))
-
-
 def _iteration(version) -> Optional[int]:
     try:
         return int(version.tags.get('iteration'))
@@ -307,7 +295,9 @@ def _iteration(version) -> Optional[int]:
 def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]
                             ) -> List[IngredientRef]:
     """The last three checkpoints of the newest run that registered any."""
-    checkpoints = [v for v in _all_versions(name)
+    from uda.registry import find_versions
+
+    checkpoints = [v for v in find_versions(name)
                    if v.tags.get('kind') == 'checkpoint']
     if not checkpoints:
         raise SoupError(
@@ -459,9 +449,13 @@ def _study_name(request: SoupRequest, ingredients: Sequence[IngredientRef],
                 evaluated: Mapping[str, Any]) -> str:
     """``<model>:<aliases>:<objective>:seed<seed>:<digest>``; the digest
     covers what else changes the scores (versions, data, split), so a study
-    is only resumed when its trials are comparable."""
+    is only resumed when its trials are comparable. The versions' source
+    runs are in it too: version numbers start again at 1 in another MLflow
+    store, while one Optuna storage (a shared database, or ``optuna.db`` in
+    the working directory next to a tracking server) outlives stores."""
     digest = hashlib.sha1(json.dumps(
-        dict(versions=[i.version for i in ingredients], **evaluated),
+        dict(versions=[i.version for i in ingredients],
+             runs=[i.run_id for i in ingredients], **evaluated),
         sort_keys=True, default=str).encode()).hexdigest()[:8]
     return (f'{request.model_name}:{",".join(i.label for i in ingredients)}:'
             f'{request.objective}:seed{request.seed}:{digest}')
@@ -738,7 +732,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     else:
         import optuna
 
-        from .search import optuna_search, save_study_plots
+        from .search import optuna_search, redact_url, save_study_plots
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = _storage_url(request.study_storage)
@@ -748,9 +742,10 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
             objective_images=cache.sizes[objective_subset],
             teacher=request.teacher if objective_subset == 'agreement'
             else None))
+        shown_storage = redact_url(storage)
         mlflow.set_tags({'soup.study_name': study_name,
-                         'soup.study_storage': storage})
-        print(f'Optuna study {study_name!r} in {storage} '
+                         'soup.study_storage': shown_storage})
+        print(f'Optuna study {study_name!r} in {shown_storage} '
               f'({request.trials} trials, {request.sampler}, seed '
               f'{request.seed})')
 
@@ -803,7 +798,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     rows['soup'] = dict(version='(new)', weights=_fmt_weights(weights),
                         tables=soup_tables)
 
-    serving = _current_serving(request.model_name)
+    serving = current_serving(request.model_name)
     if request.promote == 'if-better' and serving is not None:
         same = next((i for i, ing in enumerate(ingredients)
                      if ing.version == str(serving.version)), None)
@@ -840,7 +835,7 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     mlflow.log_param('soup.weights', _fmt_weights(weights))
 
     # --- register, then (maybe) promote -----------------------------------
-    from uda.registry import log_and_register, set_alias_safely
+    from uda.registry import log_and_register
 
     soup_scores = scores['soup']
     version = log_and_register(
@@ -861,29 +856,14 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
     del mixed
     mlflow.set_tag('soup.version', str(version.version))
 
-    promoted, reason = False, ''
-    if request.promote == 'false':
-        reason = 'promote=false'
-    elif request.promote == 'if-better' and serving is not None:
-        current = scores['serving']['report']
-        if soup_scores['report'] > current:
-            promoted = True
-            reason = (f'report mIoU {soup_scores["report"]:.4f} > '
-                      f'{current:.4f} of version {serving.version}')
-        else:
-            reason = (f'report mIoU {soup_scores["report"]:.4f} does not beat '
-                      f'{current:.4f} of serving version {serving.version}')
-    else:
-        promoted = True
-        reason = ('no version was serving' if serving is None
-                  else f'promote={request.promote}')
-    if promoted:
-        set_alias_safely(request.model_name, SERVING_ALIAS, version.version)
-    mlflow.set_tags({'soup.promoted': str(promoted).lower(),
-                     'soup.promote_reason': reason})
+    promotion = promote(
+        request.model_name, str(version.version), mlflow.active_run().info.run_id,
+        request.promote, soup_scores['report'], compared=serving,
+        compared_report=scores.get('serving', {}).get('report'))
+    promoted, reason = promotion.promoted, promotion.reason
     mlflow.log_metric('seconds.total', time.perf_counter() - started)
-    _print_summary(request, version, weights, comparison, splits, promoted,
-                   reason, seconds_per_trial, len(trial_seconds))
+    _print_summary(request, version, weights, comparison, splits, promotion,
+                   seconds_per_trial, len(trial_seconds))
     return SoupResult(
         version=version, ingredients=ingredients, ingredients_source=source,
         weights=list(weights), method=request.method,
@@ -892,14 +872,6 @@ def _run_checked(request: SoupRequest, ingredients: List[IngredientRef],
         trials=(trials_run if trials_run is not None else
                 len(trial_seconds)), study_name=study_name,
         study_storage=storage, comparison=comparison)
-
-
-def _current_serving(model_name: str):
-    aliases = _registered_model(model_name).aliases or {}
-    if SERVING_ALIAS not in aliases:
-        return None
-    return _client().get_model_version(model_name,
-                                       str(aliases[SERVING_ALIAS]))
 
 
 def _comparison_rows(rows: Mapping[str, Mapping[str, Any]],
@@ -943,7 +915,7 @@ def _markdown(comparison: List[Dict[str, Any]]) -> str:
 
 def _print_summary(request: SoupRequest, version: Any,
                    weights: Sequence[float], comparison: List[Dict[str, Any]],
-                   splits: Sequence[str], promoted: bool, reason: str,
+                   splits: Sequence[str], promotion: Any,
                    seconds_per_trial: float, trials: int) -> None:
     shown = []
     for row in comparison:
@@ -959,6 +931,9 @@ def _print_summary(request: SoupRequest, version: Any,
     print(f'Registered {request.model_name} version {version.version} '
           f'(kind=soup, weights {_fmt_weights(weights)}, method '
           f'{request.method}){timing}.')
-    moved = f'moved to version {version.version}' if promoted else \
-        'unchanged'
-    print(f'serving: {moved} ({reason}).')
+    if promotion.promoted:
+        moved = (f'moved from version {promotion.serving_before} to {version.version}'
+                 if promotion.serving_before else f'set to version {version.version}')
+    else:
+        moved = 'unchanged'
+    print(f'serving: {moved} ({promotion.reason}).')
