@@ -5,6 +5,7 @@ other jobs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def share(tmp_path, monkeypatch):
 def _register_other_job(folder, process) -> None:
     """What `configure` in that process would have written."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f'{process.pid}.json').write_text(json.dumps(
+    (folder / f'{cpu_threads._host()}-{process.pid}.json').write_text(json.dumps(
         {'pid': process.pid, 'start': cpu_threads._start_time(process.pid)}))
 
 
@@ -58,8 +59,8 @@ def test_jobs_share_the_cores_and_rebalance_when_one_ends(share, capsys):
         other.wait()
     # the other job is gone: its file is removed, the cores are this job's again
     assert cpu_threads.rebalance() == CORES == torch.get_num_threads()
-    assert not (share / f'{other.pid}.json').exists()
-    assert (share / f'{__import__("os").getpid()}.json').exists()
+    assert not (share / f'{cpu_threads._host()}-{other.pid}.json').exists()
+    assert (share / f'{cpu_threads._host()}-{os.getpid()}.json').exists()
     if CORES > 1:
         assert f'CPU threads: {max(1, CORES // 2)} → {CORES} (1 cs2acdc job' in capsys.readouterr().out
 
@@ -68,9 +69,10 @@ def test_a_reused_pid_is_not_a_live_job(share):
     other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
         share.mkdir(parents=True)
-        (share / f'{other.pid}.json').write_text(json.dumps({'pid': other.pid, 'start': '1'}))
+        slot = share / f'{cpu_threads._host()}-{other.pid}.json'
+        slot.write_text(json.dumps({'pid': other.pid, 'start': '1'}))
         assert cpu_threads.configure('auto', folder=share) == CORES
-        assert not (share / f'{other.pid}.json').exists()
+        assert not slot.exists()
     finally:
         other.kill()
         other.wait()
@@ -82,6 +84,20 @@ def test_a_fixed_number_or_omp_num_threads_is_kept(share, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     assert cpu_threads.configure('auto', folder=share) == 1
     assert cpu_threads.rebalance() == 1
+
+
+def test_other_hosts_jobs_do_not_count_and_are_left_alone(share):
+    share.mkdir(parents=True)
+    elsewhere = share / 'another-host-1234.json'
+    elsewhere.write_text(json.dumps({'pid': 1234, 'start': '1'}))
+    assert cpu_threads.configure('auto', folder=share) == CORES
+    assert elsewhere.exists()
+
+
+def test_a_gpu_job_does_not_register(share):
+    before = torch.get_num_threads()
+    assert cpu_threads.configure('auto', folder=share, device='cuda') == before
+    assert not share.exists() or not list(share.iterdir())
 
 
 def test_rebalance_without_configure_does_nothing(monkeypatch):

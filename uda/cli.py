@@ -105,7 +105,7 @@ def start_compute(args: argparse.Namespace) -> str:
 
     check_threads(args.threads)
     device = resolve_device(args.device)
-    cpu_threads.configure(args.threads)
+    cpu_threads.configure(args.threads, device=device)
     return device
 
 
@@ -143,11 +143,13 @@ def _sqlite_is_locked(err: BaseException) -> bool:
 
 
 def sqlite_locked_message() -> str:
-    """What to do when the SQLite store held another writer for too long."""
-    store = os.environ.get("MLFLOW_TRACKING_URI", "the SQLite store")
-    return (f"{store} is locked: another process kept writing to it for longer than SQLite "
-            "waits (5 s). SQLite takes one writer at a time, so several jobs writing at once "
-            "can fail like this. For parallel jobs or a team, run a tracking server on "
+    """What to do when an SQLite database held another writer for too long."""
+    store = os.environ.get("MLFLOW_TRACKING_URI", "")
+    which = (f"the SQLite store {store}" if store.startswith("sqlite") else
+             "an SQLite database (MLflow's store or the soup's Optuna file)")
+    return (f"{which} is locked: another process kept writing to it for longer than SQLite "
+            "waits (5 to 20 s). SQLite takes one writer at a time, so several jobs writing at "
+            "once can fail like this. For parallel jobs or a team, run a tracking server on "
             "PostgreSQL (README, \"Scaling out\"; to try it: python tools/team_services.py "
             "start --dir DIR) and set MLFLOW_TRACKING_URI to it. Run the same command again: "
             "a training resumes from its last checkpoint.")

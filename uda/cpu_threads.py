@@ -5,12 +5,14 @@ core. Two trainings on one machine then run twice as many OpenMP threads as
 there are cores, and the threads spin against each other: measured on a
 2-core machine, two default-preset ``distill`` runs made 0.37 it/s each,
 against 6.8 it/s alone; with one thread each they made 6.15 it/s each
-(docs/benchmarks.md, "Several jobs on one machine").
+(docs/team.md, "Several jobs on one machine").
 
 ``threads=auto`` (the default of every entry point that computes) therefore
 registers the process in a small folder of the project's cache, one file per
-process, and uses ``cores // jobs`` threads, where ``jobs`` counts the live
-cs2acdc processes on the machine. :func:`rebalance`, called by the training
+process named after the host and the pid, and uses ``cores // jobs``
+threads, where ``jobs`` counts the live cs2acdc processes of this host (a
+cache shared by several machines counts each machine's own). A job on a GPU
+computes little on the CPU: it does not register. :func:`rebalance`, called by the training
 loop and the evaluation loops, re-counts every few seconds: a job that was
 alone shrinks when a second one starts and grows back when it ends. An
 explicit ``OMP_NUM_THREADS`` (``torchrun`` sets it for every rank) or
@@ -23,6 +25,7 @@ import atexit
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +84,22 @@ def _start_time(pid: int) -> Optional[str]:
     return stat.rsplit(')', 1)[1].split()[19]
 
 
+def _host() -> str:
+    """This machine's name, safe in a file name; a boot id tells apart two
+    containers or reboots that share a name."""
+    try:
+        boot = Path('/proc/sys/kernel/random/boot_id').read_text().strip()[:8]
+    except OSError:
+        boot = ''
+    name = ''.join(c if c.isalnum() or c in '-_' else '_' for c in socket.gethostname())
+    return f'{name}-{boot}' if boot else name
+
+
 def _live_jobs(folder: Path) -> int:
-    """Counts the live registered processes; removes the files of dead ones."""
+    """Counts this host's live registered processes; removes the files of
+    its dead ones (never another host's)."""
     count = 0
-    for slot in folder.glob('*.json'):
+    for slot in folder.glob(f'{_host()}-*.json'):
         try:
             record = json.loads(slot.read_text())
             alive = _start_time(int(record['pid'])) in (record['start'], '?')
@@ -103,12 +118,15 @@ def _default_folder() -> Path:
     return cache_dir() / 'cpu-jobs'
 
 
-def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None) -> int:
+def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None,
+              device: str = 'cpu') -> int:
     """Registers this process as a job and sets torch's thread count.
 
     Args:
         setting: ``auto``/empty (share the cores) or a positive integer.
         folder: Where the jobs register (default: the project's cache).
+        device: Where the job computes: on a GPU it neither registers nor
+            changes torch's threads unless ``setting`` is a number.
 
     Returns:
         The threads this process now uses.
@@ -120,6 +138,10 @@ def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None) ->
     import torch
 
     fixed = parse_threads(setting)
+    if not str(device).startswith('cpu'):
+        if fixed is not None:
+            torch.set_num_threads(fixed)
+        return torch.get_num_threads()
     env = os.environ.get('OMP_NUM_THREADS', '').strip()
     if fixed is None and env.isdigit() and int(env) >= 1:
         fixed = int(env)
@@ -127,7 +149,7 @@ def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None) ->
     cores = _share.cores if _share is not None else max(1, torch.get_num_threads())
     if _share is None:
         folder.mkdir(parents=True, exist_ok=True)
-        slot = folder / f'{os.getpid()}.json'
+        slot = folder / f'{_host()}-{os.getpid()}.json'
         temporary = slot.with_suffix('.tmp')
         temporary.write_text(json.dumps({'pid': os.getpid(),
                                          'start': _start_time(os.getpid())}))

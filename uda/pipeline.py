@@ -19,12 +19,12 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Run, RunStatus
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
 from uda.errors import UserError
 from uda.registry import STUDENT_MODEL_NAME as STUDENT_MODEL
 from uda.registry import TEACHER_MODEL_NAME as TEACHER_MODEL
-from uda.registry import find_versions
+from uda.registry import find_versions, source_run_id
 from uda.tracking import CODE_VERSION_TAG, code_version
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -96,8 +96,7 @@ def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str
 
 def registered_versions(model_name: str, run_id: str) -> list:
     """Versions of ``model_name`` registered by ``run_id``, highest iteration last."""
-    versions = [v for v in find_versions(model_name)
-                if v.tags.get("run_id") == run_id or v.run_id == run_id]
+    versions = [v for v in find_versions(model_name) if source_run_id(v) == run_id]
     return sorted(versions, key=lambda v: (int(v.tags.get("iteration", -1)), int(v.version)))
 
 

@@ -51,7 +51,7 @@ __all__ = [
     'iteration_alias', 'MODEL_URI_FORMS', 'ModelNotFoundError',
     'UnknownModelError',
     'ModelReference', 'validate_model_name', 'validate_alias',
-    'check_model_uri', 'get_registered_model', 'find_versions',
+    'check_model_uri', 'get_registered_model', 'find_versions', 'source_run_id',
     'version_metadata'
 ]
 
@@ -677,10 +677,12 @@ def _model_source(model: Union[ModelInfo, str]) -> tuple[str, str, Optional[str]
                      f'or "runs:/RUN_ID/NAME"), got {model!r}.')
 
 
-def find_versions(name: str, filter_extra: str = '') -> list[ModelVersion]:
+def find_versions(name: str, filter_extra: str = '',
+                  client: Optional[mlflow.MlflowClient] = None) -> list[ModelVersion]:
     """Every version of ``name`` matching ``filter_extra`` (MLflow's
-    search syntax, e.g. ``tags.kind = 'soup'``), all pages, oldest first."""
-    client = _client()
+    search syntax, e.g. ``tags.kind = 'soup'``), all pages, oldest first;
+    through ``client`` (default: the current tracking URI's)."""
+    client = client or _client()
     query = f"name='{name}'" + (f' and {filter_extra}' if filter_extra else '')
     found: list[ModelVersion] = []
     token = None
@@ -690,6 +692,12 @@ def find_versions(name: str, filter_extra: str = '') -> list[ModelVersion]:
         token = page.token
         if not token:
             return sorted(found, key=lambda v: int(v.version))
+
+
+def source_run_id(version: ModelVersion) -> Optional[str]:
+    """The run that registered ``version``: the ``run_id`` tag this project
+    sets, else MLflow's own field."""
+    return version.tags.get('run_id') or version.run_id
 
 
 def _find_version(name: str, run_id: str, kind: str,

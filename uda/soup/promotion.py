@@ -2,9 +2,11 @@
 
 Several soup runs can finish at the same moment when a team shares one
 tracking server. MLflow has no compare-and-set for aliases, so a promotion
-holds a lock made of the registry itself: creating a registered model is
-atomic in every MLflow store (the name is unique), so exactly one run can
-create ``<model>.promotion-lock`` at a time. Inside the lock a run reads where
+holds a lock made of the registry itself: in a database-backed store (SQLite,
+PostgreSQL, MySQL, directly or through a tracking server) a registered
+model's name is unique, so exactly one run can create
+``<model>.promotion-lock`` at a time. (The deprecated ``file:`` store checks
+before it creates, and gives no such guarantee.) Inside the lock a run reads where
 ``serving`` points *now*, moves it, and records the move on both sides:
 
 * its own run: ``soup.promoted``, ``soup.promote_reason``,
@@ -82,57 +84,56 @@ def promotion_lock(model_name: str, holder: str,
                    stale_s: float = STALE_LOCK_S) -> Iterator[None]:
     """Holds ``<model_name>.promotion-lock`` (a registered model) while inside.
 
+    A lock is stale when the same holder and acquisition time have been seen
+    for ``stale_s`` seconds on this process's own clock (no trust in the
+    holder's clock), and it is broken only if it is still that one right
+    before the delete. A lock that names ``holder`` is ours: a create whose
+    reply was lost and was sent again by MLflow's HTTP retries.
+
     Args:
         model_name: The registered model whose alias moves.
         holder: Who holds it (a run id), recorded in the lock's tags.
         wait_s: Longest wait for another holder.
-        stale_s: A lock older than this is broken (its holder was killed).
+        stale_s: A lock unchanged for this long is broken (its holder was killed).
 
     Raises:
         PromotionError: still held by another run after ``wait_s``.
     """
-    from mlflow.exceptions import MlflowException
-
     client = _client()
     name = lock_name(model_name)
     deadline = time.monotonic() + wait_s
     said = False
+    first_seen: dict[tuple, float] = {}
     while True:
-        try:
-            client.create_registered_model(
-                name, tags={'holder': holder, 'acquired_at': f'{time.time():.3f}'},
-                description=f'Held for a moment while a run moves {model_name}@{SERVING_ALIAS}. '
-                            f'Left here only if that run was killed; it is broken after '
-                            f'{stale_s:.0f} s.')
+        state = _try_create(client, name, model_name, holder, stale_s)
+        if state == 'ours':
             break
-        except MlflowException as err:
-            if err.error_code != 'RESOURCE_ALREADY_EXISTS':
-                raise
-        try:
-            held = client.get_registered_model(name)
-        except MlflowException:
-            continue  # released between our two calls
-        age = time.time() - float(held.tags.get('acquired_at', '0') or 0)
-        if age > stale_s:
-            print(f'Breaking the promotion lock of run {held.tags.get("holder")}, held for '
-                  f'{age:.0f} s (its run was killed).', flush=True)
-            _delete_quietly(client, name)
-            continue
-        if time.monotonic() > deadline:
-            raise PromotionError(
-                f'{model_name}@{SERVING_ALIAS} is being moved by run {held.tags.get("holder")} '
-                f'for {age:.0f} s; waited {wait_s:.0f} s. Run the soup again with the same '
-                'parameters (its finished work is reused), or delete the registered model '
-                f'{name!r} if that run is gone.')
-        if not said:
-            print(f'Waiting for run {held.tags.get("holder")} to finish moving '
-                  f'{model_name}@{SERVING_ALIAS}.', flush=True)
-            said = True
+        if state is not None:  # another run holds it
+            seen_at = first_seen.setdefault(state, time.monotonic())
+            if time.monotonic() - seen_at > stale_s:
+                if _lock_state(client, name) == state:
+                    print(f'Breaking the promotion lock of run {state[0]}, unchanged for '
+                          f'{stale_s:.0f} s (its run was killed).', flush=True)
+                    _delete_quietly(client, name)
+                continue
+            if time.monotonic() > deadline:
+                raise PromotionError(
+                    f'{model_name}@{SERVING_ALIAS} is being moved by run {state[0]}; waited '
+                    f'{wait_s:.0f} s. This run\'s soup is registered but not promoted: point '
+                    f'serving at it by hand once that run is done (MlflowClient().'
+                    f'set_registered_model_alias), or delete the registered model {name!r} '
+                    'if that run is gone.')
+            if not said:
+                print(f'Waiting for run {state[0]} to finish moving '
+                      f'{model_name}@{SERVING_ALIAS}.', flush=True)
+                said = True
         time.sleep(0.2)
     try:
         yield
     finally:
-        _delete_quietly(client, name)
+        state = _lock_state(client, name)
+        if state is not None and state[0] == holder:  # never another run's lock
+            _delete_quietly(client, name)
 
 
 def _delete_quietly(client, name: str) -> None:
@@ -143,6 +144,44 @@ def _delete_quietly(client, name: str) -> None:
     except MlflowException as err:
         if err.error_code != 'RESOURCE_DOES_NOT_EXIST':
             raise
+
+
+def _lock_state(client, name: str) -> Optional[tuple]:
+    """``(holder, acquired_at)`` of the lock, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        held = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
+            return None
+        raise
+    return held.tags.get('holder', ''), held.tags.get('acquired_at', '')
+
+
+def _try_create(client, name: str, model_name: str, holder: str,
+                stale_s: float) -> Optional[Any]:
+    """``'ours'``, the other holder's ``(holder, acquired_at)``, or None
+    (released meanwhile: try again)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            name, tags={'holder': holder, 'acquired_at': f'{time.time():.3f}'},
+            description=f'Held for a moment while run {holder} moves '
+                        f'{model_name}@{SERVING_ALIAS}. Left here only if that run was '
+                        f'killed; the next promotion breaks it after {stale_s:.0f} s.')
+        return 'ours'
+    except MlflowException as err:
+        # The store answers a taken name with RESOURCE_ALREADY_EXISTS, or
+        # with RESOURCE_DOES_NOT_EXIST when the lock went away between its
+        # failed insert and its read of the existing model.
+        if err.error_code not in ('RESOURCE_ALREADY_EXISTS', 'RESOURCE_DOES_NOT_EXIST'):
+            raise
+    state = _lock_state(client, name)
+    if state is not None and state[0] == holder:
+        return 'ours'
+    return state
 
 
 def decide(mode: str, soup_report: float, compared: Optional[Any],
@@ -177,11 +216,13 @@ def promote(model_name: str, version: str, run_id: str, mode: str, soup_report: 
     """
     import mlflow
 
-    from uda.registry import set_alias, verify_loadable
+    from uda.registry import set_alias, source_run_id, verify_loadable
 
     promoted, reason = decide(mode, soup_report, compared, compared_report)
-    before = None
-    if promoted:
+    if not promoted:
+        now = current_serving(model_name)
+        before = None if now is None else str(now.version)
+    else:
         verify_loadable(model_name, version)  # before the lock: it takes seconds
         with promotion_lock(model_name, run_id):
             now = current_serving(model_name)
@@ -190,7 +231,7 @@ def promote(model_name: str, version: str, run_id: str, mode: str, soup_report: 
             if mode == 'if-better' and before != was:
                 promoted = False
                 reason = (f'serving moved from version {was or "none"} to {before or "none"} '
-                          f'(run {now.run_id if now else "?"}) while this soup was scored: '
+                          f'(run {source_run_id(now) if now else "?"}) while this soup was scored: '
                           'not compared with it; run the soup again to compare')
             elif before != str(version):
                 set_alias(model_name, SERVING_ALIAS, version)
@@ -209,7 +250,9 @@ def _record_replaced(model_name: str, replaced: Any, version: str, run_id: str) 
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     note = f'version {version} (run {run_id}) at {when}'
     client.set_model_version_tag(model_name, str(replaced.version), 'serving.replaced_by', note)
-    source_run = replaced.tags.get('run_id') or replaced.run_id
+    from uda.registry import source_run_id
+
+    source_run = source_run_id(replaced)
     if source_run and source_run != run_id:
         try:
             client.set_tag(source_run, 'serving.replaced_by', note)
@@ -223,4 +266,6 @@ def superseded_note(model_name: str, version: str) -> Optional[str]:
     now = current_serving(model_name)
     if now is None or str(now.version) == str(version):
         return None
-    return f'version {now.version} (run {now.tags.get("run_id") or now.run_id})'
+    from uda.registry import source_run_id
+
+    return f'version {now.version} (run {source_run_id(now)})'

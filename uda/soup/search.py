@@ -335,7 +335,7 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
             created = False
     except Exception as error:  # sqlalchemy / optuna raise many types here
         raise SoupError(f'cannot open Optuna study {study_name!r} in storage '
-                        f'{_storage_url(storage)!r}: {error}. Use a URL such '
+                        f'{_shown_storage(storage)!r}: {error}. Use a URL such '
                         "as 'sqlite:///path/optuna.db'.") from error
     if created:
         # The uniform trial first and num_ingredients last: a run that loads
@@ -353,13 +353,13 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
         stored_n = study.user_attrs.get('num_ingredients')
         if stored_n is not None and stored_n != n:
             raise SoupError(
-                f'Optuna study {study_name!r} in {_storage_url(storage)!r} '
+                f'Optuna study {study_name!r} in {_shown_storage(storage)!r} '
                 f'searches weights of {stored_n} ingredients, but {n} were '
                 'given; use another study_name')
     return study
 
 
-def _storage_url(storage: Any) -> Optional[str]:
+def _shown_storage(storage: Any) -> Optional[str]:
     """The storage's URL as runs and messages show it: without its password."""
     if storage is not None and not isinstance(storage, str):
         storage = str(getattr(storage, 'url', storage))
@@ -589,7 +589,7 @@ def optuna_search(n: int,
                        if uniform_scores else math.nan),
         n_trials=len(done),
         study_name=study.study_name,
-        storage=_storage_url(storage),
+        storage=_shown_storage(storage),
         evaluated=evaluated,
         running_elsewhere=running_elsewhere,
         study=study)
