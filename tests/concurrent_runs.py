@@ -91,10 +91,6 @@ def run_id_of(output: str) -> str:
     return line.split("ID '")[1].split("'")[0]
 
 
-def versions(client, name: str) -> list:
-    return find_versions(name, client=client)
-
-
 def assert_aliases_name_complete_versions(client, name: str) -> dict:
     """Every alias of ``name`` points at a READY version whose logged model is
     READY and holds its files; returns the aliases."""
@@ -113,7 +109,7 @@ def two_distills_at_once(client, tracking_uri: str, experiment: str, folder: Pat
     """Two `distill` runs (seeds 1 and 2, 2 checkpoints each) registering into the student at once;
     checks that no version is lost or doubled and every alias names a complete
     version. Returns the outputs by seed."""
-    before = versions(client, STUDENT)
+    before = find_versions(STUDENT, client=client)
     logs = {seed: folder / f'distill-{seed}.log' for seed in ('1', '2')}
     started = time.perf_counter()
     processes = {seed: start(tracking_uri, experiment, logs[seed], 'distill', f'seed={seed}',
@@ -125,7 +121,7 @@ def two_distills_at_once(client, tracking_uri: str, experiment: str, folder: Pat
 
     run_ids = {run_id_of(out) for out in outputs.values()}
     last = int(before[-1].version) if before else 0
-    new = [v for v in versions(client, STUDENT) if int(v.version) > last]
+    new = [v for v in find_versions(STUDENT, client=client) if int(v.version) > last]
     # no lost and no duplicated versions: 2 checkpoints per run, numbers dense
     assert [int(v.version) for v in new] == list(range(last + 1, last + 5)), new
     for run_id in run_ids:

@@ -22,9 +22,9 @@ import pytest
 
 from concurrent_runs import (PROJECT_ROOT, STUDENT, TEACHER, assert_aliases_name_complete_versions,
                              command, env_for, finish, kill_group, run_id_of, start,
-                             two_distills_at_once, two_promotions_at_once, versions)
+                             two_distills_at_once, two_promotions_at_once)
 from test_entrypoints import TINY_PIPELINE
-from uda.registry import source_run_id
+from uda.registry import find_versions, source_run_id
 from test_serving import _post, _request, _Server
 from uda.serving import decode_png, example_image_png
 
@@ -85,9 +85,9 @@ def test_the_pipeline_runs_against_the_server_and_its_soup_is_served(team, clien
     assert any((team.base_dir / 'artifacts').rglob('MLmodel'))
 
     # registration and lineage tags, read back through the server
-    teacher_versions = versions(client, TEACHER)
+    teacher_versions = find_versions(TEACHER, client=client)
     assert [v.tags['iteration'] for v in teacher_versions] == ['2', '4']
-    students = [v for v in versions(client, STUDENT)
+    students = [v for v in find_versions(STUDENT, client=client)
                 if source_run_id(v) == children['distill'].info.run_id]
     assert [v.tags['iteration'] for v in students] == ['2', '4']
     assert all(v.tags['kind'] == 'checkpoint' for v in students)
@@ -202,7 +202,7 @@ def test_a_distill_killed_while_writing_to_the_server_resumes_cleanly(team, clie
     resumed = client.get_run(killed_run)
     assert resumed.data.tags['uda.train.state'] == 'finished'
     assert resumed.data.tags['uda.resumes'] == '1'
-    mine = [v for v in versions(client, STUDENT) if source_run_id(v) == killed_run]
+    mine = [v for v in find_versions(STUDENT, client=client) if source_run_id(v) == killed_run]
     assert sorted(int(v.tags['iteration']) for v in mine) == [2, 4, 6]  # none twice
     assert all(v.status == 'READY' for v in mine)
     assert_aliases_name_complete_versions(client, STUDENT)

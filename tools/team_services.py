@@ -291,9 +291,6 @@ class TeamServices:
     def optuna_storage(self) -> str:
         return self.postgres.url('optuna')
 
-    def environment(self) -> dict[str, str]:
-        return {'MLFLOW_TRACKING_URI': self.tracking_uri}
-
     @classmethod
     def start(cls, base_dir: Path, mlflow_port: Optional[int] = None,
               postgres_port: Optional[int] = None, workers: int = 2,

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-log = logging.getLogger('uda')
 
 #: How often :func:`rebalance` looks at the other jobs.
 REBALANCE_EVERY_S = 5.0

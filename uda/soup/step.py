@@ -45,7 +45,7 @@ from uda.data.paths import EMBEDDED_ROOT
 
 from .mixing import (SoupError, check_compatible, mix_state_dicts,
                      parse_weights, uniform_weights)
-from .promotion import SERVING_ALIAS, current_serving, promote  # noqa: F401
+from .promotion import current_serving, promote
 
 __all__ = [
     'METHODS', 'OBJECTIVES', 'PROMOTE_CHOICES', 'DEFAULT_TEACHER',
@@ -269,12 +269,6 @@ class IngredientRef:
 
     def uri(self, model_name: str) -> str:
         return f'models:/{model_name}/{self.version}'
-
-
-def _client():
-    import mlflow
-
-    return mlflow.MlflowClient()
 
 
 def _registered_model(name: str):
