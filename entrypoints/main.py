@@ -1,4 +1,4 @@
-"""`mlflow run .`: the whole pipeline — data → teacher → distill → soup → evaluate → `serving`.
+"""`mlflow run .`: the whole pipeline — data → (teacher ‖ source-only) → distill → soup → evaluate → `serving`.
 
 Every step is a child run; a step that already finished with the same
 parameters and code version is reused (MLflow's multistep pattern).
@@ -8,11 +8,26 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from uda import cli, pipeline, tracking  # noqa: E402
+from uda import cli, pipeline, pipeline_summary, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
 from uda.data.summary import summarize  # noqa: E402
-from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
+from uda.registry import SOURCE_ONLY_MODEL_NAME, STUDENT_MODEL_NAME, TEACHER_MODEL_NAME  # noqa: E402
 from uda.soup.promotion import superseded_note  # noqa: E402
+
+
+def _registered_as(steps) -> dict:
+    """``label → "model vN"`` of the version each row of the table stands for."""
+    names = {"source_only": SOURCE_ONLY_MODEL_NAME, "teacher": TEACHER_MODEL_NAME,
+             "distill": STUDENT_MODEL_NAME, "evaluate": STUDENT_MODEL_NAME}
+    versions = {"source_only": _last(steps["source_only"], SOURCE_ONLY_MODEL_NAME),
+                "teacher": steps["teacher"].version, "distill": steps["distill"].version,
+                "evaluate": steps["soup"].version}
+    return {k: f"{names[k]} v{v}" for k, v in versions.items() if v}
+
+
+def _last(step, model_name):
+    versions = pipeline.registered_versions(model_name, step.run_id)
+    return str(versions[-1].version) if versions else None
 
 
 def main(argv=None) -> int:
@@ -38,9 +53,12 @@ def main(argv=None) -> int:
         steps = pipeline.run_pipeline(preset=args.preset, source_root=args.source_root,
                                       target_root=args.target_root, cfg_options=args.cfg_options,
                                       seed=args.seed, device=args.device, soup_trials=soup_trials,
-                                      threads=args.threads)
+                                      threads=args.threads, iterations=int(cfg["runner"]["max_iters"]))
+        summary = pipeline_summary.summarize_pipeline(steps, _registered_as(steps))
+        story = pipeline_summary.format_summary(summary, steps["soup"].version, STUDENT_MODEL_NAME)
+        pipeline_summary.log_summary(summary, story)
     for step in steps.values():
-        print(f"  {step.entry_point:9s} run {step.run_id}  "
+        print(f"  {step.entry_point:11s} run {step.run_id}  "
               + ("reused" if step.reused else f"{step.seconds:.0f} s"))
     moved = superseded_note(STUDENT_MODEL_NAME, steps["soup"].version)
     if moved is None:
@@ -49,6 +67,7 @@ def main(argv=None) -> int:
     else:  # a team's server: another run promoted its soup since
         print(f"Pipeline run {run.info.run_id} finished; `serving` has since moved to {moved}, "
               f"promoted by another run after this pipeline's soup (version {steps['soup'].version}).")
+    print(story, end="")
     print(pipeline.next_steps_text())
     return 0
 

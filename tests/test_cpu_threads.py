@@ -123,3 +123,49 @@ def test_a_bad_threads_value_is_one_error_before_any_work(tracking_uri, capsys, 
     assert 'Traceback' not in err
     assert not mlflow.MlflowClient().search_runs(
         [e.experiment_id for e in mlflow.MlflowClient().search_experiments()])
+
+
+def test_a_training_job_keeps_its_share_of_the_cores(share, tmp_path):
+    """The bug that made a default source-only run 10x slower beside the teacher: training
+    set torch's threads to all cores after the share was set, so two jobs ran 3 threads on
+    2 cores. Now training leaves the share alone, and a rebalance restores a changed count."""
+    from uda.train.runner import TrainRequest, train
+
+    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        _register_other_job(share, other)
+        threads = cpu_threads.configure('auto', folder=share)
+        seen = []
+        original = cpu_threads.rebalance
+
+        def spy():  # what the training loop runs with, before each re-count
+            seen.append(torch.get_num_threads())
+            return original()
+
+        from uda.config import load_config
+        from uda.data.paths import EMBEDDED_ROOT
+        from budgets import TINY_TRAINING_OPTIONS
+
+        cfg = load_config('default', TINY_TRAINING_OPTIONS + [
+            f'data.source.root={EMBEDDED_ROOT / "cityscapes"}',
+            f'data.target.root={EMBEDDED_ROOT / "acdc"}',
+            'runner.max_iters=2', 'checkpoint_config.interval=2', 'evaluation.interval=2',
+            'uda.source_only=true'])
+        mlflow.set_tracking_uri(f'sqlite:///{tmp_path / "mlflow.db"}')
+        import uda.train.loop as loop
+
+        loop.cpu_threads.rebalance = spy
+        try:
+            from uda.data.roots import prepare_roots
+            prepare_roots(cfg['data']['source']['root'], cfg['data']['target']['root'], progress=False)
+            train(TrainRequest('teacher', cfg, {}, device='cpu', model_name='threads-test'))
+        finally:
+            loop.cpu_threads.rebalance = original
+            mlflow.set_tracking_uri(None)
+    finally:
+        other.kill()
+        other.wait()
+    assert seen and set(seen) == {threads}, seen
+    # a count changed behind the share's back is put back at the next re-count
+    torch.set_num_threads(CORES + 1)
+    assert cpu_threads.rebalance() == torch.get_num_threads() == CORES  # the other job is gone

@@ -72,9 +72,31 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     runs = client.search_runs([exp.experiment_id])
     main_run = next(r for r in runs if r.data.tags.get("entry_point") == "main")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == main_run.info.run_id]
-    assert {r.data.tags["mlflow.project.entryPoint"] for r in children} == {"teacher", "distill", "soup",
-                                                                            "evaluate"}
+    assert sorted(r.data.tags["mlflow.project.entryPoint"] for r in children) == [
+        "distill", "evaluate", "soup", "teacher", "teacher"]
     assert all(r.info.status == "FINISHED" for r in children)
+    # readable child runs; the source-only baseline is the teacher entry point on the source alone
+    names = {r.info.run_name: r for r in children}
+    assert set(names) == {f"{step} · default" for step in
+                          ("source-only", "teacher", "distill", "soup", "evaluate")}
+    baseline = names["source-only · default"]
+    assert baseline.data.tags["uda.mode"] == "source_only"
+    assert baseline.data.params["model_name"] == "cs2acdc-source-only"
+    assert "uda.source_only=true checkpoint_config.interval=4" in baseline.data.params["cfg_options"]
+    assert names["teacher · default"].data.tags["uda.mode"] == "mic"
+    assert [v.tags["iteration"] for v in client.search_model_versions("name = 'cs2acdc-source-only'")] == ["4"]
+
+    # the story: one table of the four models on target val, on the parent run and in the printout
+    assert "The method on target val" in result.stdout
+    for row in ("source-only", "MIC teacher", "distilled student", "soup (serving)"):
+        assert f"| {row} |" in result.stdout
+    assert "serving → cs2acdc-student version" in result.stdout
+    for key in ("source_only", "teacher", "distill", "evaluate"):
+        assert 0 <= main_run.data.metrics[f"method.{key}.mIoU"] <= 1
+    assert main_run.data.metrics["method.source_only.mIoU"] == pytest.approx(
+        client.get_metric_history(baseline.info.run_id, "val.mIoU")[-1].value)
+    assert {"method/summary.json", "method/summary.md"} <= {
+        f.path for f in client.list_artifacts(main_run.info.run_id, "method")}
 
     # the data step: sizes, class shares, examples, datasets as inputs
     assert main_run.data.metrics["images.cityscapes.train"] > 0
@@ -95,5 +117,5 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     versions_before = len(client.search_model_versions("name = 'cs2acdc-student'"))
     again = mlflow_run("main", tracking_uri, *TINY_PIPELINE)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("reusing finished run") == 4, again.stdout
+    assert again.stdout.count("reusing finished run") == 5, again.stdout
     assert len(client.search_model_versions("name = 'cs2acdc-student'")) == versions_before

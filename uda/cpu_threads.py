@@ -168,8 +168,9 @@ def _apply(announce: bool) -> int:
     jobs = _live_jobs(share.folder)
     threads = share.fixed or max(1, share.cores // jobs)
     share.checked_at = time.monotonic()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)  # also when other code changed it behind our back
     if threads != share.threads:
-        torch.set_num_threads(threads)
         if announce or share.threads:
             why = ('fixed' if share.fixed else
                    f'{jobs} cs2acdc job{"s" if jobs > 1 else ""} on {share.cores} cores')
@@ -177,6 +178,12 @@ def _apply(announce: bool) -> int:
             print(f'CPU threads: {before}{threads} ({why}; threads=N fixes it).', flush=True)
         share.threads = threads
     return threads
+
+
+def is_configured() -> bool:
+    """Whether :func:`configure` shares this process's cores (then nothing else should set
+    torch's thread count)."""
+    return _share is not None
 
 
 def release() -> None:

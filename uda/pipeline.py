@@ -1,4 +1,4 @@
-"""The whole recipe as one MLflow run: teacher → distill → soup → evaluate → `serving`.
+"""The whole recipe as one MLflow run: (teacher ‖ source-only) → distill → soup → evaluate → `serving`.
 
 Like MLflow's multistep example, ``main`` runs every other entry point as a
 child run (``mlflow.projects.run`` inside the active run) and reuses a step
@@ -22,6 +22,7 @@ from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
 from uda.errors import UserError
+from uda.registry import SOURCE_ONLY_MODEL_NAME as SOURCE_ONLY_MODEL
 from uda.registry import STUDENT_MODEL_NAME as STUDENT_MODEL
 from uda.registry import TEACHER_MODEL_NAME as TEACHER_MODEL
 from uda.registry import find_versions, source_run_id
@@ -67,31 +68,81 @@ def find_finished_run(entry_point: str, parameters: Mapping[str, str], experimen
     return None
 
 
-def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
-             reuse: bool = True) -> StepResult:
-    """Run one entry point as a child of the active run, or reuse an identical finished one."""
+@dataclass
+class PendingStep:
+    """A step that was started (or found finished): :meth:`wait` gives its result."""
+    label: str
+    entry_point: str
+    started: float
+    submitted: Any = None  #: mlflow.projects.SubmittedRun; None when reused
+    result: StepResult | None = None
+
+    def wait(self) -> StepResult:
+        if self.result is not None:
+            return self.result
+        if not self.submitted.wait():
+            raise UserError(f"The {self.label} step failed (run {self.submitted.run_id}); see its output "
+                            "above. Fix the cause and run `mlflow run .` again: finished steps are reused.")
+        seconds = time.perf_counter() - self.started
+        mlflow.set_tag(f"step.{self.label}", self.submitted.run_id)
+        mlflow.log_metric(f"step_seconds.{self.label}", seconds)
+        print(f"[main] {self.label}: finished run {self.submitted.run_id} in {seconds:.0f} s", flush=True)
+        self.result = StepResult(self.label, self.submitted.run_id, False, seconds)
+        return self.result
+
+
+def start_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
+               label: str | None = None, run_name: str | None = None,
+               reuse: bool = True) -> PendingStep:
+    """Start one entry point as a child of the active run, or find an identical finished one.
+
+    Args:
+        entry_point: The MLproject entry point.
+        parameters: Its parameters (values are turned into strings).
+        experiment_id: Where the child run goes and where finished runs are looked for.
+        label: The step's name in main's tags, metrics and printout (default: the entry point);
+            two steps of one entry point (``teacher`` and ``source_only``) need two labels.
+        run_name: Name of the child run in the UI.
+        reuse: Look for a finished run with the same parameters and code version first.
+    """
+    label = label or entry_point
     parameters = {k: str(v) for k, v in parameters.items()}
     version = code_version(PROJECT_DIR)
-    start = time.perf_counter()
+    started = time.perf_counter()
     if reuse and version is not None:
         previous = find_finished_run(entry_point, parameters, experiment_id, version)
         if previous is not None:
-            print(f"[main] {entry_point}: reusing finished run {previous.info.run_id} "
+            print(f"[main] {label}: reusing finished run {previous.info.run_id} "
                   "(same parameters and code version)", flush=True)
-            mlflow.set_tag(f"step.{entry_point}", f"{previous.info.run_id} (reused)")
-            return StepResult(entry_point, previous.info.run_id, True, 0.0)
-    print(f"[main] {entry_point}: running with {parameters}", flush=True)
+            mlflow.set_tag(f"step.{label}", f"{previous.info.run_id} (reused)")
+            return PendingStep(label, entry_point, started,
+                               result=StepResult(label, previous.info.run_id, True, 0.0))
+    print(f"[main] {label}: running {entry_point} with {parameters}", flush=True)
     submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
                                     env_manager="local", experiment_id=experiment_id,
-                                    synchronous=False)
-    if not submitted.wait():
-        raise UserError(f"The {entry_point} step failed (run {submitted.run_id}); see its output above. "
-                        "Fix the cause and run `mlflow run .` again: finished steps are reused.")
-    seconds = time.perf_counter() - start
-    mlflow.set_tag(f"step.{entry_point}", submitted.run_id)
-    mlflow.log_metric(f"step_seconds.{entry_point}", seconds)
-    print(f"[main] {entry_point}: finished run {submitted.run_id} in {seconds:.0f} s", flush=True)
-    return StepResult(entry_point, submitted.run_id, False, seconds)
+                                    synchronous=False, run_name=run_name)
+    return PendingStep(label, entry_point, started, submitted)
+
+
+def wait_all(pending: list[PendingStep]) -> dict[str, StepResult]:
+    """Wait for every step, even after one failed (none is left running on its own); then
+    raise the first failure."""
+    results: dict[str, StepResult] = {}
+    failure: UserError | None = None
+    for step in pending:
+        try:
+            results[step.label] = step.wait()
+        except UserError as err:
+            failure = failure or err
+    if failure is not None:
+        raise failure
+    return results
+
+
+def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
+             reuse: bool = True, **names: Any) -> StepResult:
+    """Run one entry point as a child of the active run (see :func:`start_step`) and wait for it."""
+    return start_step(entry_point, parameters, experiment_id, reuse=reuse, **names).wait()
 
 
 def registered_versions(model_name: str, run_id: str) -> list:
@@ -110,17 +161,25 @@ def _last_version(model_name: str, step: StepResult) -> Any:
 
 
 def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options: str, seed: str,
-                 device: str, soup_trials: int | None = None,
+                 device: str, iterations: int, soup_trials: int | None = None,
                  threads: str = "auto") -> dict[str, StepResult]:
     """Chain the entry points inside the active MLflow run.
+
+    The source-only baseline (the teacher entry point with ``uda.source_only=true``, into
+    its own registered model, one checkpoint at the end) trains at the same time as the
+    teacher, on the same budget: with ``threads=auto`` the two share the cores, and the
+    baseline costs little extra wall time. Then distill → soup → evaluate.
 
     Args:
         preset, source_root, target_root, cfg_options, seed, device, threads:
             Passed to every step.
+        iterations: The resolved ``runner.max_iters``: the baseline registers that
+            checkpoint only.
         soup_trials: Optuna trials of the soup step (default: the preset's).
 
     Returns:
-        The steps that ran or were reused, by entry point.
+        The steps that ran or were reused, by label: ``source_only``, ``teacher``,
+        ``distill``, ``soup``, ``evaluate``.
     """
     run = mlflow.active_run()
     if run is None:
@@ -128,27 +187,39 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
     experiment_id = run.info.experiment_id
     common = {"preset": preset, "cfg_options": cfg_options, "seed": seed, "device": device,
               "threads": threads}
+    roots = {"source_root": source_root, "target_root": target_root}
     steps: dict[str, StepResult] = {}
 
-    steps["teacher"] = run_step("teacher", {**common, "source_root": source_root,
-                                            "target_root": target_root}, experiment_id)
+    def name(label: str) -> str:
+        return f"{label.replace('_', '-')} · {preset}"
+
+    pending_teacher = start_step("teacher", {**common, **roots}, experiment_id, run_name=name("teacher"))
+    pending_baseline = start_step(
+        "teacher", {**common, **roots, "model_name": SOURCE_ONLY_MODEL,
+                    # last, so that they win over the user's cfg_options
+                    "cfg_options": f"{cfg_options} uda.source_only=true "
+                                   f"checkpoint_config.interval={iterations}".strip()},
+        experiment_id, label="source_only", run_name=name("source_only"))
+    steps.update(wait_all([pending_teacher, pending_baseline]))
     teacher = _last_version(TEACHER_MODEL, steps["teacher"])
-    steps["distill"] = run_step("distill", {**common, "source_root": source_root, "target_root": target_root,
+    steps["teacher"].version = str(teacher.version)
+    steps["distill"] = run_step("distill", {**common, **roots,
                                             "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},
-                                experiment_id)
+                                experiment_id, run_name=name("distill"))
     checkpoints = registered_versions(STUDENT_MODEL, steps["distill"].run_id)
+    steps["distill"].version = str(checkpoints[-1].version) if checkpoints else None
     aliases = ",".join(f"iter-{v.tags['iteration']}" for v in checkpoints[-3:])
     soup_params = {**common, "target_root": target_root, "aliases": aliases, "weights": "optuna"}
     if soup_trials is not None:
         soup_params["trials"] = soup_trials
-    steps["soup"] = run_step("soup", soup_params, experiment_id)
+    steps["soup"] = run_step("soup", soup_params, experiment_id, run_name=name("soup"))
     soup = _last_version(STUDENT_MODEL, steps["soup"])
     steps["soup"].version = str(soup.version)
     steps["evaluate"] = run_step("evaluate", {"preset": preset, "cfg_options": cfg_options, "device": device,
                                               "threads": threads,
                                               "target_root": target_root, "split": "val",
                                               "model": f"models:/{STUDENT_MODEL}/{soup.version}"},
-                                 experiment_id)
+                                 experiment_id, run_name=name("evaluate"))
     mlflow.set_tags({"teacher_version": teacher.version, "soup_version": soup.version})
     return steps
 

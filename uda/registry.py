@@ -44,7 +44,7 @@ from mlflow.models.model import ModelInfo
 from uda.errors import UserError
 
 __all__ = [
-    'RegistryError', 'TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
+    'RegistryError', 'TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'SOURCE_ONLY_MODEL_NAME', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
     'log_segmentor', 'register_checkpoint', 'log_and_register',
     'discard_unfinished_models', 'resolve_alias', 'verify_loadable',
     'set_alias', 'set_alias_safely', 'load_segmentor',
@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 #: registers into, unless ``-P model_name`` says otherwise.
 TEACHER_MODEL_NAME = 'cs2acdc-teacher'
 STUDENT_MODEL_NAME = 'cs2acdc-student'
+#: The baseline main trains beside the teacher: the teacher's architecture on the source only.
+SOURCE_ONLY_MODEL_NAME = 'cs2acdc-source-only'
 #: What a registered version holds (its ``kind`` tag).
 KINDS = ('checkpoint', 'soup', 'import')
 #: Tags every version gets; ``run_id`` + ``kind`` + ``iteration`` identify it.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -102,6 +103,10 @@ def temporary_env(name: str, value: str | None) -> Iterator[None]:
             os.environ[name] = previous
 
 
+#: The names MLflow makes up for a run nobody named (``nosy-dolphin-231``).
+_GENERATED_RUN_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")
+
+
 @contextlib.contextmanager
 def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[str, Any] | None = None,
                     nested: bool = False) -> Iterator[mlflow.ActiveRun]:
@@ -116,9 +121,12 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
     """
     if os.environ.get("MLFLOW_RUN_ID") is None and mlflow.active_run() is None and not nested:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else entry_point,
+    readable = entry_point if cfg is None or "name" not in cfg else f"{entry_point} · {cfg['name']}"
+    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else readable,
                           nested=nested) as run:
         tags = {"entry_point": entry_point}
+        if _GENERATED_RUN_NAME.fullmatch(run.info.run_name or ""):
+            tags["mlflow.runName"] = readable  # `mlflow run` named it like "nosy-dolphin-231"
         project_dir = Path(__file__).resolve().parent.parent
         version = code_version(project_dir)
         if version:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from uda import cpu_threads
 from uda.errors import UserError
 from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 
@@ -423,7 +424,8 @@ def train(request: TrainRequest) -> Optional[TrainResult]:
         raise ValueError(f'entry_point must be teacher or distill, got '
                          f'{request.entry_point!r}.')
     ctx = init_distributed(request.device)
-    configure_threads(ctx.local_world_size)
+    if not cpu_threads.is_configured():  # library use; the entry points share the cores
+        configure_threads(ctx.local_world_size)
     # Registration downloads small files; its progress bars would break ours.
     os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     try:
