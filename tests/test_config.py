@@ -73,6 +73,15 @@ def test_overrides_apply_with_yaml_values():
     assert cfg["optimizer"]["lr"] == pytest.approx(1e-4)
 
 
+def test_cfg_options_string_is_split_like_a_shell_line():
+    # -P cfg_options="..." arrives as one string: a value with spaces is quoted whole
+    cfg = resolve_config("default", "runner.max_iters=9 student.model.hr_crop_size='[32, 32]'")
+    assert cfg["runner"]["max_iters"] == 9
+    assert cfg["student"]["model"]["hr_crop_size"] == [32, 32]
+    with pytest.raises(ConfigError, match="No closing quotation.*quote a value with spaces whole"):
+        resolve_config("default", "student.model.hr_crop_size='[32, 32]")
+
+
 def test_entry_point_parameters_then_cfg_options():
     cfg = resolve_config("default", "runner.max_iters=9", runner__max_iters=5, seed=None)
     assert cfg["runner"]["max_iters"] == 9  # cfg_options are applied last

@@ -20,7 +20,10 @@ from uda.data.rcs import (SAMPLES_WITH_CLASS_FILE, STATS_DICT_FILE, STATS_FILE,
                           load_or_compute_class_counts, rcs_class_probabilities)
 from uda.data.synthetic import SyntheticConfig, generate
 
-needs_mmseg = pytest.mark.skipif(not mmseg_available(),
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+# Under CI=true the mmseg parity tests must run: a missing mmseg fails them (tests/references.py).
+needs_mmseg = pytest.mark.skipif(not mmseg_available() and not IN_CI,
                                  reason='mmseg/mmcv-full not importable')
 
 

@@ -67,6 +67,7 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     result = mlflow_run("main", tracking_uri, *TINY_PIPELINE)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "mlflow models serve -m models:/cs2acdc-student@serving" in result.stdout
+    assert "Downloading artifacts" not in result.stdout + result.stderr  # no bar per model load
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("entrypoint-tests")
     runs = client.search_runs([exp.experiment_id])

@@ -23,6 +23,7 @@ from uda.data.pipelines import IMG_MEAN, IMG_STD
 from uda.data.synthetic import ensure_embedded
 from uda.errors import UserError
 from uda.models import build_segmentor, save_checkpoint
+from references import reference
 
 IGNORE = 255
 
@@ -103,7 +104,7 @@ def test_hand_computed_metrics(hand_root):
 
 
 def test_hand_case_matches_mmseg(hand_root):
-    mmseg_metrics = pytest.importorskip('mmseg.core.evaluation.metrics')
+    mmseg_metrics = reference('mmseg.core.evaluation.metrics')
     dataset = evaluation.build_dataset(hand_root, 'val', img_scale=None)
     table = evaluation.evaluate(RedChannelOracle(), dataset, num_overlays=0).table
     ref = mmseg_metrics.mean_iou([FOG_PRED, NIGHT_PRED], [FOG_GT, NIGHT_GT], NUM_CLASSES, IGNORE)
@@ -170,7 +171,7 @@ def test_duplicate_submission_names_are_refused(hand_root, tmp_path):
 
 
 def test_logits_are_resized_like_mmseg():
-    mmseg_ops = pytest.importorskip('mmseg.ops')
+    mmseg_ops = reference('mmseg.ops')
     logits = torch.randn(1, NUM_CLASSES, 9, 16, generator=torch.Generator().manual_seed(0))
     ours = evaluation.logits_to_labels(logits, (27, 50))
     ref = F.softmax(mmseg_ops.resize(logits, size=(27, 50), mode='bilinear',
@@ -207,7 +208,7 @@ def _real_predictions(model, dataset, **kwargs):
 
 
 def test_real_predictions_at_label_size_match_mmseg(embedded, student):
-    mmseg_metrics = pytest.importorskip('mmseg.core.evaluation.metrics')
+    mmseg_metrics = reference('mmseg.core.evaluation.metrics')
     dataset = evaluation.build_dataset(embedded.acdc_root, 'val', IMG_SCALE)
     preds, gts = _real_predictions(student, dataset)
     assert all(p.shape == g.shape == (72, 128) for p, g in zip(preds, gts))

@@ -116,6 +116,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     # Quieter MLflow/alembic start-up chatter; warnings and errors still show.
     for noisy in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Each model load downloads a few small files; MLflow's bar for each would bury the
+    # entry point's own progress lines (set it to true to see them).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(main(argv) or 0)
     except UserError as err:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,14 +184,22 @@ def _yaml_number_fix(value: Any) -> Any:
 
 
 def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[1, 2]"]`` (or one space-separated string) into a nested dict."""
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict.
+
+    One string is split like a shell command line (``shlex``), so a value with
+    spaces is quoted: ``"a.b=1 c='[1, 2]'"``.
+    """
     if overrides is None:
         return {}
     if isinstance(overrides, Mapping):
         items = [(str(k), v) for k, v in overrides.items()]
     else:
         if isinstance(overrides, str):
-            overrides = overrides.split()
+            try:
+                overrides = shlex.split(overrides)
+            except ValueError as err:  # an unclosed quote
+                raise ConfigError(f"Overrides {overrides!r}: {err}; quote a value with spaces "
+                                  "whole, e.g. c='[1, 2]'.") from None
         items = []
         for text in overrides:
             if not text.strip():

@@ -426,8 +426,6 @@ def train(request: TrainRequest) -> Optional[TrainResult]:
     ctx = init_distributed(request.device)
     if not cpu_threads.is_configured():  # library use; the entry points share the cores
         configure_threads(ctx.local_world_size)
-    # Registration downloads small files; its progress bars would break ours.
-    os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')
     try:
         return _train(request, ctx)
     finally:
