@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     with tracking.entry_point_run("evaluate", vars(args), cfg) as run:
         tracking.mlflow.set_tag("model_uri", args.model)
         tracking.log_dataset_inputs({f"acdc/{split}": args.target_root}, context="evaluation")
+        tracking.log_model_inputs([reference.model_id])
         if split == "val":
             result = evaluation.evaluate(model, dataset, **options)
             evaluation.log_evaluation(result, model_id=reference.model_id)

@@ -10,6 +10,8 @@ import mlflow
 import pytest
 import yaml
 
+from uda.registry import version_model_id
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 VENV_BIN = Path(sys.executable).parent
@@ -86,6 +88,27 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     assert "uda.source_only=true checkpoint_config.interval=4" in baseline.data.params["cfg_options"]
     assert names["teacher · default"].data.tags["uda.mode"] == "mic"
     assert [v.tags["iteration"] for v in client.search_model_versions("name = 'cs2acdc-source-only'")] == ["4"]
+
+    # MLflow 3: each checkpoint's validation is a metric of its logged model, at its iteration,
+    # and the runs' inputs name the models they used (teacher → distill, ingredients → soup,
+    # the soup → evaluate; search_runs leaves model inputs out, get_run has them)
+    distill = names["distill · default"]
+    checkpoints = [v for v in client.search_model_versions("name = 'cs2acdc-student'")
+                   if v.tags.get("kind") == "checkpoint" and v.tags.get("run_id") == distill.info.run_id]
+    assert sorted(int(v.tags["iteration"]) for v in checkpoints) == [2, 4]
+    for version in checkpoints:
+        metrics = {m.key: m for m in client.get_logged_model(version_model_id(version)).metrics}
+        assert metrics["val_mIoU"].step == int(version.tags["iteration"])
+        assert metrics["val_mIoU"].value == pytest.approx(float(version.tags["val_mIoU"]), abs=1e-6)
+    teacher_version = client.get_model_version("cs2acdc-teacher", main_run.data.tags["teacher_version"])
+    assert [m.model_id for m in client.get_run(distill.info.run_id).inputs.model_inputs] == [version_model_id(teacher_version)]
+    soup_run = names["soup · default"]
+    soup_version = client.get_model_version("cs2acdc-student", main_run.data.tags["soup_version"])
+    ingredients = [version_model_id(client.get_model_version("cs2acdc-student", v))
+                   for v in soup_version.tags["soup.ingredient_versions"].split(",")]
+    assert sorted(m.model_id for m in client.get_run(soup_run.info.run_id).inputs.model_inputs) == sorted(ingredients)
+    evaluate_inputs = client.get_run(names["evaluate · default"].info.run_id).inputs.model_inputs
+    assert [m.model_id for m in evaluate_inputs] == [version_model_id(soup_version)]
 
     # the story: one table of the four models on target val, on the parent run and in the printout
     assert "The method on target val" in result.stdout

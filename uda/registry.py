@@ -44,7 +44,7 @@ from mlflow.models.model import ModelInfo
 from uda.errors import UserError
 
 __all__ = [
-    'RegistryError', 'TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'SOURCE_ONLY_MODEL_NAME', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
+    'RegistryError', 'version_model_id', 'TEACHER_MODEL_NAME', 'STUDENT_MODEL_NAME', 'SOURCE_ONLY_MODEL_NAME', 'KINDS', 'CHECKPOINT_TAGS', 'PIP_REQUIREMENTS',
     'log_segmentor', 'register_checkpoint', 'log_and_register',
     'discard_unfinished_models', 'resolve_alias', 'verify_loadable',
     'set_alias', 'set_alias_safely', 'load_segmentor',
@@ -402,10 +402,13 @@ def _registered_reference(given: str, name: str,
                             f'another version.')
     return _with_checkpoint(ModelReference(
         given, f'models:/{name}/{version}', 'version', name=name,
-        version=version, model_id=_version_model_id(mv)))
+        version=version, model_id=version_model_id(mv)))
 
 
-def _version_model_id(mv: ModelVersion) -> Optional[str]:
+def version_model_id(mv: ModelVersion) -> Optional[str]:
+    """The MLflow 3 logged model behind a registered version (None for a version
+    registered from a run artifact). The SQL store leaves ``ModelVersion.model_id``
+    empty; the version's ``models:/m-…`` source names it then."""
     if getattr(mv, 'model_id', None):
         return mv.model_id
     # Versions registered from a logged model's URI keep it as their source.
@@ -1133,7 +1136,7 @@ def verify_loadable(name: str, version: Union[int, str]) -> None:
     from uda.serving import decode_png, example_image_png, input_frame
 
     mv = _wait_ready(name, str(_get_version(name, version).version))
-    model_id = _version_model_id(mv)
+    model_id = version_model_id(mv)
     if model_id:  # an alias never names a half-logged (or deleted) model
         _logged_model(model_id)
     _verify_artifacts(name, mv.version)

@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,30 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
         existing = run.data.params
         mlflow.log_params({k: v for k, v in logged.items() if k not in existing})
         yield run
+
+
+def log_model_inputs(model_ids: Iterable[str | None]) -> list[str]:
+    """Log logged models as inputs of the active run (MLflow 3 lineage: the run's
+    "Logged models" inputs, e.g. the teacher of a distill run, a soup's ingredients).
+
+    ``None`` entries (a model from a file, not from the store) are skipped.
+
+    Returns:
+        The model ids logged, without repeats.
+    """
+    from mlflow.entities import LoggedModelInput
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_model_inputs needs an active run.")
+    client = mlflow.MlflowClient()
+    logged = {m.model_id for m in client.get_run(run.info.run_id).inputs.model_inputs or []}
+    ids = [m for m in dict.fromkeys(model_ids) if m and m not in logged]  # a resumed run logs none twice
+    if ids:
+        # The client's call, not mlflow.log_inputs: in MLflow 3.17 the fluent one accepts
+        # models only on Databricks, while every store (SQL, the server) records them.
+        client.log_inputs(run.info.run_id, models=[LoggedModelInput(model_id) for model_id in ids])
+    return ids
 
 
 def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training") -> None:

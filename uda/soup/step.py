@@ -260,12 +260,14 @@ class IngredientRef:
         version: Registered version number.
         run_id: Source run (tag ``run_id``).
         iteration: Training iteration (tag ``iteration``), if any.
+        model_id: The MLflow 3 logged model behind the version.
     """
 
     label: str
     version: str
     run_id: Optional[str] = None
     iteration: Optional[int] = None
+    model_id: Optional[str] = None
 
     def uri(self, model_name: str) -> str:
         return f'models:/{model_name}/{self.version}'
@@ -289,7 +291,7 @@ def _iteration(version) -> Optional[int]:
 def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]
                             ) -> List[IngredientRef]:
     """The last three checkpoints of the newest run that registered any."""
-    from uda.registry import find_versions
+    from uda.registry import find_versions, version_model_id
 
     checkpoints = [v for v in find_versions(name)
                    if v.tags.get('kind') == 'checkpoint']
@@ -310,7 +312,8 @@ def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]
         wanted = f'iter-{_iteration(v)}'
         label = wanted if str(aliases.get(wanted)) == str(v.version) else \
             by_version.get(str(v.version), f'v{v.version}')
-        refs.append(IngredientRef(label, str(v.version), run_id, _iteration(v)))
+        refs.append(IngredientRef(label, str(v.version), run_id, _iteration(v),
+                                  version_model_id(v)))
     if len(refs) < 2:
         raise SoupError(
             f'the latest run that registered checkpoints of {name!r} '
@@ -336,7 +339,7 @@ def resolve_ingredients(request: SoupRequest) -> tuple[List[IngredientRef],
         RegistryError: unknown model or alias (lists the existing aliases).
         SoupError: no usable checkpoints.
     """
-    from uda.registry import resolve_alias
+    from uda.registry import resolve_alias, version_model_id
 
     registered = _registered_model(request.model_name)
     aliases = {a: str(v) for a, v in (registered.aliases or {}).items()}
@@ -353,7 +356,8 @@ def resolve_ingredients(request: SoupRequest) -> tuple[List[IngredientRef],
         version = resolve_alias(request.model_name, alias)
         refs.append(IngredientRef(alias, str(version.version),
                                   version.tags.get('run_id') or
-                                  version.run_id, _iteration(version)))
+                                  version.run_id, _iteration(version),
+                                  version_model_id(version)))
     return refs, source
 
 
@@ -562,6 +566,9 @@ def run_soup(request: SoupRequest,
         'soup.method': request.method,
         'soup.objective': request.objective,
     })
+    from uda.tracking import log_model_inputs
+
+    log_model_inputs([i.model_id for i in ingredients])  # lineage: ingredients → this run
 
     with tempfile.TemporaryDirectory(prefix='uda-soup-') as tmp:
         folder = Path(work_dir) if work_dir is not None else Path(tmp)

@@ -516,7 +516,7 @@ def _train(request: TrainRequest, ctx: DistContext) -> Optional[TrainResult]:
                 run.data.tags.get(ckpt.TAG_RESUMES, '0')) + 1)
         mlflow.set_tags(tags)
         if start == 0 and plan.resume_state is None:
-            _log_inputs(cfg)
+            _log_inputs(cfg, plan.teacher_uri)
         result = TrainResult(run_id, model_name, max_iters, start)
         reporter = _Reporter(request, cfg, trainer, run_id, model_name,
                              plan.teacher_uri, result, start)
@@ -565,13 +565,18 @@ def _discard_half_logged(run: Any, resumed: bool, entry_point: str,
     return discarded
 
 
-def _log_inputs(cfg: Mapping[str, Any]) -> None:
-    from uda.tracking import log_dataset_inputs
+def _log_inputs(cfg: Mapping[str, Any], teacher_uri: Optional[str]) -> None:
+    """The run's inputs: its datasets, and the logged model of a registered teacher."""
+    from uda.tracking import log_dataset_inputs, log_model_inputs
 
     data = cfg['data']
     log_dataset_inputs({'cityscapes/train': data['source']['root'],
                         'acdc/train': data['target']['root']}, 'training')
     log_dataset_inputs({'acdc/val': data['target']['root']}, 'evaluation')
+    if teacher_uri and teacher_uri.startswith(('models:/', 'runs:/')):
+        from uda.registry import check_model_uri
+
+        log_model_inputs([check_model_uri(teacher_uri, None).model_id])
 
 
 class _Reporter:
@@ -653,6 +658,14 @@ class _Reporter:
             version = log_and_register(
                 path, self.model_name, iteration=done, metrics=metrics,
                 preset=str(self.cfg.get('name')), extra_tags=extra)
+        import mlflow
+
+        # On the logged model too, so the Models tab sorts and charts checkpoints by them.
+        from uda.registry import version_model_id
+
+        model_id = version_model_id(version)
+        if model_id:
+            mlflow.log_metrics(metrics, step=done, model_id=model_id)
         state = self.trainer.resume_state()
         state.update(iteration=done, model_uri=version.source,
                      registered_model=self.model_name,
@@ -660,7 +673,6 @@ class _Reporter:
                      world_size=self.trainer.ctx.world_size,
                      seed=self.trainer.seed)
         ckpt.write_resume_state(self.run_id, state)
-        import mlflow
         mlflow.set_tag(ckpt.TAG_RESUME_ITERATION, str(done))
         self.result.versions[done] = str(version.version)
         self.progress.note(f'iter {done}: registered {self.model_name} '
