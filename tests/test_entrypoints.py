@@ -122,6 +122,9 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     assert {"method/summary.json", "method/summary.md"} <= {
         f.path for f in client.list_artifacts(main_run.info.run_id, "method")}
 
+    # system metrics on every entry point's run, not only training (main is long enough to sample)
+    assert any(k.startswith("system/cpu_utilization") for k in main_run.data.metrics), main_run.data.metrics
+
     # the data step: sizes, class shares, examples, datasets as inputs
     assert main_run.data.metrics["images.cityscapes.train"] > 0
     artifacts = {f.path for f in client.list_artifacts(main_run.info.run_id, "data")}

@@ -114,7 +114,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     logging.basicConfig(level=os.environ.get("UDA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Quieter MLflow/alembic start-up chatter; warnings and errors still show.
-    for noisy in ("alembic", "mlflow.store.db.utils"):
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Each model load downloads a few small files; MLflow's bar for each would bury the
     # entry point's own progress lines (set it to true to see them).
@@ -242,7 +242,7 @@ def check_training_args(args: argparse.Namespace, entry_point: str,
             raise RegistryError(f"teacher {args.teacher!r} is a logged model folder; pass its checkpoint "
                                 f"file ({teacher.uri}/{teacher.checkpoint}) or a models:/ or runs:/ URI.")
     if checkpoint:
-        from uda.models.checkpoint import CheckpointError, check_checkpoint_file
+        from uda.models.checkpoint_files import CheckpointError, check_checkpoint_file
         from uda.registry import ModelNotFoundError
 
         try:

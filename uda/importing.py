@@ -134,7 +134,7 @@ def make_request(cfg: Mapping[str, Any], checkpoints: Any, role: str = 'student'
         ImportRequestError / CheckpointError / RegistryError / FileNotFoundError
         subclasses: all ``UserError``; nothing has been written.
     """
-    from uda.models.checkpoint import check_checkpoint_file
+    from uda.models.checkpoint_files import check_checkpoint_file
     from uda.models.foreign import normalize_prefix, role_model_cfg
     from uda.registry import (ModelNotFoundError, validate_alias,
                               validate_model_name)
@@ -239,7 +239,7 @@ def _plan(request: ImportRequest) -> list[_Prepared]:
     (multi-GB) conversions."""
     from uda.models.foreign import describe, iteration_of, selected_prefix
     from uda.registry import iteration_alias
-    from uda.models.checkpoint import file_sha256
+    from uda.models.checkpoint_files import file_sha256
 
     planned: list[_Prepared] = []
     seen: dict[str, _Prepared] = {}

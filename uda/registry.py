@@ -280,7 +280,7 @@ def check_model_uri(uri: Union[str, os.PathLike],
             what exists), or not a cs2acdc-uda segmentor.
         CheckpointError: A checkpoint file that cannot be one.
     """
-    from uda.models.checkpoint import CheckpointError
+    from uda.models.checkpoint_files import CheckpointError
 
     given = '' if uri is None else str(uri).strip()
     try:
@@ -302,7 +302,7 @@ def check_model_uri(uri: Union[str, os.PathLike],
 def _locate(given: str) -> ModelReference:
     from urllib.parse import unquote, urlparse
 
-    from uda.models.checkpoint import check_checkpoint_file
+    from uda.models.checkpoint_files import check_checkpoint_file
 
     # file:///abs/path is a local path like any other.
     local = Path(unquote(urlparse(given).path)) if given.startswith(
@@ -613,7 +613,7 @@ def log_segmentor(checkpoint: Union[str, os.PathLike, nn.Module,
         FileNotFoundError / CheckpointError: Unreadable checkpoint.
     """
     from uda.models import FORMAT_TAG
-    from uda.models.checkpoint import file_sha256
+    from uda.models.checkpoint_files import file_sha256
     from uda.serving import (CHECKPOINT_ARTIFACT, example_image_png,
                              input_frame, serving_signature)
     from uda.tracking import flatten

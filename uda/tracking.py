@@ -22,6 +22,8 @@ import mlflow
 from uda.config import dump_config
 
 DEFAULT_EXPERIMENT = "cs2acdc-uda"
+#: Seconds between two samples of the system metrics of a run.
+SYSTEM_METRICS_INTERVAL_S = 10.0
 CONFIG_ARTIFACT = "config.yaml"
 # MLflow rejects param values longer than this (mlflow.utils.validation).
 _MAX_PARAM_LENGTH = 6000
@@ -122,8 +124,12 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
     if os.environ.get("MLFLOW_RUN_ID") is None and mlflow.active_run() is None and not nested:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     readable = entry_point if cfg is None or "name" not in cfg else f"{entry_point} · {cfg['name']}"
+    if not nested:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    # System metrics (CPU, memory, GPU) for every entry point; nested runs (soup trials) share
+    # their parent's monitor.
     with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else readable,
-                          nested=nested) as run:
+                          nested=nested, log_system_metrics=not nested) as run:
         tags = {"entry_point": entry_point}
         if _GENERATED_RUN_NAME.fullmatch(run.info.run_name or ""):
             tags["mlflow.runName"] = readable  # `mlflow run` named it like "nosy-dolphin-231"

@@ -43,7 +43,6 @@ reproduce published numbers):
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models.convnext import ConvNeXtStage
 
+from .checkpoint_files import read_checkpoint
 from .recompute import checkpointed
 
 __all__ = [
@@ -803,12 +803,9 @@ def _read_checkpoint(path: str | os.PathLike) -> Mapping:
             f"FAN checkpoint {os.fspath(path)!r} not found; pass the path of an NVlabs ImageNet file "
             "such as fan_hybrid_large_in22k_1k.pth.tar"
         )
-    try:
-        # timm training checkpoints also pickle their argparse.Namespace of arguments
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt, truncated or not a torch file
-        raise ValueError(f"cannot read FAN checkpoint {os.fspath(path)!r}: {error}") from error
+    # One sentence for a damaged file; timm's pickled argparse.Namespace of training
+    # arguments is allowed there.
+    return read_checkpoint(path)
 
 
 def load_pretrained(model: FAN, checkpoint: str | os.PathLike | Mapping, strict: bool = True) -> PretrainedLoadReport:

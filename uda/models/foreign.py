@@ -37,13 +37,11 @@ import os
 
 import torch.nn as nn
 
-from .checkpoint import (FORMAT_TAG, SUBMODEL_PREFIXES, CheckpointError,
-                         CheckpointMismatchError, KeyReport,
-                         MissingPrefixError,
-                         build_from_checkpoint, detect_format, file_sha256,
-                         load_checkpoint, prefix_counts, read_checkpoint,
-                         resolve_prefix,
-                         save_checkpoint, strip_module, unwrap_state_dict)
+from .builder import build_from_checkpoint
+from .checkpoint import (FORMAT_TAG, SUBMODEL_PREFIXES, CheckpointMismatchError, KeyReport,
+                         MissingPrefixError, detect_format, load_checkpoint, prefix_counts,
+                         resolve_prefix, save_checkpoint, strip_module, unwrap_state_dict)
+from .checkpoint_files import CheckpointError, file_sha256, read_checkpoint
 
 __all__ = ['ROLES', 'LAYOUTS', 'NotASegmentorError', 'CheckpointSummary',
            'ConvertedCheckpoint', 'normalize_prefix', 'selected_prefix',
@@ -169,7 +167,7 @@ def iteration_from_name(name: str) -> Optional[int]:
 
 
 def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from .builder import normalize_model_cfg
+    from .model_cfg import normalize_model_cfg
 
     cfg = normalize_model_cfg(model_cfg)
     arch = {k: cfg[k] for k in _ARCH_KEYS}

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 
+from .checkpoint_files import read_checkpoint
 from .recompute import checkpointed
 
 __all__ = [
@@ -518,10 +519,7 @@ def _load_pretrained(model: MixVisionTransformer, path: str) -> None:
             f'MiT pretrained weights not found: {path!r}. Download '
             f'SegFormer\'s ImageNet file (e.g. mit_b5.pth) or pass '
             f'pretrained=None.')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # corrupt / pickled-object files
-        raise ValueError(f'Cannot read MiT checkpoint {path!r}: {err}') from err
+    checkpoint = read_checkpoint(path)  # one sentence for a damaged file
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f'MiT checkpoint {path!r} holds a '
                          f'{type(checkpoint).__name__}, not a state dict.')

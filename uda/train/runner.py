@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 # Registered model of each entry point (``--model-name`` overrides).
 _ROLES = {'teacher': ('teacher', TEACHER_MODEL_NAME),
           'distill': ('student', STUDENT_MODEL_NAME)}
-_SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 class TeacherError(UserError):
@@ -228,15 +227,9 @@ def _training_run(entry_point: str, params: Mapping[str, Any],
                 'mlflow.note.content':
                     f'Resumed run {resume_run_id}; training, metrics and '
                     f'model versions continue there.'})
-    mlflow.enable_system_metrics_logging()
-    mlflow.set_system_metrics_sampling_interval(_SYSTEM_METRICS_INTERVAL_S)
-    try:
-        with temporary_env('MLFLOW_RUN_ID', resume_run_id or launched), \
-                entry_point_run(entry_point, params, cfg) as run:
-            yield run
-    finally:
-        mlflow.disable_system_metrics_logging()
-        mlflow.set_system_metrics_sampling_interval(None)
+    with temporary_env('MLFLOW_RUN_ID', resume_run_id or launched), \
+            entry_point_run(entry_point, params, cfg) as run:
+        yield run  # system metrics: entry_point_run starts them for every entry point
 
 
 # ----------------------------------------------------------------------
