@@ -1211,14 +1211,11 @@ def _stamp(config: SyntheticConfig) -> Dict:
 
 @contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Serialises generators working on the same root (POSIX file lock)."""
+    """Serialises generators working on the same root (a cross-process file lock)."""
+    from filelock import FileLock
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, 'w') as f:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # non-POSIX: no cross-process lock
-            pass
+    with FileLock(lock_path):
         yield
 
 

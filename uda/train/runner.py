@@ -342,12 +342,6 @@ def _debug_image(debug: Mapping[str, torch.Tensor],
     return grid(rows, captions)
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f'{hours}:{rest // 60:02d}:{rest % 60:02d}'
-
-
 class _Progress:
     """tqdm bar on a terminal; one line per log interval otherwise."""
 
@@ -372,13 +366,14 @@ class _Progress:
             self.bar.set_postfix(loss=f'{values.get("loss", math.nan):.3f}',
                                  refresh=False)
             return
-        rate = (done - self.start) / max(time.perf_counter() - self.began,
-                                         1e-9)
-        eta = (self.total - done) / rate if rate > 0 else math.inf
-        print(f'iter {done}/{self.total}  loss {values.get("loss", math.nan):.4f}'
-              f'  lr {values.get("lr.default", math.nan):.2e}'
-              f'  {rate:.2f} it/s  ETA {_format_eta(eta) if math.isfinite(eta) else "?"}',
-              file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        # A log file gets one line per interval, formatted by tqdm as its bar would be.
+        meter = tqdm.format_meter(
+            done, self.total, time.perf_counter() - self.began, initial=self.start, unit='it',
+            bar_format='{n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]')
+        print(f'iter {meter}  loss {values.get("loss", math.nan):.4f}'
+              f'  lr {values.get("lr.default", math.nan):.2e}', file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
         if not self.enabled:
