@@ -111,7 +111,7 @@ _GENERATED_RUN_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")
 
 @contextlib.contextmanager
 def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[str, Any] | None = None,
-                    nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+                    nested: bool = False, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, under ``mlflow run``) the run of one entry point.
 
     Args:
@@ -120,15 +120,18 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
         cfg: The resolved config: logged as the ``config.yaml`` artifact and
             flattened into ``cfg.*`` params so runs can be compared in the UI.
         nested: Start the run nested in the active one.
+        run_id: Continue this run (a resumed training) instead of the one ``mlflow run``
+            made (``MLFLOW_RUN_ID``) or a new one.
     """
-    if os.environ.get("MLFLOW_RUN_ID") is None and mlflow.active_run() is None and not nested:
+    continuing = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if continuing is None and mlflow.active_run() is None and not nested:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     readable = entry_point if cfg is None or "name" not in cfg else f"{entry_point} · {cfg['name']}"
     if not nested:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # System metrics (CPU, memory, GPU) for every entry point; nested runs (soup trials) share
     # their parent's monitor.
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else readable,
+    with mlflow.start_run(run_id=run_id, run_name=None if continuing else readable,
                           nested=nested, log_system_metrics=not nested) as run:
         tags = {"entry_point": entry_point}
         if _GENERATED_RUN_NAME.fullmatch(run.info.run_name or ""):

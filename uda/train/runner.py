@@ -216,7 +216,7 @@ def _training_run(entry_point: str, params: Mapping[str, Any],
     """The MLflow run to train in (see module docstring, step 2)."""
     import mlflow
 
-    from uda.tracking import entry_point_run, temporary_env
+    from uda.tracking import entry_point_run
 
     launched = os.environ.get('MLFLOW_RUN_ID')
     if resume_run_id and launched and launched != resume_run_id:
@@ -227,8 +227,7 @@ def _training_run(entry_point: str, params: Mapping[str, Any],
                 'mlflow.note.content':
                     f'Resumed run {resume_run_id}; training, metrics and '
                     f'model versions continue there.'})
-    with temporary_env('MLFLOW_RUN_ID', resume_run_id or launched), \
-            entry_point_run(entry_point, params, cfg) as run:
+    with entry_point_run(entry_point, params, cfg, run_id=resume_run_id) as run:
         yield run  # system metrics: entry_point_run starts them for every entry point
 
 
