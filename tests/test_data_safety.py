@@ -318,9 +318,7 @@ def store(tmp_path_factory):
     return {'root': root, 'uri': uri, 'cache': root / 'cache'}
 
 
-def mlflow_run(store, entry_point: str, **params: object) -> subprocess.CompletedProcess:
-    """`mlflow run . -e ENTRY_POINT` from the project folder, as a user runs it:
-    a root that is not passed stays at its MLproject default."""
+def _command(store, entry_point: str, params: dict) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, 'MLFLOW_TRACKING_URI': store['uri'], 'MLFLOW_DISABLE_TELEMETRY': 'true',
            'UDA_CACHE_DIR': str(store['cache']), 'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR': 'false',
            'PATH': f'{VENV_BIN}{os.pathsep}{os.environ["PATH"]}'}
@@ -331,8 +329,36 @@ def mlflow_run(store, entry_point: str, **params: object) -> subprocess.Complete
     for key, value in params.items():
         if value is not None:
             cmd += ['-P', f'{key}={value}']
+    return cmd, env
+
+
+def mlflow_run(store, entry_point: str, **params: object) -> subprocess.CompletedProcess:
+    """`mlflow run . -e ENTRY_POINT` from the project folder, as a user runs it:
+    a root that is not passed stays at its MLproject default."""
+    cmd, env = _command(store, entry_point, params)
     return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
                           timeout=900)
+
+
+def mlflow_runs_at_once(store, jobs: list[tuple[str, dict]]) -> list[subprocess.CompletedProcess]:
+    """Several `mlflow run` commands started together (two users on one store), each
+    waited for; their output goes to files, so no pipe fills up."""
+    started = []
+    for k, (entry_point, params) in enumerate(jobs):
+        cmd, env = _command(store, entry_point, params)
+        out = open(store['root'] / f'job-{os.getpid()}-{k}.out', 'w+')
+        err = open(store['root'] / f'job-{os.getpid()}-{k}.err', 'w+')
+        started.append((cmd, subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=out,
+                                              stderr=err, text=True), out, err))
+    results = []
+    for cmd, process, out, err in started:
+        code = process.wait(timeout=900)
+        out.seek(0)
+        err.seek(0)
+        results.append(subprocess.CompletedProcess(cmd, code, out.read(), err.read()))
+        out.close()
+        err.close()
+    return results
 
 
 def runs_of(store, entry_point: str) -> list:
@@ -344,38 +370,52 @@ def runs_of(store, entry_point: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('source,target', COMBINATIONS, ids=[f'{s}-{t}' for s, t in COMBINATIONS])
-def test_every_entry_point_leaves_real_roots_untouched(user, store, source, target):
+def test_every_entry_point_leaves_real_roots_untouched(user, store):
+    """``main`` (every entry point) on each combination of real and default roots, two
+    combinations at a time on one store: first the incident (a real source, the
+    embedded data generated during the run) beside the all-real one, which reads no
+    embedded data; then the two with a default source."""
     folder = user.folder
-    roots = {'source_root': folder / 'cityscapes' if source == 'real' else None,
-             'target_root': folder / 'acdc' if target == 'real' else None}
-    if (source, target) == ('real', 'default'):
-        # The incident: the embedded data is generated during a run given a real root.
-        clean_embedded(EMBEDDED_ROOT)
-    # A seed per combination: otherwise main would reuse a step finished with the same roots.
-    seed = COMBINATIONS.index((source, target))
-    result = mlflow_run(store, 'main', cfg_options=TINY_PIPELINE, soup_trials=2, seed=seed, **roots)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert user.untouched()
 
-    # every step ran, on the roots it was given
-    main = runs_of(store, 'main')[0]
+    def job(source, target):
+        roots = {'source_root': folder / 'cityscapes' if source == 'real' else None,
+                 'target_root': folder / 'acdc' if target == 'real' else None}
+        # A seed per combination: otherwise main would reuse a step finished with the same roots.
+        seed = COMBINATIONS.index((source, target))
+        return 'main', dict(cfg_options=TINY_PIPELINE, soup_trials=2, seed=seed, **roots), roots
+
+    for pair in ([('real', 'default'), ('real', 'real')], [('default', 'real'), ('default', 'default')]):
+        if ('real', 'default') in pair:
+            clean_embedded(EMBEDDED_ROOT)  # the incident: generated during a run given a real root
+        jobs = [job(*combination) for combination in pair]
+        results = mlflow_runs_at_once(store, [(e, p) for e, p, _ in jobs])
+        for (source, target), result, (_, params, roots) in zip(pair, results, jobs):
+            assert result.returncode == 0, (source, target, result.stderr[-4000:])
+            assert user.untouched(), (source, target)
+            _check_combination(store, source, target, roots, params['seed'], result)
+
+
+def _check_combination(store, source, target, roots, seed, result) -> None:
+    """Every step of that combination's main run ran, on the roots it was given."""
     client = mlflow.MlflowClient(store['uri'])
-    children = {r.data.tags['mlflow.project.entryPoint']: r
-                for r in client.search_runs([main.info.experiment_id],
-                                            f"tags.`mlflow.parentRunId` = '{main.info.run_id}'")}
-    assert set(children) == {'teacher', 'distill', 'soup', 'evaluate'}
-    assert all(r.info.status == 'FINISHED' for r in children.values())
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    [main] = client.search_runs([experiment.experiment_id],
+                                f"tags.entry_point = 'main' and params.seed = '{seed}'")
+    children = client.search_runs([main.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{main.info.run_id}'")
+    assert sorted(r.data.tags['mlflow.project.entryPoint'] for r in children) == [
+        'distill', 'evaluate', 'soup', 'teacher', 'teacher']  # the teacher and the source-only baseline
+    assert all(r.info.status == 'FINISHED' for r in children)
     expected = {side: str(root) if root is not None else str(EMBEDDED_ROOT / name)
                 for (side, root), name in zip(roots.items(), ('cityscapes', 'acdc'))}
-    for step in ('teacher', 'distill'):
-        assert children[step].data.params['source_root'] == expected['source_root']
-        assert children[step].data.tags['data.cityscapes'] == ('real' if source == 'real'
-                                                               else 'embedded')
-    for step in ('teacher', 'distill', 'soup', 'evaluate'):
-        assert children[step].data.params['target_root'] == expected['target_root']
-    assert children['evaluate'].data.tags['data.acdc'] == ('real' if target == 'real'
-                                                           else 'embedded')
+    for run in children:
+        step = run.data.tags['mlflow.project.entryPoint']
+        if step in ('teacher', 'distill'):
+            assert run.data.params['source_root'] == expected['source_root']
+            assert run.data.tags['data.cityscapes'] == ('real' if source == 'real' else 'embedded')
+        assert run.data.params['target_root'] == expected['target_root']
+        if step == 'evaluate':
+            assert run.data.tags['data.acdc'] == ('real' if target == 'real' else 'embedded')
     if source != target:
         assert 'Mixing data' in result.stderr
     if source == 'real':  # its rare-class statistics were cached outside it
