@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 PYTEST_ARGS ?=
 
-.PHONY: install run test lock benchmark clean-data
+.PHONY: install run test lint lock benchmark clean-data
 
 install:
 	@UDA_VENV=$(VENV) tools/install.sh
@@ -18,6 +18,11 @@ run: install
 
 test: install
 	MLFLOW_DISABLE_TELEMETRY=true python -m pytest $(PYTEST_ARGS)
+
+# One style, kept by ruff (settings in pyproject.toml); `ruff format .` and `ruff check --fix .` apply it.
+lint: install
+	ruff format --check .
+	ruff check .
 
 # Re-resolve requirements/main.in into the hash-locked requirements/main.txt (needs `uv`).
 lock:

@@ -2,6 +2,7 @@
 
 Multi-GPU: `torchrun --nproc_per_node=N entrypoints/distill.py --source-root … --target-root …`.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ from uda import cli  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     cli.add_training_args(parser, default_model="cs2acdc-student")
-    parser.add_argument("--teacher", default="models:/cs2acdc-teacher/latest",
-                        help="teacher: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
-                             "models:/m-<logged model id>, runs:/RUN_ID/PATH or a MIC checkpoint file")
+    parser.add_argument(
+        "--teacher",
+        default="models:/cs2acdc-teacher/latest",
+        help="teacher: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+        "models:/m-<logged model id>, runs:/RUN_ID/PATH or a MIC checkpoint file",
+    )
     args = parser.parse_args(argv)
     cfg = cli.training_config(args)
     # Before any work: the registry name (else it fails after training) and
@@ -24,8 +28,17 @@ def main(argv=None) -> int:
 
     from uda.train.runner import TrainRequest, train
 
-    train(TrainRequest("distill", cfg, vars(args), device=cli.start_compute(args),
-                       resume=args.resume, model_name=model_name, teacher=args.teacher))
+    train(
+        TrainRequest(
+            "distill",
+            cfg,
+            vars(args),
+            device=cli.start_compute(args),
+            resume=args.resume,
+            model_name=model_name,
+            teacher=args.teacher,
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """`mlflow run . -e evaluate`: mIoU on ACDC val, or ACDC test submission PNGs."""
+
 import argparse
 import sys
 import tempfile
@@ -15,19 +16,29 @@ def main(argv=None) -> int:
     cli.add_config_args(parser)
     cli.add_device_arg(parser)
     parser.add_argument("--target-root", required=True, help="ACDC root (nested or flattened)")
-    parser.add_argument("--model", default="models:/cs2acdc-student@serving",
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
-                             "models:/m-<logged model id>, runs:/RUN_ID/PATH or a checkpoint file")
-    parser.add_argument("--role", default="student",
-                        help="a foreign checkpoint file (MIC, the original's distillation or soup): the "
-                             "preset section with its architecture, student or teacher")
+    parser.add_argument(
+        "--model",
+        default="models:/cs2acdc-student@serving",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
+        "models:/m-<logged model id>, runs:/RUN_ID/PATH or a checkpoint file",
+    )
+    parser.add_argument(
+        "--role",
+        default="student",
+        help="a foreign checkpoint file (MIC, the original's distillation or soup): the "
+        "preset section with its architecture, student or teacher",
+    )
     parser.add_argument("--split", default="val", help="val (mIoU) or test (submission PNGs)")
     parser.add_argument("--mode", default="", help="whole or slide (default: the model's test_cfg)")
     parser.add_argument("--batch-size", default="1")
-    parser.add_argument("--precision", default="fp32",
-                        help="fp32, or bf16 autocast (GPU; about the same mIoU, see docs/benchmarks.md)")
-    parser.add_argument("--label-ids", default="false",
-                        help="test: write Cityscapes labelIds instead of trainIds")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32, or bf16 autocast (GPU; about the same mIoU, see docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--label-ids", default="false", help="test: write Cityscapes labelIds instead of trainIds"
+    )
     args = parser.parse_args(argv)
     split = evaluation.check_split(args.split)
     mode = evaluation.check_mode(args.mode)
@@ -45,10 +56,17 @@ def main(argv=None) -> int:
     dataset = evaluation.build_dataset(args.target_root, split, cfg["data"]["target"]["img_scale"])
     # A foreign file does not describe its model: the preset's <role>.model does.
     foreign_cfg = role_model_cfg(cfg, args.role.strip())
-    model, _ = evaluation.load_model(reference.uri, device, foreign_cfg,
-                                     f"preset {cfg['name']!r} {args.role.strip()}.model")
-    options = dict(mode=mode, batch_size=batch_size, device=device, progress=True, precision=precision,
-                   num_workers=cfg["data"]["workers_per_gpu"])
+    model, _ = evaluation.load_model(
+        reference.uri, device, foreign_cfg, f"preset {cfg['name']!r} {args.role.strip()}.model"
+    )
+    options = dict(
+        mode=mode,
+        batch_size=batch_size,
+        device=device,
+        progress=True,
+        precision=precision,
+        num_workers=cfg["data"]["workers_per_gpu"],
+    )
 
     with tracking.entry_point_run("evaluate", vars(args), cfg) as run:
         tracking.mlflow.set_tag("model_uri", args.model)
@@ -63,8 +81,10 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="uda-submission-") as tmp:
                 result = evaluation.write_submission(model, dataset, tmp, label_ids, **options)
                 evaluation.log_submission(result)
-            done = (f"{result.num_images} {result.folder.name} PNGs, zipped as artifact "
-                    f"submission/{result.zip_path.name}")
+            done = (
+                f"{result.num_images} {result.folder.name} PNGs, zipped as artifact "
+                f"submission/{result.zip_path.name}"
+            )
     print(f"{done} ({result.images_per_second:.2f} images/s); run {run.info.run_id}.")
     return 0
 

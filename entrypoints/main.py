@@ -3,6 +3,7 @@
 Every step is a child run; a step that already finished with the same
 parameters and code version is reused (MLflow's multistep pattern).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -17,11 +18,18 @@ from uda.soup.promotion import superseded_note  # noqa: E402
 
 def _registered_as(steps) -> dict:
     """``label → "model vN"`` of the version each row of the table stands for."""
-    names = {"source_only": SOURCE_ONLY_MODEL_NAME, "teacher": TEACHER_MODEL_NAME,
-             "distill": STUDENT_MODEL_NAME, "evaluate": STUDENT_MODEL_NAME}
-    versions = {"source_only": _last(steps["source_only"], SOURCE_ONLY_MODEL_NAME),
-                "teacher": steps["teacher"].version, "distill": steps["distill"].version,
-                "evaluate": steps["soup"].version}
+    names = {
+        "source_only": SOURCE_ONLY_MODEL_NAME,
+        "teacher": TEACHER_MODEL_NAME,
+        "distill": STUDENT_MODEL_NAME,
+        "evaluate": STUDENT_MODEL_NAME,
+    }
+    versions = {
+        "source_only": _last(steps["source_only"], SOURCE_ONLY_MODEL_NAME),
+        "teacher": steps["teacher"].version,
+        "distill": steps["distill"].version,
+        "evaluate": steps["soup"].version,
+    }
     return {k: f"{names[k]} v{v}" for k, v in versions.items() if v}
 
 
@@ -39,8 +47,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", default="", help="random seed (default: the preset's)")
     parser.add_argument("--soup-trials", default="", help="Optuna trials of the soup step")
     args = parser.parse_args(argv)
-    cfg = cli.resolve_config(args.preset, args.cfg_options, seed=cli.optional_int("seed", args.seed),
-                             data__source__root=args.source_root, data__target__root=args.target_root)
+    cfg = cli.resolve_config(
+        args.preset,
+        args.cfg_options,
+        seed=cli.optional_int("seed", args.seed),
+        data__source__root=args.source_root,
+        data__target__root=args.target_root,
+    )
     soup_trials = cli.optional_int("soup_trials", args.soup_trials, minimum=1)
     cli.check_threads(args.threads)  # each step sets its own threads; main computes little
     cli.check_pretrained(cfg, ["teacher", "student"])  # both are trained; fail before any work
@@ -50,23 +63,36 @@ def main(argv=None) -> int:
         if embedded is not None:
             tracking.mlflow.log_dict(embedded.config.__dict__, "data/embedded_config.json")
         tracking.log_dataset_summary(summary, args.source_root, args.target_root)
-        steps = pipeline.run_pipeline(preset=args.preset, source_root=args.source_root,
-                                      target_root=args.target_root, cfg_options=args.cfg_options,
-                                      seed=args.seed, device=args.device, soup_trials=soup_trials,
-                                      threads=args.threads, iterations=int(cfg["runner"]["max_iters"]))
+        steps = pipeline.run_pipeline(
+            preset=args.preset,
+            source_root=args.source_root,
+            target_root=args.target_root,
+            cfg_options=args.cfg_options,
+            seed=args.seed,
+            device=args.device,
+            soup_trials=soup_trials,
+            threads=args.threads,
+            iterations=int(cfg["runner"]["max_iters"]),
+        )
         summary = pipeline_summary.summarize_pipeline(steps, _registered_as(steps))
         story = pipeline_summary.format_summary(summary, steps["soup"].version, STUDENT_MODEL_NAME)
         pipeline_summary.log_summary(summary, story)
     for step in steps.values():
-        print(f"  {step.entry_point:11s} run {step.run_id}  "
-              + ("reused" if step.reused else f"{step.seconds:.0f} s"))
+        print(
+            f"  {step.entry_point:11s} run {step.run_id}  "
+            + ("reused" if step.reused else f"{step.seconds:.0f} s")
+        )
     moved = superseded_note(STUDENT_MODEL_NAME, steps["soup"].version)
     if moved is None:
-        print(f"Pipeline run {run.info.run_id} finished; `serving` points at the evaluated soup "
-              f"(version {steps['soup'].version}).")
+        print(
+            f"Pipeline run {run.info.run_id} finished; `serving` points at the evaluated soup "
+            f"(version {steps['soup'].version})."
+        )
     else:  # a team's server: another run promoted its soup since
-        print(f"Pipeline run {run.info.run_id} finished; `serving` has since moved to {moved}, "
-              f"promoted by another run after this pipeline's soup (version {steps['soup'].version}).")
+        print(
+            f"Pipeline run {run.info.run_id} finished; `serving` has since moved to {moved}, "
+            f"promoted by another run after this pipeline's soup (version {steps['soup'].version})."
+        )
     print(story, end="")
     print(pipeline.next_steps_text())
     return 0

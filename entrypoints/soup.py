@@ -1,4 +1,5 @@
 """`mlflow run . -e soup`: mix registered checkpoints by alias; move `serving` to a verified soup."""
+
 import argparse
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ def main(argv=None) -> int:
     cli.add_device_arg(parser)
     parser.add_argument("--target-root", required=True)
     parser.add_argument("--model-name", default="cs2acdc-student")
-    parser.add_argument("--aliases", default="", help="comma-separated, e.g. iter-24000,iter-32000,iter-40000")
+    parser.add_argument(
+        "--aliases", default="", help="comma-separated, e.g. iter-24000,iter-32000,iter-40000"
+    )
     parser.add_argument("--weights", default="optuna", help="e.g. 3,3,4 (normalised), or optuna")
     parser.add_argument("--method", default="", help="optuna, greedy or uniform")
     parser.add_argument("--trials", default="")
@@ -28,14 +31,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()] or None
     cfg = cli.resolve_config(
-        args.preset, args.cfg_options,
-        data__target__root=args.target_root, seed=cli.optional_int("seed", args.seed),
-        soup__aliases=aliases, soup__method=args.method or None,
+        args.preset,
+        args.cfg_options,
+        data__target__root=args.target_root,
+        seed=cli.optional_int("seed", args.seed),
+        soup__aliases=aliases,
+        soup__method=args.method or None,
         soup__trials=cli.optional_int("trials", args.trials, minimum=1),
-        soup__objective=args.objective or None)
+        soup__objective=args.objective or None,
+    )
     request = step.make_request(
-        cfg, model_name=args.model_name, aliases=aliases, weights=args.weights, method=args.method,
-        promote=args.promote, teacher=args.teacher, study_storage=args.study_storage)
+        cfg,
+        model_name=args.model_name,
+        aliases=aliases,
+        weights=args.weights,
+        method=args.method,
+        promote=args.promote,
+        teacher=args.teacher,
+        study_storage=args.study_storage,
+    )
     batch_size = cli.optional_int("batch_size", args.batch_size, minimum=1)
     device = cli.start_compute(args)
     # Before the run starts: the teacher (only when the objective uses it),

@@ -1,4 +1,5 @@
 """`mlflow run . -e teacher`: train a MIC(HRDA) teacher, or import a published MIC checkpoint."""
+
 import argparse
 import sys
 from pathlib import Path
@@ -25,8 +26,16 @@ def main(argv=None) -> int:
         return 0
     from uda.train.runner import TrainRequest, train
 
-    train(TrainRequest("teacher", cfg, vars(args), device=cli.start_compute(args),
-                       resume=args.resume, model_name=model_name))
+    train(
+        TrainRequest(
+            "teacher",
+            cfg,
+            vars(args),
+            device=cli.start_compute(args),
+            resume=args.resume,
+            model_name=model_name,
+        )
+    )
     return 0
 
 

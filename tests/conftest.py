@@ -1,4 +1,5 @@
 """Shared fixtures: a real MLflow store (SQLite in a temp dir) per test that needs one."""
+
 from __future__ import annotations
 
 import os

@@ -16,10 +16,11 @@ models built here, so that the import tests check real layouts:
   buffers included (they become floats), as the original's soup.py does.
 * ``mic``: ``model.*``, ``ema_model.*``, ``imnet_model.*`` plus meta.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -33,67 +34,85 @@ def prefixed(state_dict: STATE, prefix: str) -> dict:
 
 
 def _meta(iteration: int, seed: int = 29) -> dict:
-    return {'mmcv_version': '1.7.0', 'time': 'Fri Jun  2 21:33:07 2023',
-            'iter': iteration, 'epoch': 1, 'seed': seed,
-            'exp_name': 'csHR2acdcHR_mic_hrda_s2.py',
-            'config': "_base_ = ['../_base_/default_runtime.py']\nseed = 29\n",
-            'CLASSES': tuple(CLASSES), 'PALETTE': [list(c) for c in PALETTE],
-            'hook_msgs': {'last_ckpt': f'work_dirs/iter_{iteration}.pth'}}
+    return {
+        "mmcv_version": "1.7.0",
+        "time": "Fri Jun  2 21:33:07 2023",
+        "iter": iteration,
+        "epoch": 1,
+        "seed": seed,
+        "exp_name": "csHR2acdcHR_mic_hrda_s2.py",
+        "config": "_base_ = ['../_base_/default_runtime.py']\nseed = 29\n",
+        "CLASSES": tuple(CLASSES),
+        "PALETTE": [list(c) for c in PALETTE],
+        "hook_msgs": {"last_ckpt": f"work_dirs/iter_{iteration}.pth"},
+    }
 
 
 def _adamw_state(state_dict: STATE) -> dict:
     params = [v for v in state_dict.values() if v.is_floating_point()]
-    return {'state': {i: {'step': torch.tensor(float(7)),
-                          'exp_avg': torch.zeros_like(p),
-                          'exp_avg_sq': torch.zeros_like(p)}
-                      for i, p in enumerate(params)},
-            'param_groups': [{'lr': 6e-5, 'betas': (0.9, 0.999),
-                              'eps': 1e-8, 'weight_decay': 0.01,
-                              'amsgrad': False, 'params':
-                              list(range(len(params)))}]}
+    return {
+        "state": {
+            i: {
+                "step": torch.tensor(float(7)),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+            for i, p in enumerate(params)
+        },
+        "param_groups": [
+            {
+                "lr": 6e-5,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 0.01,
+                "amsgrad": False,
+                "params": list(range(len(params))),
+            }
+        ],
+    }
 
 
-def ckd_distill(path: Path, student: STATE, teacher: STATE,
-                imnet: Optional[STATE], iteration: int) -> Path:
+def ckd_distill(path: Path, student: STATE, teacher: STATE, imnet: STATE | None, iteration: int) -> Path:
     """An mmcv runner file of the original distillation."""
-    state = {**prefixed(student, 'model.'), **prefixed(teacher, 'ca_model.')}
+    state = {**prefixed(student, "model."), **prefixed(teacher, "ca_model.")}
     if imnet is not None:
-        state.update(prefixed({k: v for k, v in imnet.items()
-                               if k.startswith('backbone.')}, 'imnet_model.'))
-    torch.save({'meta': _meta(iteration), 'state_dict': state,
-                'optimizer': _adamw_state(student)}, path)
+        state.update(prefixed({k: v for k, v in imnet.items() if k.startswith("backbone.")}, "imnet_model."))
+    torch.save({"meta": _meta(iteration), "state_dict": state, "optimizer": _adamw_state(student)}, path)
     return path
 
 
-def ckd_soup(path: Path, files: Sequence[Path],
-             weights: Sequence[float]) -> Path:
+def ckd_soup(path: Path, files: Sequence[Path], weights: Sequence[float]) -> Path:
     """The original's soup.py: ``model.*`` only, paired by position."""
-    states = [torch.load(f, weights_only=False)['state_dict'] for f in files]
+    states = [torch.load(f, weights_only=False)["state_dict"] for f in files]
     soup = {}
     for items in zip(*(s.items() for s in states)):
         key = items[0][0]
-        if 'imnet' in key or 'ema' in key or 'ca_' in key:
+        if "imnet" in key or "ema" in key or "ca_" in key:
             continue
         soup[key] = sum(w * v for w, (_, v) in zip(weights, items))
-    torch.save({'state_dict': soup,
-                'meta': {'PALETTE': [list(c) for c in PALETTE],
-                         'CLASSES': list(CLASSES)}}, path)
+    torch.save(
+        {"state_dict": soup, "meta": {"PALETTE": [list(c) for c in PALETTE], "CLASSES": list(CLASSES)}}, path
+    )
     return path
 
 
 def mic(path: Path, model: STATE, iteration: int = 40000) -> Path:
     """MIC's published runner file (``latest.pth``)."""
-    state = {**prefixed(model, 'model.'), **prefixed(model, 'ema_model.'),
-             **prefixed({k: v for k, v in model.items()
-                         if k.startswith('backbone.')}, 'imnet_model.')}
-    torch.save({'meta': _meta(iteration, seed=0), 'state_dict': state,
-                'optimizer': _adamw_state(model)}, path)
+    state = {
+        **prefixed(model, "model."),
+        **prefixed(model, "ema_model."),
+        **prefixed({k: v for k, v in model.items() if k.startswith("backbone.")}, "imnet_model."),
+    }
+    torch.save(
+        {"meta": _meta(iteration, seed=0), "state_dict": state, "optimizer": _adamw_state(model)}, path
+    )
     return path
 
 
 def perturbed(state_dict: STATE, seed: int) -> dict:
     """A distinct copy (each "checkpoint" of a fake run differs)."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: (v + 0.01 * torch.randn(v.shape, generator=gen)
-                if v.is_floating_point() else v.clone())
-            for k, v in state_dict.items()}
+    return {
+        k: (v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone())
+        for k, v in state_dict.items()
+    }

@@ -5,6 +5,7 @@ Outside CI a missing one skips the test, as ``pytest.importorskip`` does; under
 ``CI=true`` it fails the test instead, so a faithfulness check can never
 disappear from CI because an install went wrong.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,6 +21,9 @@ def reference(module: str) -> ModuleType:
         try:
             return importlib.import_module(module)
         except ImportError as err:
-            pytest.fail(f"CI=true: the reference {module} cannot be imported ({err}); "
-                        "the parity test would silently skip.", pytrace=False)
+            pytest.fail(
+                f"CI=true: the reference {module} cannot be imported ({err}); "
+                "the parity test would silently skip.",
+                pytrace=False,
+            )
     return pytest.importorskip(module)

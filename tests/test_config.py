@@ -1,4 +1,5 @@
 """Presets: the embedded default derives from the full recipe, overrides are strict."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,11 @@ def test_full_recipe_numbers_from_the_design():
     assert cfg["data"]["target"]["img_scale"] == [1920, 1080]
     assert cfg["data"]["source"]["crop_size"] == [1024, 1024]
     assert cfg["data"]["source"]["cat_max_ratio"] == 0.75
-    assert cfg["data"]["rare_class_sampling"] == {"class_temp": 0.01, "min_pixels": 3000, "min_crop_ratio": 2.0}
+    assert cfg["data"]["rare_class_sampling"] == {
+        "class_temp": 0.01,
+        "min_pixels": 3000,
+        "min_crop_ratio": 2.0,
+    }
     teacher, student = cfg["teacher"]["model"], cfg["student"]["model"]
     assert teacher["backbone"] == "mit_b5" and student["backbone"] == "fan_large_16_p4_hybrid"
     for model in (teacher, student):
@@ -27,8 +32,13 @@ def test_full_recipe_numbers_from_the_design():
         assert model["crop_coord_divisible"] == 8
         assert model["decode_head"]["channels"] == 256
         assert model["decode_head"]["dilations"] == [1, 6, 12, 18]
-        assert model["test_cfg"] == {"mode": "slide", "crop_size": [1024, 1024], "stride": [512, 512],
-                                     "batched_slide": True, "max_windows_per_batch": None}
+        assert model["test_cfg"] == {
+            "mode": "slide",
+            "crop_size": [1024, 1024],
+            "stride": [512, 512],
+            "batched_slide": True,
+            "max_windows_per_batch": None,
+        }
     assert student["decode_head"]["loss"] == "logit_constraint"
     uda = cfg["uda"]
     assert uda["pseudo_threshold"] == 0.968 and uda["alpha"] == 0.999
@@ -65,8 +75,10 @@ def test_default_only_changes_values_of_the_full_recipe():
 
 
 def test_overrides_apply_with_yaml_values():
-    cfg = load_config("default", ["runner.max_iters=7", "student.model.hr_crop_size=[32, 32]",
-                                  "uda.blur=false", "optimizer.lr=1e-4"])
+    cfg = load_config(
+        "default",
+        ["runner.max_iters=7", "student.model.hr_crop_size=[32, 32]", "uda.blur=false", "optimizer.lr=1e-4"],
+    )
     assert cfg["runner"]["max_iters"] == 7
     assert cfg["student"]["model"]["hr_crop_size"] == [32, 32]
     assert cfg["uda"]["blur"] is False
@@ -88,14 +100,17 @@ def test_entry_point_parameters_then_cfg_options():
     assert cfg["seed"] == 0  # None means "the preset's value"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("runner.max_iter=3", "Did you mean max_iters"),
-    ("uda.mask_generatr.mask_ratio=0.5", "mask_generator"),
-    ("nonsense=1", "Unknown config key 'nonsense'"),
-    ("runner.max_iters=many", "expects a int"),
-    ("uda.blur=3", "expects a bool"),
-    ("runner", "must look like key.subkey=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("runner.max_iter=3", "Did you mean max_iters"),
+        ("uda.mask_generatr.mask_ratio=0.5", "mask_generator"),
+        ("nonsense=1", "Unknown config key 'nonsense'"),
+        ("runner.max_iters=many", "expects a int"),
+        ("uda.blur=3", "expects a bool"),
+        ("runner", "must look like key.subkey=value"),
+    ],
+)
 def test_unknown_keys_and_bad_values_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", [override])
@@ -103,7 +118,9 @@ def test_unknown_keys_and_bad_values_are_errors(override, message):
 
 def test_unknown_key_in_a_preset_file_is_an_error(tmp_path):
     bad = tmp_path / "mine.yaml"
-    bad.write_text(f"_base_: {load_config.__globals__['PRESETS_DIR'] / 'cs2acdc.yaml'}\nrunner: {{max_itrs: 5}}\n")
+    bad.write_text(
+        f"_base_: {load_config.__globals__['PRESETS_DIR'] / 'cs2acdc.yaml'}\nrunner: {{max_itrs: 5}}\n"
+    )
     with pytest.raises(ConfigError, match="max_itrs"):
         load_config(bad)
 
@@ -121,6 +138,7 @@ def test_dump_is_reloadable(tmp_path):
 
 
 # --- user presets that extend the built-in ones (issue 9) ---------------------------------------
+
 
 def _without_max_iters(cfg):
     cfg = {**cfg, "runner": dict(cfg["runner"])}
@@ -224,11 +242,26 @@ def test_entry_point_prints_a_missing_base_as_one_error_line(tmp_path):
     root = Path(__file__).resolve().parent.parent
     bad = tmp_path / "bad.yaml"
     bad.write_text("_base_: nowhere\n")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run([sys.executable, "entrypoints/evaluate.py", "--preset", str(bad),
-                           "--target-root", "data/embedded/acdc"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "entrypoints/evaluate.py",
+            "--preset",
+            str(bad),
+            "--target-root",
+            "data/embedded/acdc",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -1,4 +1,5 @@
 """Every entry point starts under `mlflow run . --env-manager local` against a temp SQLite store."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
 from uda.registry import version_model_id
 
@@ -18,8 +18,12 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def mlflow_run(entry_point: str, tracking_uri: str, *params: str, timeout: int = 600):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # left behind by in-process runs of other tests
     # MLflow resolves `path` parameters against the working directory, so run from the
@@ -28,8 +32,17 @@ def mlflow_run(entry_point: str, tracking_uri: str, *params: str, timeout: int =
     if client.get_experiment_by_name("entrypoint-tests") is None:
         store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
         client.create_experiment("entrypoint-tests", artifact_location=(store_dir / "mlruns").as_uri())
-    cmd = [str(VENV_BIN / "mlflow"), "run", str(PROJECT_ROOT), "-e", entry_point, "--env-manager", "local",
-           "--experiment-name", "entrypoint-tests"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "run",
+        str(PROJECT_ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "entrypoint-tests",
+    ]
     for p in params:
         cmd += ["-P", p]
     return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
@@ -59,9 +72,11 @@ def test_unknown_cfg_option_is_rejected(tracking_uri):
 
 
 # A pipeline small enough for a test: a few iterations, checkpoints every 2, two Optuna trials.
-TINY_PIPELINE = ["cfg_options=runner.max_iters=4 checkpoint_config.interval=2 evaluation.interval=2 "
-                 "log_config.interval=2 log_config.img_interval=2 lr_config.warmup_iters=1",
-                 "soup_trials=2"]
+TINY_PIPELINE = [
+    "cfg_options=runner.max_iters=4 checkpoint_config.interval=2 evaluation.interval=2 "
+    "log_config.interval=2 log_config.img_interval=2 lr_config.warmup_iters=1",
+    "soup_trials=2",
+]
 
 
 @pytest.mark.slow
@@ -76,37 +91,54 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     main_run = next(r for r in runs if r.data.tags.get("entry_point") == "main")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == main_run.info.run_id]
     assert sorted(r.data.tags["mlflow.project.entryPoint"] for r in children) == [
-        "distill", "evaluate", "soup", "teacher", "teacher"]
+        "distill",
+        "evaluate",
+        "soup",
+        "teacher",
+        "teacher",
+    ]
     assert all(r.info.status == "FINISHED" for r in children)
     # readable child runs; the source-only baseline is the teacher entry point on the source alone
     names = {r.info.run_name: r for r in children}
-    assert set(names) == {f"{step} · default" for step in
-                          ("source-only", "teacher", "distill", "soup", "evaluate")}
+    assert set(names) == {
+        f"{step} · default" for step in ("source-only", "teacher", "distill", "soup", "evaluate")
+    }
     baseline = names["source-only · default"]
     assert baseline.data.tags["uda.mode"] == "source_only"
     assert baseline.data.params["model_name"] == "cs2acdc-source-only"
     assert "uda.source_only=true checkpoint_config.interval=4" in baseline.data.params["cfg_options"]
     assert names["teacher · default"].data.tags["uda.mode"] == "mic"
-    assert [v.tags["iteration"] for v in client.search_model_versions("name = 'cs2acdc-source-only'")] == ["4"]
+    assert [v.tags["iteration"] for v in client.search_model_versions("name = 'cs2acdc-source-only'")] == [
+        "4"
+    ]
 
     # MLflow 3: each checkpoint's validation is a metric of its logged model, at its iteration,
     # and the runs' inputs name the models they used (teacher → distill, ingredients → soup,
     # the soup → evaluate; search_runs leaves model inputs out, get_run has them)
     distill = names["distill · default"]
-    checkpoints = [v for v in client.search_model_versions("name = 'cs2acdc-student'")
-                   if v.tags.get("kind") == "checkpoint" and v.tags.get("run_id") == distill.info.run_id]
+    checkpoints = [
+        v
+        for v in client.search_model_versions("name = 'cs2acdc-student'")
+        if v.tags.get("kind") == "checkpoint" and v.tags.get("run_id") == distill.info.run_id
+    ]
     assert sorted(int(v.tags["iteration"]) for v in checkpoints) == [2, 4]
     for version in checkpoints:
         metrics = {m.key: m for m in client.get_logged_model(version_model_id(version)).metrics}
         assert metrics["val_mIoU"].step == int(version.tags["iteration"])
         assert metrics["val_mIoU"].value == pytest.approx(float(version.tags["val_mIoU"]), abs=1e-6)
     teacher_version = client.get_model_version("cs2acdc-teacher", main_run.data.tags["teacher_version"])
-    assert [m.model_id for m in client.get_run(distill.info.run_id).inputs.model_inputs] == [version_model_id(teacher_version)]
+    assert [m.model_id for m in client.get_run(distill.info.run_id).inputs.model_inputs] == [
+        version_model_id(teacher_version)
+    ]
     soup_run = names["soup · default"]
     soup_version = client.get_model_version("cs2acdc-student", main_run.data.tags["soup_version"])
-    ingredients = [version_model_id(client.get_model_version("cs2acdc-student", v))
-                   for v in soup_version.tags["soup.ingredient_versions"].split(",")]
-    assert sorted(m.model_id for m in client.get_run(soup_run.info.run_id).inputs.model_inputs) == sorted(ingredients)
+    ingredients = [
+        version_model_id(client.get_model_version("cs2acdc-student", v))
+        for v in soup_version.tags["soup.ingredient_versions"].split(",")
+    ]
+    assert sorted(m.model_id for m in client.get_run(soup_run.info.run_id).inputs.model_inputs) == sorted(
+        ingredients
+    )
     evaluate_inputs = client.get_run(names["evaluate · default"].info.run_id).inputs.model_inputs
     assert [m.model_id for m in evaluate_inputs] == [version_model_id(soup_version)]
 
@@ -118,9 +150,11 @@ def test_main_runs_the_pipeline_then_reuses_finished_steps(tracking_uri):
     for key in ("source_only", "teacher", "distill", "evaluate"):
         assert 0 <= main_run.data.metrics[f"method.{key}.mIoU"] <= 1
     assert main_run.data.metrics["method.source_only.mIoU"] == pytest.approx(
-        client.get_metric_history(baseline.info.run_id, "val.mIoU")[-1].value)
+        client.get_metric_history(baseline.info.run_id, "val.mIoU")[-1].value
+    )
     assert {"method/summary.json", "method/summary.md"} <= {
-        f.path for f in client.list_artifacts(main_run.info.run_id, "method")}
+        f.path for f in client.list_artifacts(main_run.info.run_id, "method")
+    }
 
     # system metrics on every entry point's run, not only training (main is long enough to sample)
     assert any(k.startswith("system/cpu_utilization") for k in main_run.data.metrics), main_run.data.metrics

@@ -22,6 +22,7 @@ Reference data (tests/data), produced once by throw-away scripts outside the rep
   ``fan_large_16_p4_hybrid`` classifier state dict, and parameter counts of the four hybrid
   classifiers and of the four segmentation backbones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,12 @@ from uda.models.fan import (
 )
 
 DATA = Path(__file__).parent / "data"
-FULL_VARIANTS = ["fan_tiny_8_p4_hybrid", "fan_small_12_p4_hybrid", "fan_base_16_p4_hybrid", "fan_large_16_p4_hybrid"]
+FULL_VARIANTS = [
+    "fan_tiny_8_p4_hybrid",
+    "fan_small_12_p4_hybrid",
+    "fan_base_16_p4_hybrid",
+    "fan_large_16_p4_hybrid",
+]
 EXPECTED_CHANNELS = {
     "fan_nano_p4_hybrid": [32, 64, 64, 64],
     "fan_tiny_8_p4_hybrid": [128, 256, 192, 192],
@@ -68,9 +74,14 @@ def imagenet_keys() -> dict:
 def _reference_model(reference: dict[str, torch.Tensor]) -> FAN:
     cfg = {k[4:]: v for k, v in reference.items() if k.startswith("cfg_")}
     model = FAN(
-        conv_depths=tuple(cfg["conv_depths"].tolist()), conv_dims=tuple(cfg["conv_dims"].tolist()),
-        embed_dim=int(cfg["embed_dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
-        out_index=int(cfg["out_idx"]), cls_attn_layers=int(cfg["cls_attn_layers"]), mlp_ratio=float(cfg["mlp_ratio"]),
+        conv_depths=tuple(cfg["conv_depths"].tolist()),
+        conv_dims=tuple(cfg["conv_dims"].tolist()),
+        embed_dim=int(cfg["embed_dim"]),
+        depth=int(cfg["depth"]),
+        num_heads=int(cfg["num_heads"]),
+        out_index=int(cfg["out_idx"]),
+        cls_attn_layers=int(cfg["cls_attn_layers"]),
+        mlp_ratio=float(cfg["mlp_ratio"]),
     )
     state = {k[3:]: v for k, v in reference.items() if k.startswith("sd.")}
     model.load_state_dict(state, strict=True)  # same key set as NVlabs' segmentation backbone
@@ -86,12 +97,19 @@ def _imagenet_file_from(model: FAN) -> dict[str, torch.Tensor]:
     """A classifier-style state dict: the backbone's entries plus the ImageNet-only norm/head."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     dim = model.embed_dim
-    state.update({"norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim),
-                  "head.weight": torch.randn(1000, dim), "head.bias": torch.zeros(1000)})
+    state.update(
+        {
+            "norm.weight": torch.ones(dim),
+            "norm.bias": torch.zeros(dim),
+            "head.weight": torch.randn(1000, dim),
+            "head.bias": torch.zeros(1000),
+        }
+    )
     return state
 
 
 # --- numerical faithfulness ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_eval_outputs_match_nvlabs_segmentation_backbone(reference, name):
@@ -121,7 +139,9 @@ def test_positional_encoding_uses_true_division_in_exponent():
         enc = pe(2, 3)[0]  # (8, 2, 3): 4 y-channels then 4 x-channels
     x = 2.0 / (3 + 1e-6) * 2 * torch.pi  # column index 1 of 3, normalised
     dim_t = 10000.0 ** (torch.arange(4.0) / 4)  # i / d, not floor(i / 2) * 2 / d
-    expected = torch.stack([(x / dim_t[0]).sin(), (x / dim_t[1]).cos(), (x / dim_t[2]).sin(), (x / dim_t[3]).cos()])
+    expected = torch.stack(
+        [(x / dim_t[0]).sin(), (x / dim_t[1]).cos(), (x / dim_t[2]).sin(), (x / dim_t[3]).cos()]
+    )
     torch.testing.assert_close(enc[4:, 0, 1], expected)
     floor_dim_t = 10000.0 ** (torch.tensor([0.0, 0.0, 2.0, 2.0]) / 4)
     assert not torch.allclose(enc[5, 0, 1], (x / floor_dim_t[1]).cos())
@@ -136,6 +156,7 @@ def test_layernorm_eps_as_reference():
 
 
 # --- shapes, presets -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", FULL_VARIANTS)
 def test_full_presets_shapes_on_meta_device(name):
@@ -159,7 +180,12 @@ def test_nano_preset_runs_on_cpu_with_backward():
     model = _nano()
     x = torch.randn(1, 3, 128, 256, requires_grad=True)
     outs = model(x)
-    assert [tuple(o.shape) for o in outs] == [(1, 32, 32, 64), (1, 64, 16, 32), (1, 64, 8, 16), (1, 64, 8, 16)]
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 32, 32, 64),
+        (1, 64, 16, 32),
+        (1, 64, 8, 16),
+        (1, 64, 8, 16),
+    ]
     sum(o.square().mean() for o in outs).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -250,6 +276,7 @@ def test_invalid_out_index_raises():
 
 # --- parameter counts ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", FULL_VARIANTS)
 def test_parameter_counts_equal_nvlabs(name, imagenet_keys):
     with torch.device("meta"):
@@ -258,8 +285,10 @@ def test_parameter_counts_equal_nvlabs(name, imagenet_keys):
     dim = model.embed_dim
     classifier_only = 2 * dim + dim * 1000 + 1000  # norm + head of the ImageNet classifier
     counts = imagenet_keys["params"][name]
-    print(f"{name}: backbone {backbone:,} (NVlabs segmentation {counts['segmentation_backbone']:,}); "
-          f"+ norm/head {classifier_only:,} = {backbone + classifier_only:,} (NVlabs classifier {counts['classifier']:,})")
+    print(
+        f"{name}: backbone {backbone:,} (NVlabs segmentation {counts['segmentation_backbone']:,}); "
+        f"+ norm/head {classifier_only:,} = {backbone + classifier_only:,} (NVlabs classifier {counts['classifier']:,})"
+    )
     assert backbone == counts["segmentation_backbone"]
     assert backbone + classifier_only == counts["classifier"]
     if name == "fan_large_16_p4_hybrid":
@@ -268,6 +297,7 @@ def test_parameter_counts_equal_nvlabs(name, imagenet_keys):
 
 
 # --- ImageNet checkpoints ----------------------------------------------------------------------------
+
 
 def test_fan_large_imagenet_keys_load_key_for_key(imagenet_keys, caplog):
     """A checkpoint with exactly the key names and shapes of NVlabs' FAN-L ImageNet classifier."""
@@ -288,7 +318,11 @@ def test_fan_large_imagenet_keys_load_key_for_key(imagenet_keys, caplog):
 def test_imagenet_file_roundtrip(tmp_path, wrapper):
     source = _nano()
     weights = _imagenet_file_from(source)
-    payload = weights if wrapper == "flat" else {wrapper: weights, "epoch": 300, "args": argparse.Namespace(lr=1e-3)}
+    payload = (
+        weights
+        if wrapper == "flat"
+        else {wrapper: weights, "epoch": 300, "args": argparse.Namespace(lr=1e-3)}
+    )
     path = tmp_path / "fan_hybrid_nano_in1k.pth.tar"
     torch.save(payload, path)
     torch.manual_seed(123)  # different init, so equality below proves loading
@@ -304,7 +338,7 @@ def test_filter_fn_reports_unused_and_splits_fused_qkv(caplog):
     for kind in ("weight", "bias"):  # older files: one fused qkv projection, older pos-encoding name
         weights[prefix + f"qkv.{kind}"] = torch.cat([weights.pop(prefix + f"{n}.{kind}") for n in "qkv"])
     for key in [k for k in weights if k.startswith("pos_embed.")]:
-        weights["pos_embeder." + key[len("pos_embed."):]] = weights.pop(key)
+        weights["pos_embeder." + key[len("pos_embed.") :]] = weights.pop(key)
     weights["some.unknown.key"] = torch.zeros(3)
     with caplog.at_level(logging.INFO, logger="uda.models.fan"):
         filtered = checkpoint_filter_fn(weights, source)

@@ -5,6 +5,7 @@ the original-layout soup file, a test submission, and ``mlflow models serve``
 of ``@serving``. The checkpoints are small (a FAN-tiny student, a MiT-nano
 teacher) but in the original's exact layouts (tests/original_layouts.py); the
 preset is a user file that extends the built-in ``cs2acdc``."""
+
 from __future__ import annotations
 
 import zipfile
@@ -25,9 +26,9 @@ from uda.models import build_segmentor
 from uda.registry import load_segmentor
 from uda.serving import decode_png, example_image_png
 
-NAME = 'cs2acdc-student'
+NAME = "cs2acdc-student"
 ITERATIONS = (24000, 32000, 40000)
-ALIASES = ','.join(f'iter-{i}' for i in ITERATIONS)
+ALIASES = ",".join(f"iter-{i}" for i in ITERATIONS)
 
 #: A user's preset: the full recipe with small backbones, at the embedded
 #: data's sizes (what a user writes to try the released files on a laptop).
@@ -55,33 +56,38 @@ student:
 """
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """The released files: three distillation checkpoints, a soup of them
     made by the original's soup.py procedure, the user's preset."""
-    folder = tmp_path_factory.mktemp('released')
-    preset = folder / 'my-preset.yaml'
+    folder = tmp_path_factory.mktemp("released")
+    preset = folder / "my-preset.yaml"
     preset.write_text(USER_PRESET)
     cfg = load_config(preset)
     torch.manual_seed(0)
-    student = build_segmentor(cfg['student']['model']).state_dict()
-    teacher = build_segmentor(cfg['teacher']['model']).state_dict()
+    student = build_segmentor(cfg["student"]["model"]).state_dict()
+    teacher = build_segmentor(cfg["teacher"]["model"]).state_dict()
     students = [layouts.perturbed(student, i) for i in range(3)]
-    files = [layouts.ckd_distill(folder / f'fan_iter_{i // 1000}k.pth', s,
-                                 teacher, student, i)
-             for s, i in zip(students, ITERATIONS)]
+    files = [
+        layouts.ckd_distill(folder / f"fan_iter_{i // 1000}k.pth", s, teacher, student, i)
+        for s, i in zip(students, ITERATIONS)
+    ]
     # Weights 3:3:4 in the order 24k/32k/40k, so that it equals our soup.
-    soup = layouts.ckd_soup(folder / 'soup_fan_334.pth', files,
-                            [0.3, 0.3, 0.4])
+    soup = layouts.ckd_soup(folder / "soup_fan_334.pth", files, [0.3, 0.3, 0.4])
     ensure_embedded()
-    return {'folder': folder, 'preset': preset, 'files': files,
-            'soup': soup, 'students': students, 'teacher': teacher}
+    return {
+        "folder": folder,
+        "preset": preset,
+        "files": files,
+        "soup": soup,
+        "students": students,
+        "teacher": teacher,
+    }
 
 
 def _versions():
     client = mlflow.MlflowClient()
-    return sorted(client.search_model_versions(f"name='{NAME}'"),
-                  key=lambda v: int(v.version))
+    return sorted(client.search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
 
 
 def _ok(result):
@@ -90,100 +96,106 @@ def _ok(result):
 
 
 def _import(tracking_uri, released, *extra):
-    files = ','.join(str(f) for f in released['files'])
-    return mlflow_run('import', tracking_uri, f'checkpoints={files}',
-                      f'preset={released["preset"]}', *extra)
+    files = ",".join(str(f) for f in released["files"])
+    return mlflow_run("import", tracking_uri, f"checkpoints={files}", f"preset={released['preset']}", *extra)
 
 
 def _evaluate(tracking_uri, released, model, *extra):
-    result = _ok(mlflow_run('evaluate', tracking_uri, f'model={model}',
-                            f'preset={released["preset"]}', 'device=cpu',
-                            *extra))
+    result = _ok(
+        mlflow_run(
+            "evaluate", tracking_uri, f"model={model}", f"preset={released['preset']}", "device=cpu", *extra
+        )
+    )
     client = mlflow.MlflowClient()
     runs = client.search_runs(
-        [client.get_experiment_by_name('entrypoint-tests').experiment_id],
+        [client.get_experiment_by_name("entrypoint-tests").experiment_id],
         filter_string="tags.entry_point = 'evaluate'",
-        order_by=['attributes.start_time DESC'], max_results=1)
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0], result
 
 
 @pytest.mark.slow
-def test_released_checkpoints_import_soup_evaluate_submit_and_serve(
-        tracking_uri, released, tmp_path):
+def test_released_checkpoints_import_soup_evaluate_submit_and_serve(tracking_uri, released, tmp_path):
     # 1. import: three versions, kind=import, iter-<N> aliases from meta.iter
     result = _ok(_import(tracking_uri, released))
-    assert 'ckd-distill, prefix model., iteration 24000 (from the meta)' \
-        in result.stdout
+    assert "ckd-distill, prefix model., iteration 24000 (from the meta)" in result.stdout
     found = _versions()
     assert len(found) == 3
     aliases = mlflow.MlflowClient().get_registered_model(NAME).aliases
-    for version, path, iteration in zip(found, released['files'],
-                                        ITERATIONS):
+    for version, path, iteration in zip(found, released["files"], ITERATIONS):
         tags = version.tags
-        assert tags['kind'] == 'import'
-        assert tags['iteration'] == str(iteration)
-        assert tags['source_file'] == path.name
-        assert tags['source_format'] == 'ckd-distill'
-        assert tags['source_prefix'] == 'model.'
-        assert tags['role'] == 'student'
-        assert len(tags['source_sha256']) == 64
-        assert str(aliases[f'iter-{iteration}']) == str(version.version)
+        assert tags["kind"] == "import"
+        assert tags["iteration"] == str(iteration)
+        assert tags["source_file"] == path.name
+        assert tags["source_format"] == "ckd-distill"
+        assert tags["source_prefix"] == "model."
+        assert tags["role"] == "student"
+        assert len(tags["source_sha256"]) == 64
+        assert str(aliases[f"iter-{iteration}"]) == str(version.version)
     # The student only (model.*), stored once: no teacher, copy or optimizer.
-    loaded, _ = load_segmentor(f'models:/{NAME}@iter-32000')
+    loaded, _ = load_segmentor(f"models:/{NAME}@iter-32000")
     for key, value in loaded.state_dict().items():
-        assert torch.equal(value, released['students'][1][key]), key
+        assert torch.equal(value, released["students"][1][key]), key
 
     # 2. a re-import registers nothing new
     result = _ok(_import(tracking_uri, released))
-    assert 'reusing it' in result.stdout
+    assert "reusing it" in result.stdout
     assert len(_versions()) == 3
     assert mlflow.MlflowClient().get_registered_model(NAME).aliases == aliases
 
     # 3. the headline command on the released ingredients
-    _ok(mlflow_run('soup', tracking_uri, 'weights=3,3,4',
-                   f'aliases={ALIASES}', f'preset={released["preset"]}',
-                   'device=cpu'))
-    soup, _ = load_segmentor(f'models:/{NAME}@serving')
-    parts = [load_segmentor(f'models:/{NAME}@iter-{i}')[0].state_dict()
-             for i in ITERATIONS]
+    _ok(
+        mlflow_run(
+            "soup",
+            tracking_uri,
+            "weights=3,3,4",
+            f"aliases={ALIASES}",
+            f"preset={released['preset']}",
+            "device=cpu",
+        )
+    )
+    soup, _ = load_segmentor(f"models:/{NAME}@serving")
+    parts = [load_segmentor(f"models:/{NAME}@iter-{i}")[0].state_dict() for i in ITERATIONS]
     floating = 0
     for key, value in soup.state_dict().items():
         if value.is_floating_point():
             floating += 1
             torch.testing.assert_close(
-                value, 0.3 * parts[0][key] + 0.3 * parts[1][key] +
-                0.4 * parts[2][key], rtol=1e-6, atol=1e-7, msg=key)
+                value,
+                0.3 * parts[0][key] + 0.3 * parts[1][key] + 0.4 * parts[2][key],
+                rtol=1e-6,
+                atol=1e-7,
+                msg=key,
+            )
         else:  # integer buffers are kept, not averaged (DESIGN.md)
             assert torch.equal(value, parts[0][key]), key
     assert floating > 300
 
     # 4. evaluate the soup, and the original-layout soup file directly: the
     # same weights, so the same mIoU
-    ours, _ = _evaluate(tracking_uri, released, f'models:/{NAME}@serving')
-    theirs, _ = _evaluate(tracking_uri, released, str(released['soup']))
-    assert ours.data.metrics['mIoU'] == pytest.approx(
-        theirs.data.metrics['mIoU'], abs=2e-3)
+    ours, _ = _evaluate(tracking_uri, released, f"models:/{NAME}@serving")
+    theirs, _ = _evaluate(tracking_uri, released, str(released["soup"]))
+    assert ours.data.metrics["mIoU"] == pytest.approx(theirs.data.metrics["mIoU"], abs=2e-3)
 
     # 5. the test submission from the original-layout file
-    run, _ = _evaluate(tracking_uri, released, str(released['soup']),
-                            'split=test')
+    run, _ = _evaluate(tracking_uri, released, str(released["soup"]), "split=test")
     local = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path='submission', dst_path=tmp_path)
-    [archive] = Path(local).glob('*.zip')
+        run_id=run.info.run_id, artifact_path="submission", dst_path=tmp_path
+    )
+    [archive] = Path(local).glob("*.zip")
     with zipfile.ZipFile(archive) as zipped:
-        names = [n for n in zipped.namelist() if n.endswith('.png')]
-    assert len(names) == len(list((EMBEDDED_ROOT / 'acdc').glob(
-        'rgb_anon/*/test/*/*.png')))
+        names = [n for n in zipped.namelist() if n.endswith(".png")]
+    assert len(names) == len(list((EMBEDDED_ROOT / "acdc").glob("rgb_anon/*/test/*/*.png")))
 
     # 6. serve @serving
-    server = _Server(tracking_uri, tmp_path, 120,
-                     model_uri=f'models:/{NAME}@serving')
+    server = _Server(tracking_uri, tmp_path, 120, model_uri=f"models:/{NAME}@serving")
     try:
         server.wait_ready()
-        status, answer = _post(server.invocations,
-                               _request(example_image_png(72, 100)))
+        status, answer = _post(server.invocations, _request(example_image_png(72, 100)))
     finally:
         server.stop()
     assert status == 200, answer
-    labels = decode_png(answer['predictions'][0]['label_map'])
+    labels = decode_png(answer["predictions"][0]["label_map"])
     assert labels.shape == (72, 100) and int(np.max(labels)) < 19

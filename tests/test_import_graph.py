@@ -5,6 +5,7 @@ A cycle hides which module owns a concern and breaks as soon as one side
 imports the other at load time; ``uda.models.builder`` ↔ ``uda.models.checkpoint``
 was the last one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,7 +29,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -51,7 +52,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for successor in sorted(graph[node]):
             if state.get(successor) == 1:
-                return path[path.index(successor):] + [successor]
+                return path[path.index(successor) :] + [successor]
             if successor not in state:
                 found = visit(successor)
                 if found:

@@ -27,6 +27,7 @@ MIC − source-only = +4.5 (11.0 vs 6.5 %), +4.0 (10.5 vs 6.5 %) and +4.7
 (11.4 vs 6.7 %) points; the 2-point margin is half the smallest gap. The
 pseudo-label weight over the last 60 iterations: 0.04 (the floor is 0.01).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,8 @@ from uda.train.loop import FitHooks, UDATrainer, evaluate, fit
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "data" / "embedded"
 ITERATIONS = 240
-MARGIN = 0.02            # mIoU (fraction): MIC − source-only on target val
-CONFIDENT_FLOOR = 0.01   # pseudo-label weight over the last 60 iterations
+MARGIN = 0.02  # mIoU (fraction): MIC − source-only on target val
+CONFIDENT_FLOOR = 0.01  # pseudo-label weight over the last 60 iterations
 WINDOW = 60
 
 
@@ -51,9 +52,14 @@ def cfg():
     from uda.data.synthetic import ensure_embedded
 
     ensure_embedded(EMBEDDED)
-    return load_config("default", [f"data.source.root={EMBEDDED / 'cityscapes'}",
-                                   f"data.target.root={EMBEDDED / 'acdc'}",
-                                   f"runner.max_iters={ITERATIONS}"])
+    return load_config(
+        "default",
+        [
+            f"data.source.root={EMBEDDED / 'cityscapes'}",
+            f"data.target.root={EMBEDDED / 'acdc'}",
+            f"runner.max_iters={ITERATIONS}",
+        ],
+    )
 
 
 def _train(cfg, teacher):
@@ -96,7 +102,8 @@ def test_mic_beats_source_only_on_target_val(source_only, mic):
     print(f"target val mIoU: source-only {100 * baseline.miou:.1f} %, MIC {100 * adapted.miou:.1f} %")
     assert adapted.miou >= baseline.miou + MARGIN, (
         f"MIC {adapted.miou:.4f} does not beat source-only {baseline.miou:.4f} by {MARGIN}: "
-        "the adaptation (ClassMix, pseudo-labels, masking) no longer reaches the model")
+        "the adaptation (ClassMix, pseudo-labels, masking) no longer reaches the model"
+    )
 
 
 @pytest.mark.slow
@@ -107,5 +114,6 @@ def test_self_training_weights_the_target_loss(mic):
     print(f"pseudo-label weight: first {WINDOW} iterations {first:.3f}, last {WINDOW} {last:.3f}")
     assert last >= CONFIDENT_FLOOR, (
         f"the pseudo-label weight ends at {last:.4f}: the target loss is switched off, or the EMA "
-        "teacher never becomes confident (does it update?)")
+        "teacher never becomes confident (does it update?)"
+    )
     assert last > first, (first, last)

@@ -1,4 +1,5 @@
 """Tests of uda.metrics: hand-computed values, mmseg parity, merging."""
+
 import math
 
 import numpy as np
@@ -58,14 +59,16 @@ def test_uint8_labels_do_not_overflow():
     assert int(cm.matrix.sum()) == 2
 
 
-@pytest.mark.parametrize('pred, gt, match', [
-    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
-     'shape'),
-    (torch.zeros(4), torch.zeros(4, dtype=torch.long), 'class ids'),
-    (torch.tensor([0, 3]), torch.tensor([0, 1]), 'trainIds'),
-    (torch.tensor([0, 1]), torch.tensor([0, 26]), 'trainIds'),
-    (torch.tensor([0, -1]), torch.tensor([0, 1]), 'trainIds'),
-])
+@pytest.mark.parametrize(
+    "pred, gt, match",
+    [
+        (torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), "shape"),
+        (torch.zeros(4), torch.zeros(4, dtype=torch.long), "class ids"),
+        (torch.tensor([0, 3]), torch.tensor([0, 1]), "trainIds"),
+        (torch.tensor([0, 1]), torch.tensor([0, 26]), "trainIds"),
+        (torch.tensor([0, -1]), torch.tensor([0, 1]), "trainIds"),
+    ],
+)
 def test_bad_inputs_raise_and_change_nothing(pred, gt, match):
     cm = ConfusionMatrix(num_classes=3)
     with pytest.raises(ValueError, match=match):
@@ -74,7 +77,7 @@ def test_bad_inputs_raise_and_change_nothing(pred, gt, match):
 
 
 def test_ignore_index_inside_class_range_rejected():
-    with pytest.raises(ValueError, match='ignore_index'):
+    with pytest.raises(ValueError, match="ignore_index"):
         ConfusionMatrix(num_classes=19, ignore_index=0)
 
 
@@ -92,7 +95,7 @@ def _random_maps(rng, count, num_classes, shape=(6, 7)):
 
 
 def test_matches_mmseg_mean_iou():
-    mmseg_metrics = reference('mmseg.core.evaluation.metrics')
+    mmseg_metrics = reference("mmseg.core.evaluation.metrics")
     rng = np.random.default_rng(0)
     num_classes = 7
     preds, gts = _random_maps(rng, 5, num_classes)
@@ -100,15 +103,14 @@ def test_matches_mmseg_mean_iou():
     for pred, gt in zip(preds, gts):
         cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
     ref = mmseg_metrics.mean_iou(preds, gts, num_classes, IGNORE)
-    np.testing.assert_allclose(cm.iou().numpy(), ref['IoU'], equal_nan=True)
-    np.testing.assert_allclose(cm.accuracy().numpy(), ref['Acc'],
-                               equal_nan=True)
-    assert cm.pixel_accuracy() == pytest.approx(float(ref['aAcc']))
+    np.testing.assert_allclose(cm.iou().numpy(), ref["IoU"], equal_nan=True)
+    np.testing.assert_allclose(cm.accuracy().numpy(), ref["Acc"], equal_nan=True)
+    assert cm.pixel_accuracy() == pytest.approx(float(ref["aAcc"]))
     # CustomDataset.evaluate reports nanmean of the per-class values.
-    assert cm.miou() == pytest.approx(float(np.nanmean(ref['IoU'])))
-    assert cm.mean_accuracy() == pytest.approx(float(np.nanmean(ref['Acc'])))
+    assert cm.miou() == pytest.approx(float(np.nanmean(ref["IoU"])))
+    assert cm.mean_accuracy() == pytest.approx(float(np.nanmean(ref["Acc"])))
     # The fixture really exercises both absent-class rules.
-    assert np.isnan(ref['IoU'][-1]) and ref['IoU'][-2] == 0
+    assert np.isnan(ref["IoU"][-1]) and ref["IoU"][-2] == 0
 
 
 def test_merge_equals_accumulating_everything():
@@ -124,7 +126,7 @@ def test_merge_equals_accumulating_everything():
     assert int(part_a.matrix.sum()) < int(added.matrix.sum())  # + is not in place
     part_a += part_b
     assert torch.equal(part_a.matrix, together.matrix)
-    with pytest.raises(ValueError, match='num_classes'):
+    with pytest.raises(ValueError, match="num_classes"):
         part_a.merge(ConfusionMatrix(num_classes=4))
     together.reset()
     assert int(together.matrix.sum()) == 0
@@ -139,16 +141,15 @@ def test_all_reduce_without_process_group_is_noop():
 
 def test_per_condition_table():
     rng = np.random.default_rng(2)
-    conditions = ['fog', 'night', 'rain', 'snow', 'night', 'fog']
+    conditions = ["fog", "night", "rain", "snow", "night", "fog"]
     preds, gts = _random_maps(rng, len(conditions), 19, shape=(8, 8))
     metrics = PerConditionMetrics()
     # One batch with per-image conditions, then single-condition updates.
-    metrics.update(torch.from_numpy(np.stack(preds[:4])),
-                   torch.from_numpy(np.stack(gts[:4])), conditions[:4])
+    metrics.update(torch.from_numpy(np.stack(preds[:4])), torch.from_numpy(np.stack(gts[:4])), conditions[:4])
     for pred, gt, condition in zip(preds[4:], gts[4:], conditions[4:]):
         metrics.update(pred, gt, condition)
 
-    reference = {name: ConfusionMatrix() for name in ('fog', 'night', 'rain', 'snow')}
+    reference = {name: ConfusionMatrix() for name in ("fog", "night", "rain", "snow")}
     overall = ConfusionMatrix()
     for pred, gt, condition in zip(preds, gts, conditions):
         reference[condition].update(pred, gt)
@@ -159,22 +160,22 @@ def test_per_condition_table():
     assert table.overall.pixel_accuracy == pytest.approx(overall.pixel_accuracy())
     for name, matrix in reference.items():
         assert table.per_condition_miou[name] == pytest.approx(matrix.miou())
-    assert list(table.per_class_iou())[:2] == ['road', 'sidewalk']
+    assert list(table.per_class_iou())[:2] == ["road", "sidewalk"]
 
-    flat = table.to_flat_dict(prefix='val/')
-    assert flat['val/mIoU'] == pytest.approx(overall.miou())
-    assert flat['val/mIoU.night'] == pytest.approx(reference['night'].miou())
-    assert 'val/IoU.traffic_light' in flat
+    flat = table.to_flat_dict(prefix="val/")
+    assert flat["val/mIoU"] == pytest.approx(overall.miou())
+    assert flat["val/mIoU.night"] == pytest.approx(reference["night"].miou())
+    assert "val/IoU.traffic_light" in flat
     # Class 18 (bicycle) is never predicted nor in GT -> NaN -> not logged.
-    assert 'val/IoU.bicycle' not in flat
+    assert "val/IoU.bicycle" not in flat
     rows = table.rows()
-    assert len(rows) == 19 and rows[0]['class'] == 'road'
-    assert rows[0]['IoU.fog'] == pytest.approx(reference['fog'].iou()[0].item())
+    assert len(rows) == 19 and rows[0]["class"] == "road"
+    assert rows[0]["IoU.fog"] == pytest.approx(reference["fog"].iou()[0].item())
 
-    with pytest.raises(ValueError, match='unknown condition'):
-        metrics.update(preds[0], gts[0], 'sunny')
-    with pytest.raises(ValueError, match='one condition per image'):
-        metrics.update(np.stack(preds[:2]), np.stack(gts[:2]), ['fog'])
+    with pytest.raises(ValueError, match="unknown condition"):
+        metrics.update(preds[0], gts[0], "sunny")
+    with pytest.raises(ValueError, match="one condition per image"):
+        metrics.update(np.stack(preds[:2]), np.stack(gts[:2]), ["fog"])
 
 
 def test_per_condition_merge():
@@ -182,19 +183,19 @@ def test_per_condition_merge():
     preds, gts = _random_maps(rng, 4, 19)
     a, b, both = PerConditionMetrics(), PerConditionMetrics(), PerConditionMetrics()
     for i, (pred, gt) in enumerate(zip(preds, gts)):
-        (a if i < 2 else b).update(pred, gt, 'rain')
-        both.update(pred, gt, 'rain')
+        (a if i < 2 else b).update(pred, gt, "rain")
+        both.update(pred, gt, "rain")
     a.merge(b)
     assert torch.equal(a.overall().matrix, both.overall().matrix)
-    with pytest.raises(ValueError, match='cannot merge'):
-        a.merge(PerConditionMetrics(conditions=('fog', )))
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(PerConditionMetrics(conditions=("fog",)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu_in_deterministic_mode():
     rng = np.random.default_rng(4)
     preds, gts = _random_maps(rng, 3, 19, shape=(64, 64))
-    cpu, gpu = ConfusionMatrix(), ConfusionMatrix(device='cuda')
+    cpu, gpu = ConfusionMatrix(), ConfusionMatrix(device="cuda")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # bincount without weights is allowed
     try:
@@ -203,6 +204,6 @@ def test_cuda_matches_cpu_in_deterministic_mode():
             gpu.update(torch.from_numpy(pred).cuda(), torch.from_numpy(gt).cuda())
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert gpu.matrix.device.type == 'cuda'
+    assert gpu.matrix.device.type == "cuda"
     assert torch.equal(gpu.matrix.cpu(), cpu.matrix)
     assert gpu.miou() == cpu.miou()

@@ -1,17 +1,31 @@
 """DACS augmentations (ClassMix, jitter, blur, pseudo weights), MIC masks."""
+
 import math
 
 import pytest
 import torch
 
 from uda.config import load_config
-from uda.train.augment import (DACSAugmentation, StrongAugParams,
-                               _jitter_one, blur_kernel_size, color_jitter,
-                               gaussian_blur, get_class_masks, hsv_to_rgb,
-                               one_mix, pseudo_label_and_weight, rgb_to_hsv)
-from uda.train.masking import (MASK_MODES, BlockMaskGenerator,
-                               build_mask_generator, mask_mode_uses_aug,
-                               select_masked_batch)
+from uda.train.augment import (
+    DACSAugmentation,
+    StrongAugParams,
+    _jitter_one,
+    blur_kernel_size,
+    color_jitter,
+    gaussian_blur,
+    get_class_masks,
+    hsv_to_rgb,
+    one_mix,
+    pseudo_label_and_weight,
+    rgb_to_hsv,
+)
+from uda.train.masking import (
+    MASK_MODES,
+    BlockMaskGenerator,
+    build_mask_generator,
+    mask_mode_uses_aug,
+    select_masked_batch,
+)
 
 MEAN = [123.675, 116.28, 103.53]
 STD = [58.395, 57.12, 57.375]
@@ -32,16 +46,14 @@ def normalised(rgb255):
 
 def random_images(batch=2, height=16, width=24, seed=0):
     g = gen(seed)
-    return normalised(torch.randint(0, 256, (batch, 3, height, width),
-                                    generator=g).float())
+    return normalised(torch.randint(0, 256, (batch, 3, height, width), generator=g).float())
 
 
 # ------------------------------------------------------------- ClassMix
 def test_class_masks_pick_half_of_the_classes_per_image():
     # Both images contain the same 6 values (5 classes + ignore): n = 6, so
     # exactly 3 classes are taken per image and whole classes are pasted.
-    label = torch.tensor([0, 1, 2, 3, 4, 255]).repeat_interleave(4).view(
-        1, 1, 4, 6).repeat(2, 1, 1, 1)
+    label = torch.tensor([0, 1, 2, 3, 4, 255]).repeat_interleave(4).view(1, 1, 4, 6).repeat(2, 1, 1, 1)
     label[1] = label[1].flip(-1)
     chosen_255 = 0
     for seed in range(40):
@@ -76,8 +88,7 @@ def test_class_masks_draw_from_the_whole_batch():
 
 def test_class_masks_are_reproducible_with_a_seed():
     label = torch.randint(0, 19, (2, 1, 8, 8), generator=gen(3))
-    assert torch.equal(get_class_masks(label, gen(7)),
-                       get_class_masks(label, gen(7)))
+    assert torch.equal(get_class_masks(label, gen(7)), get_class_masks(label, gen(7)))
 
 
 def test_mix_takes_masked_pixels_from_source():
@@ -133,21 +144,23 @@ def test_step_decisions_follow_mic_probabilities():
 
 
 def test_from_config_and_bad_arguments():
-    aug = DACSAugmentation.from_config(load_config('default'))
+    aug = DACSAugmentation.from_config(load_config("default"))
     assert aug.color_jitter_strength == 0.2
     assert aug.color_jitter_probability == 0.2 and aug.blur
-    with pytest.raises(ValueError, match='mean and std'):
+    with pytest.raises(ValueError, match="mean and std"):
         DACSAugmentation([1, 2], STD)
-    with pytest.raises(ValueError, match='strength'):
+    with pytest.raises(ValueError, match="strength"):
         DACSAugmentation(MEAN, STD, color_jitter_strength=0.7)
-    with pytest.raises(ValueError, match='same shape'):
-        aug.mix(random_images(), torch.zeros(2, 16, 24, dtype=torch.long),
-                random_images(height=8), torch.zeros(2, 16, 24,
-                                                     dtype=torch.long),
-                torch.ones(2, 16, 24))
-    with pytest.raises(ValueError, match='shape'):
-        one_mix(torch.ones(1, 1, 2, 2), torch.ones(1, 3, 2, 2),
-                torch.ones(1, 3, 2, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        aug.mix(
+            random_images(),
+            torch.zeros(2, 16, 24, dtype=torch.long),
+            random_images(height=8),
+            torch.zeros(2, 16, 24, dtype=torch.long),
+            torch.ones(2, 16, 24),
+        )
+    with pytest.raises(ValueError, match="shape"):
+        one_mix(torch.ones(1, 1, 2, 2), torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 3))
 
 
 # -------------------------------------------------------- colour jitter
@@ -155,11 +168,9 @@ def test_hsv_round_trip_and_hue_convention():
     rgb = torch.rand(2, 3, 5, 7, generator=gen(0))
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(rgb)), rgb, atol=1e-5)
     red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
-    assert torch.allclose(rgb_to_hsv(red).flatten(),
-                          torch.tensor([0.0, 1.0, 1.0]), atol=1e-5)
+    assert torch.allclose(rgb_to_hsv(red).flatten(), torch.tensor([0.0, 1.0, 1.0]), atol=1e-5)
     green = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)
-    assert math.isclose(float(rgb_to_hsv(green)[0]), 2 * math.pi / 3,
-                        rel_tol=1e-6)
+    assert math.isclose(float(rgb_to_hsv(green)[0]), 2 * math.pi / 3, rel_tol=1e-6)
 
 
 def test_jitter_steps_have_kornia_semantics():
@@ -169,17 +180,14 @@ def test_jitter_steps_have_kornia_semantics():
     assert torch.allclose(out, torch.full_like(grey, 0.6))
     out = _jitter_one(grey, 0.0, 1.2, 1.0, 0.0, [1])
     assert torch.allclose(out, torch.full_like(grey, 0.6))
-    assert torch.allclose(_jitter_one(grey, 0.0, 2.5, 1.0, 0.0, [1]),
-                          torch.ones_like(grey))
+    assert torch.allclose(_jitter_one(grey, 0.0, 2.5, 1.0, 0.0, [1]), torch.ones_like(grey))
     red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
     # a third of a turn of hue takes red to green
     out = _jitter_one(red, 0.0, 1.0, 1.0, 1 / 3, [3])
-    assert torch.allclose(out.flatten(), torch.tensor([0.0, 1.0, 0.0]),
-                          atol=1e-5)
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
     # saturation 0.5 halves the chroma: (1, 0, 0) -> (1, 0.5, 0.5)
     out = _jitter_one(red, 0.0, 1.0, 0.5, 0.0, [2])
-    assert torch.allclose(out.flatten(), torch.tensor([1.0, 0.5, 0.5]),
-                          atol=1e-5)
+    assert torch.allclose(out.flatten(), torch.tensor([1.0, 0.5, 0.5]), atol=1e-5)
     # the order matters: add then multiply != multiply then add
     a = _jitter_one(grey, 0.1, 1.2, 1.0, 0.0, [0, 1])
     b = _jitter_one(grey, 0.1, 1.2, 1.0, 0.0, [1, 0])
@@ -191,8 +199,7 @@ def test_color_jitter_strength_zero_is_identity_and_bounded_otherwise():
     same = color_jitter(img, MEAN, STD, 0.0, gen(0))
     assert torch.allclose(same, img, atol=1e-4)
     out = color_jitter(img, MEAN, STD, 0.2, gen(0))
-    unit = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(
-        MEAN).view(1, 3, 1, 1)
+    unit = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     assert float(unit.min()) > -1e-3 and float(unit.max()) < 255 + 1e-3
     assert not torch.allclose(out, img, atol=1e-3)
 
@@ -201,8 +208,7 @@ def test_color_jitter_strength_zero_is_identity_and_bounded_otherwise():
 def test_blur_kernel_size_rule():
     # ceil(0.1 * size), made odd by subtracting 1 if even (MIC):
     # 1024 -> 103, 1080 -> 108 -> 107, 100 -> 10 -> 9
-    assert [blur_kernel_size(n) for n in (1024, 1080, 512, 128, 100, 64, 8)] \
-        == [103, 107, 51, 13, 9, 7, 1]
+    assert [blur_kernel_size(n) for n in (1024, 1080, 512, 128, 100, 64, 8)] == [103, 107, 51, 13, 9, 7, 1]
 
 
 def test_gaussian_blur_normalised_symmetric_and_constant_preserving():
@@ -210,13 +216,11 @@ def test_gaussian_blur_normalised_symmetric_and_constant_preserving():
     impulse[..., 10, 10] = 1
     out = gaussian_blur(impulse, 1.0, (7, 7))
     assert math.isclose(float(out.sum()), 1.0, rel_tol=1e-5)
-    assert torch.allclose(out, out.flip(-1)) and torch.allclose(
-        out, out.transpose(-1, -2))
+    assert torch.allclose(out, out.flip(-1)) and torch.allclose(out, out.transpose(-1, -2))
     x = torch.arange(-3, 4, dtype=torch.float64)
-    g = torch.exp(-x**2 / 2)
+    g = torch.exp(-(x**2) / 2)
     g = g / g.sum()
-    assert math.isclose(float(out[0, 0, 10, 10]), float(g[3]**2),
-                        rel_tol=1e-5)
+    assert math.isclose(float(out[0, 0, 10, 10]), float(g[3] ** 2), rel_tol=1e-5)
     const = torch.full((1, 3, 16, 24), 0.7)
     assert torch.allclose(gaussian_blur(const, 1.15), const, atol=1e-6)
 
@@ -226,7 +230,7 @@ def test_pseudo_label_weight_is_fraction_of_confident_pixels():
     logits = torch.zeros(2, 3, 2, 2)
     # image 0: pixels with a confident class 2 (logit 10 -> p ~ 0.9999)
     logits[0, 2, 0, :] = 10  # 2 confident pixels, label 2
-    logits[0, 1, 1, 0] = 1   # unconfident, label 1
+    logits[0, 1, 1, 0] = 1  # unconfident, label 1
     logits[1, 0, 0, 0] = 10  # 1 confident pixel in image 1
     labels, weight = pseudo_label_and_weight(logits, 0.968)
     assert labels.dtype == torch.int64 and labels.shape == (2, 2, 2)
@@ -235,7 +239,7 @@ def test_pseudo_label_weight_is_fraction_of_confident_pixels():
     # MIC: one weight over the whole batch: 3 confident of 8 pixels
     assert weight.shape == (2, 2, 2)
     assert torch.allclose(weight, torch.full((2, 2, 2), 3 / 8))
-    _, per_image = pseudo_label_and_weight(logits, 0.968, 'image')
+    _, per_image = pseudo_label_and_weight(logits, 0.968, "image")
     assert torch.allclose(per_image[0], torch.full((2, 2), 2 / 4))
     assert torch.allclose(per_image[1], torch.full((2, 2), 1 / 4))
     # softmax of 10 against two zeros is 0.99991: above 0.9999, below 0.99992
@@ -243,8 +247,8 @@ def test_pseudo_label_weight_is_fraction_of_confident_pixels():
     assert float(w[0, 0, 0]) == 3 / 8
     _, w = pseudo_label_and_weight(logits, 0.99992)
     assert float(w[0, 0, 0]) == 0
-    with pytest.raises(ValueError, match='reduction'):
-        pseudo_label_and_weight(logits, 0.9, 'pixel')
+    with pytest.raises(ValueError, match="reduction"):
+        pseudo_label_and_weight(logits, 0.9, "pixel")
 
 
 # -------------------------------------------------------------- masking
@@ -277,18 +281,18 @@ def test_block_mask_grid_rounds_like_mic():
 
 
 def test_build_mask_generator_from_presets_and_errors():
-    cfg = load_config('default')
-    masker = build_mask_generator(cfg['uda']['mask_generator'])
+    cfg = load_config("default")
+    masker = build_mask_generator(cfg["uda"]["mask_generator"])
     assert (masker.mask_ratio, masker.mask_block_size) == (0.7, 8)
-    full_cfg = load_config('cs2acdc')['uda']['mask_generator']
+    full_cfg = load_config("cs2acdc")["uda"]["mask_generator"]
     full = build_mask_generator(full_cfg)
     assert full.mask_block_size == 64
     assert build_mask_generator(None) is None
-    with pytest.raises(ValueError, match='block'):
-        build_mask_generator({'type': 'random'})
-    with pytest.raises(ValueError, match='mask_ratio'):
+    with pytest.raises(ValueError, match="block"):
+        build_mask_generator({"type": "random"})
+    with pytest.raises(ValueError, match="mask_ratio"):
         BlockMaskGenerator(1.0, 8)
-    with pytest.raises(ValueError, match='mask_block_size'):
+    with pytest.raises(ValueError, match="mask_block_size"):
         BlockMaskGenerator(0.5, 0)
 
 
@@ -297,20 +301,16 @@ def test_masked_batch_selection_per_mode():
     src_lbl = torch.randint(0, 6, (2, 1, 16, 24), generator=gen(4))
     plabel = torch.randint(0, 19, (2, 16, 24), generator=gen(5))
     pweight = torch.full((2, 16, 24), 0.4)
-    img, lbl, w = select_masked_batch('separate', src, src_lbl, trg, plabel,
-                                      pweight)
+    img, lbl, w = select_masked_batch("separate", src, src_lbl, trg, plabel, pweight)
     # first source image (weight 1) + first target image (pseudo weight)
     assert torch.equal(img, torch.stack([src[0], trg[0]]))
     assert torch.equal(lbl, torch.stack([src_lbl[0], plabel[0][None]]))
     assert torch.equal(w, torch.stack([torch.ones(16, 24), pweight[0]]))
-    img, lbl, w = select_masked_batch('separatetrgaug', src, src_lbl, trg,
-                                      plabel, pweight)
+    img, lbl, w = select_masked_batch("separatetrgaug", src, src_lbl, trg, plabel, pweight)
     assert torch.equal(img, trg) and torch.equal(lbl, plabel[:, None])
     assert torch.equal(w, pweight)
-    img, lbl, w = select_masked_batch('separatesrc', src, src_lbl[:, 0], trg,
-                                      plabel, pweight)
+    img, lbl, w = select_masked_batch("separatesrc", src, src_lbl[:, 0], trg, plabel, pweight)
     assert torch.equal(img, src) and torch.equal(lbl, src_lbl) and w is None
-    assert [mask_mode_uses_aug(m) for m in MASK_MODES] == [
-        False, False, False, True, True, True]
-    with pytest.raises(ValueError, match='mask_mode'):
-        select_masked_batch('masked', src, src_lbl, trg, plabel, pweight)
+    assert [mask_mode_uses_aug(m) for m in MASK_MODES] == [False, False, False, True, True, True]
+    with pytest.raises(ValueError, match="mask_mode"):
+        select_masked_batch("masked", src, src_lbl, trg, plabel, pweight)

@@ -1,4 +1,5 @@
 """EMA teacher (MIC update rule, modes) and frozen distillation teacher."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,8 +11,8 @@ from uda.train.teacher import EMATeacher, FrozenTeacher, ema_alpha
 
 
 def tiny_model_cfg():
-    cfg = load_config('default')['teacher']['model']
-    cfg['drop_path_rate'] = 0.1  # stochastic depth must be off for labels
+    cfg = load_config("default")["teacher"]["model"]
+    cfg["drop_path_rate"] = 0.1  # stochastic depth must be off for labels
     return cfg
 
 
@@ -22,8 +23,7 @@ def student():
 
 
 def target_batch(seed=0):
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(
-        seed))
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def perturb(model, seed):
@@ -50,8 +50,7 @@ def test_ema_update_matches_hand_computation(student):
     perturb(student, 1)
     assert teacher.update(student, 0) == 0.0  # iteration 0: plain copy
     for name, value in params(student).items():
-        assert torch.equal(dict(teacher.model.named_parameters())[name],
-                           value)
+        assert torch.equal(dict(teacher.model.named_parameters())[name], value)
     expected = params(teacher.model)
     for it in (1, 2, 3):
         perturb(student, 10 + it)
@@ -61,16 +60,17 @@ def test_ema_update_matches_hand_computation(student):
         for name in expected:
             expected[name] = alpha * expected[name] + (1 - alpha) * now[name]
             assert torch.allclose(
-                dict(teacher.model.named_parameters())[name], expected[name],
-                rtol=1e-6, atol=1e-7), name
+                dict(teacher.model.named_parameters())[name], expected[name], rtol=1e-6, atol=1e-7
+            ), name
     # with a small bound the bound wins immediately
     slow = EMATeacher(student, alpha=0.25)
     before = params(slow.model)
     perturb(student, 99)
     slow.update(student, 5)
     for name, value in params(student).items():
-        assert torch.allclose(dict(slow.model.named_parameters())[name],
-                              0.25 * before[name] + 0.75 * value, atol=1e-7)
+        assert torch.allclose(
+            dict(slow.model.named_parameters())[name], 0.25 * before[name] + 0.75 * value, atol=1e-7
+        )
 
 
 def test_ema_teacher_is_frozen_and_independent(student):
@@ -92,11 +92,9 @@ def test_ema_teacher_mic_modes(student):
     img = target_batch(1)
     first = teacher(img)
     assert torch.equal(first, teacher(img))  # no dropout / drop path
-    drops = [m for m in teacher.model.modules()
-             if type(m).__name__ in ('DropPath', 'Dropout2d')]
+    drops = [m for m in teacher.model.modules() if type(m).__name__ in ("DropPath", "Dropout2d")]
     assert drops and not any(m.training for m in drops)
-    bns = [m for m in teacher.model.modules()
-           if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in teacher.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.training for m in bns)
     tracked = int(bns[0].num_batches_tracked)
     assert tracked > 0  # the teacher updated its own running statistics
@@ -104,8 +102,7 @@ def test_ema_teacher_mic_modes(student):
     other = torch.cat([img[:1], target_batch(2)[:1]])
     assert not torch.allclose(teacher(other)[0], first[0], atol=1e-5)
     with torch.no_grad():
-        bns_student = [m for m in student.modules()
-                       if isinstance(m, nn.BatchNorm2d)]
+        bns_student = [m for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
         bns_student[0].running_mean.fill_(3.0)
     teacher.update(student, 1)
     assert not torch.equal(bns[0].running_mean, bns_student[0].running_mean)
@@ -118,23 +115,21 @@ def test_ema_teacher_eval_variant_copies_buffers(student):
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.fill_(0.5)
     teacher.update(student, 3)
-    for (name, a), (_, b) in zip(teacher.model.named_buffers(),
-                                 student.named_buffers()):
+    for (name, a), (_, b) in zip(teacher.model.named_buffers(), student.named_buffers()):
         assert torch.equal(a, b), name
     before = [b.clone() for b in teacher.model.buffers()]
     img = target_batch(3)
     teacher(img)
-    assert all(torch.equal(a, b)
-               for a, b in zip(before, teacher.model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.model.buffers()))
     assert not any(m.training for m in teacher.model.modules())
 
 
 def test_ema_teacher_rejects_a_different_student(student):
     teacher = EMATeacher(student)
-    other = build_segmentor(load_config('default')['student']['model'])
-    with pytest.raises(ValueError, match='does not match'):
+    other = build_segmentor(load_config("default")["student"]["model"])
+    with pytest.raises(ValueError, match="does not match"):
         teacher.update(other, 1)
-    with pytest.raises(ValueError, match='generate_pseudo_label'):
+    with pytest.raises(ValueError, match="generate_pseudo_label"):
         EMATeacher(nn.Linear(2, 2))
 
 
@@ -151,8 +146,7 @@ def test_frozen_teacher_stays_in_eval_without_grads():
     labels, weight = teacher.pseudo_label(img)
     # the teacher's own eval-mode prediction, unchanged BN statistics
     with torch.no_grad():
-        ref_labels, ref_weight = pseudo_label_and_weight(
-            model.generate_pseudo_label(img), 0.5)
+        ref_labels, ref_weight = pseudo_label_and_weight(model.generate_pseudo_label(img), 0.5)
     assert torch.equal(labels, ref_labels) and torch.equal(weight, ref_weight)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     # single-image predictions do not depend on the batch (running stats)

@@ -28,6 +28,7 @@ The store (``--store``, default ``runs/method-benchmark``) keeps every run:
 ``mlflow ui --backend-store-uri sqlite:///runs/method-benchmark/mlflow.db``.
 A second call on the same store reuses the finished steps (main's reuse).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,26 @@ START, END = "<!-- method-benchmark:start -->", "<!-- method-benchmark:end -->"
 #: Rows of the table: label → (where its target-val figures are read).
 ROWS = ("source-only", "MIC teacher", "distilled student", "uniform soup", "3:3:4 soup", "Optuna soup")
 #: Goals of the embedded default (mIoU points).
-GOAL_ADAPTATION = 5.0      # teacher − source-only, and larger than 2 std
-GOAL_DISTILLATION = -2.0   # student − teacher
-GOAL_SOUP = -0.5           # Optuna soup − best ingredient, report split
-GOAL_TEACHER = 25.0        # teacher target-val mIoU
+GOAL_ADAPTATION = 5.0  # teacher − source-only, and larger than 2 std
+GOAL_DISTILLATION = -2.0  # student − teacher
+GOAL_SOUP = -0.5  # Optuna soup − best ingredient, report split
+GOAL_TEACHER = 25.0  # teacher target-val mIoU
 
 
 def _mlflow_run(store_uri: str, entry_point: str, params: dict[str, str]) -> None:
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local",
-           "--experiment-name", EXPERIMENT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        entry_point,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        EXPERIMENT,
+    ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri}
@@ -90,8 +102,9 @@ def _children(client: Any, experiment_id: str, parent: str) -> dict[str, Any]:
 
 
 def _newest(client: Any, experiment_id: str, filter_string: str) -> Any:
-    runs = client.search_runs([experiment_id], filter_string, order_by=["attributes.start_time DESC"],
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not runs:
         raise SystemExit(f"error: no run matches {filter_string!r} in the benchmark store.")
     return runs[0]
@@ -105,10 +118,15 @@ def run_seed(store_uri: str, seed: int, cfg_options: str) -> dict[str, Any]:
     _mlflow_run(store_uri, "main", base)
     client = mlflow.MlflowClient(store_uri)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    main = _newest(client, experiment_id, f"tags.entry_point = 'main' and params.seed = '{seed}' "
-                                          "and attributes.status = 'FINISHED'")
-    steps = {label: tag.split(" ")[0] for label, tag in
-             ((k[len("step."):], v) for k, v in main.data.tags.items() if k.startswith("step."))}
+    main = _newest(
+        client,
+        experiment_id,
+        f"tags.entry_point = 'main' and params.seed = '{seed}' and attributes.status = 'FINISHED'",
+    )
+    steps = {
+        label: tag.split(" ")[0]
+        for label, tag in ((k[len("step.") :], v) for k, v in main.data.tags.items() if k.startswith("step."))
+    }
     optuna_soup = client.get_run(steps["soup"])
     aliases = optuna_soup.data.params["aliases"]
     figures: dict[str, Any] = {"val": {}, "report": {}, "seed": seed, "main_run": main.info.run_id}
@@ -117,8 +135,11 @@ def run_seed(store_uri: str, seed: int, cfg_options: str) -> dict[str, Any]:
     figures["val"]["distilled student"] = _val(client, steps["distill"], "val.")
     figures["val"]["Optuna soup"] = _val(client, steps["evaluate"], "")
 
-    report = {k[len("report.mIoU."):]: 100 * v for k, v in optuna_soup.data.metrics.items()
-              if k.startswith("report.mIoU.") and "." not in k[len("report.mIoU."):]}
+    report = {
+        k[len("report.mIoU.") :]: 100 * v
+        for k, v in optuna_soup.data.metrics.items()
+        if k.startswith("report.mIoU.") and "." not in k[len("report.mIoU.") :]
+    }
     figures["report"]["Optuna soup"] = report["soup"]
     figures["report"]["uniform soup"] = report.get("uniform", math.nan)
     ingredients = {k: v for k, v in report.items() if k not in ("soup", "uniform", "serving")}
@@ -127,15 +148,23 @@ def run_seed(store_uri: str, seed: int, cfg_options: str) -> dict[str, Any]:
 
     for label, params in (("uniform soup", {"method": "uniform"}), ("3:3:4 soup", {"weights": "3,3,4"})):
         _mlflow_run(store_uri, "soup", {**base, "aliases": aliases, "promote": "false", **params})
-        soup_run = _newest(client, experiment_id, f"tags.entry_point = 'soup' and params.seed = '{seed}' "
-                                                  "and params.promote = 'false' and "
-                                                  f"params.{'method' if 'method' in params else 'weights'}"
-                                                  f" = '{next(iter(params.values()))}'")
+        soup_run = _newest(
+            client,
+            experiment_id,
+            f"tags.entry_point = 'soup' and params.seed = '{seed}' "
+            "and params.promote = 'false' and "
+            f"params.{'method' if 'method' in params else 'weights'}"
+            f" = '{next(iter(params.values()))}'",
+        )
         version = soup_run.data.tags["soup.version"]
-        _mlflow_run(store_uri, "evaluate", {"cfg_options": cfg_options,
-                                            "model": f"models:/cs2acdc-student/{version}"})
-        evaluation = _newest(client, experiment_id, "tags.entry_point = 'evaluate' and "
-                                                    f"params.model = 'models:/cs2acdc-student/{version}'")
+        _mlflow_run(
+            store_uri, "evaluate", {"cfg_options": cfg_options, "model": f"models:/cs2acdc-student/{version}"}
+        )
+        evaluation = _newest(
+            client,
+            experiment_id,
+            f"tags.entry_point = 'evaluate' and params.model = 'models:/cs2acdc-student/{version}'",
+        )
         figures["val"][label] = _val(client, evaluation.info.run_id, "")
         if label == "3:3:4 soup":
             figures["report"][label] = 100 * soup_run.data.metrics["report.mIoU.soup"]
@@ -158,22 +187,38 @@ def tables(results: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """The Markdown section and the records logged as an MLflow table."""
     seeds = ", ".join(str(r["seed"]) for r in results)
     columns = ["all", *ACDC_CONDITIONS]
-    lines = [f"Target val mIoU (%), mean ± std over seeds {seeds}:", "",
-             "| model | target val | " + " | ".join(ACDC_CONDITIONS) + " |",
-             "|---|---:|" + "---:|" * len(ACDC_CONDITIONS)]
+    lines = [
+        f"Target val mIoU (%), mean ± std over seeds {seeds}:",
+        "",
+        "| model | target val | " + " | ".join(ACDC_CONDITIONS) + " |",
+        "|---|---:|" + "---:|" * len(ACDC_CONDITIONS),
+    ]
     records = []
     for row in ROWS:
         cells = [_cell([r["val"][row][c] for r in results]) for c in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
         for r in results:
-            records.append({"seed": r["seed"], "model": row, "split": "val",
-                            **{f"mIoU {c}": r["val"][row][c] for c in columns}})
-    lines += ["", "Report split (target-val images that did not tune the Optuna weights), mIoU (%):", "",
-              "| seed | best ingredient | Optuna soup | uniform soup | 3:3:4 soup |", "|---|---|---:|---:|---:|"]
+            records.append(
+                {
+                    "seed": r["seed"],
+                    "model": row,
+                    "split": "val",
+                    **{f"mIoU {c}": r["val"][row][c] for c in columns},
+                }
+            )
+    lines += [
+        "",
+        "Report split (target-val images that did not tune the Optuna weights), mIoU (%):",
+        "",
+        "| seed | best ingredient | Optuna soup | uniform soup | 3:3:4 soup |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in results:
         rep = r["report"]
-        lines.append(f"| {r['seed']} | {r['best_ingredient']} {rep['best ingredient']:.2f} | "
-                     f"{rep['Optuna soup']:.2f} | {rep['uniform soup']:.2f} | {rep['3:3:4 soup']:.2f} |")
+        lines.append(
+            f"| {r['seed']} | {r['best_ingredient']} {rep['best ingredient']:.2f} | "
+            f"{rep['Optuna soup']:.2f} | {rep['uniform soup']:.2f} | {rep['3:3:4 soup']:.2f} |"
+        )
         for name in ("best ingredient", "Optuna soup", "uniform soup", "3:3:4 soup"):
             records.append({"seed": r["seed"], "model": name, "split": "report", "mIoU all": rep[name]})
     lines += ["", *goal_lines(results)]
@@ -196,7 +241,8 @@ def goal_lines(results: list[dict[str, Any]]) -> list[str]:
         return "met" if ok else "**not met**"
 
     return [
-        "| goal | measured | |", "|---|---|---|",
+        "| goal | measured | |",
+        "|---|---|---|",
         f"| teacher − source-only ≥ +{GOAL_ADAPTATION:.0f} points and > 2 std | {gap:+.1f} "
         f"(2 std = {spread:.1f}; per seed {', '.join(f'{v:+.1f}' for v in adaptation)}) | "
         f"{verdict(gap >= GOAL_ADAPTATION and gap > spread)} |",
@@ -219,7 +265,9 @@ def write_docs(section: str, path: Path = DOCS) -> None:
     path.write_text(f"{head}{START}\n{section}{END}{tail}")
 
 
-def log_benchmark(store_uri: str, section: str, records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def log_benchmark(
+    store_uri: str, section: str, records: list[dict[str, Any]], args: argparse.Namespace
+) -> str:
     import mlflow
     import pandas as pd
 
@@ -239,10 +287,15 @@ def log_benchmark(store_uri: str, section: str, records: list[dict[str, Any]], a
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--store", default=str(ROOT / "runs" / "method-benchmark"),
-                        help="folder of the benchmark's tracking store (kept, reused)")
+    parser.add_argument(
+        "--store",
+        default=str(ROOT / "runs" / "method-benchmark"),
+        help="folder of the benchmark's tracking store (kept, reused)",
+    )
     parser.add_argument("--cfg-options", default="", help="overrides passed to every step")
     parser.add_argument("--write-docs", action="store_true", help=f"replace the section in {DOCS.name}")
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ Usage:
     # an over-budget one (16 images of 2048x2048):
     python tools/serving_latency.py --clients 1 --requests 1 --images 16 --height 2048 --width 2048 --expect-status 413 --pid $!
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -98,18 +98,31 @@ class TreeRss:
         self.peak = max(self.peak, self.now())
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:5001/invocations")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--requests", type=int, default=None, help="stop after this many requests in all (default: run --seconds)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="stop after this many requests in all (default: run --seconds)",
+    )
     parser.add_argument("--height", type=int, default=144)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--images", type=int, default=1, help="images per request")
-    parser.add_argument("--noise", action="store_true", help="random pixels: an incompressible PNG (the largest body)")
-    parser.add_argument("--expect-status", type=int, default=200, help="the HTTP status that counts as success")
-    parser.add_argument("--pid", type=int, default=None, help="the server's process id: report its tree's idle and peak RSS")
+    parser.add_argument(
+        "--noise", action="store_true", help="random pixels: an incompressible PNG (the largest body)"
+    )
+    parser.add_argument(
+        "--expect-status", type=int, default=200, help="the HTTP status that counts as success"
+    )
+    parser.add_argument(
+        "--pid", type=int, default=None, help="the server's process id: report its tree's idle and peak RSS"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="client-side timeout per request (s)")
     args = parser.parse_args(argv)
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -139,7 +152,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             start = time.perf_counter()
             status, text = 0, ""
             try:
-                req = urllib.request.Request(args.url, data=body, headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    args.url, data=body, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=args.timeout) as response:
                     status, text = response.status, response.read().decode()
             except urllib.error.HTTPError as err:
@@ -179,20 +194,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rss:
         rss.stop()
     kind = "random-pixel" if args.noise else "street-like"
-    print(f"{args.clients} clients, {wall:.1f} s, {args.images} x {args.height}x{args.width} {kind} PNG per request "
-          f"({len(body):,} bytes)")
+    print(
+        f"{args.clients} clients, {wall:.1f} s, {args.images} x {args.height}x{args.width} {kind} PNG per request "
+        f"({len(body):,} bytes)"
+    )
     if rss:
-        print(f"server RSS (process tree): idle {rss.idle / 2**30:.2f} GiB, peak {rss.peak / 2**30:.2f} GiB "
-              f"(+{(rss.peak - rss.idle) / 2**20:.0f} MiB)")
+        print(
+            f"server RSS (process tree): idle {rss.idle / 2**30:.2f} GiB, peak {rss.peak / 2**30:.2f} GiB "
+            f"(+{(rss.peak - rss.idle) / 2**20:.0f} MiB)"
+        )
     if not latencies:
         print(f"no successful request; errors: {errors[:3]}")
         return 1
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    print(f"requests ok (HTTP {args.expect_status}) {len(latencies)}, errors {len(errors)}, "
-          f"throughput {len(latencies) / wall:.1f} req/s")
-    print(f"latency median {statistics.median(ordered) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
-          f"max {ordered[-1] * 1000:.0f} ms")
+    print(
+        f"requests ok (HTTP {args.expect_status}) {len(latencies)}, errors {len(errors)}, "
+        f"throughput {len(latencies) / wall:.1f} req/s"
+    )
+    print(
+        f"latency median {statistics.median(ordered) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+        f"max {ordered[-1] * 1000:.0f} ms"
+    )
     if messages:
         print(f"message: {messages[0][-600:]}")
     if errors:

@@ -4,6 +4,7 @@ Each script builds an ``argparse`` parser from these pieces, then calls
 ``run_cli(main)``: a ``UserError`` becomes one ``error: …`` line and exit
 status 2, an interruption exit status 130; a bug keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,23 @@ log = logging.getLogger("uda")
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--preset`` and ``--cfg-options`` (mmsegmentation's name for overrides)."""
-    parser.add_argument("--preset", default="default",
-                        help="preset name in uda/configs (default, cs2acdc) or a YAML path")
-    parser.add_argument("--cfg-options", default="",
-                        help="space-separated key.sub=value overrides of the preset")
+    parser.add_argument(
+        "--preset", default="default", help="preset name in uda/configs (default, cs2acdc) or a YAML path"
+    )
+    parser.add_argument(
+        "--cfg-options", default="", help="space-separated key.sub=value overrides of the preset"
+    )
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``: where the compute runs."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
-    parser.add_argument("--threads", default="auto",
-                        help="CPU threads: auto (the cores shared among the cs2acdc jobs "
-                             "running on this machine) or a number")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="CPU threads: auto (the cores shared among the cs2acdc jobs "
+        "running on this machine) or a number",
+    )
 
 
 def optional_int(name: str, text: str, minimum: int | None = None) -> int | None:
@@ -111,8 +117,10 @@ def start_compute(args: argparse.Namespace) -> str:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run an entry point's ``main`` and turn predictable failures into clean exits."""
-    logging.basicConfig(level=os.environ.get("UDA_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("UDA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Quieter MLflow/alembic start-up chatter; warnings and errors still show.
     for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.system_metrics"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -148,14 +156,19 @@ def _sqlite_is_locked(err: BaseException) -> bool:
 def sqlite_locked_message() -> str:
     """What to do when an SQLite database held another writer for too long."""
     store = os.environ.get("MLFLOW_TRACKING_URI", "")
-    which = (f"the SQLite store {store}" if store.startswith("sqlite") else
-             "an SQLite database (MLflow's store or the soup's Optuna file)")
-    return (f"{which} is locked: another process kept writing to it for longer than SQLite "
-            "waits (5 to 20 s). SQLite takes one writer at a time, so several jobs writing at "
-            "once can fail like this. For parallel jobs or a team, run a tracking server on "
-            "PostgreSQL (README, \"Scaling out\"; to try it: python tools/team_services.py "
-            "start --dir DIR) and set MLFLOW_TRACKING_URI to it. Run the same command again: "
-            "a training resumes from its last checkpoint.")
+    which = (
+        f"the SQLite store {store}"
+        if store.startswith("sqlite")
+        else "an SQLite database (MLflow's store or the soup's Optuna file)"
+    )
+    return (
+        f"{which} is locked: another process kept writing to it for longer than SQLite "
+        "waits (5 to 20 s). SQLite takes one writer at a time, so several jobs writing at "
+        "once can fail like this. For parallel jobs or a team, run a tracking server on "
+        'PostgreSQL (README, "Scaling out"; to try it: python tools/team_services.py '
+        "start --dir DIR) and set MLFLOW_TRACKING_URI to it. Run the same command again: "
+        "a training resumes from its last checkpoint."
+    )
 
 
 def add_training_args(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -208,8 +221,9 @@ def check_pretrained(cfg: dict[str, Any], roles: Sequence[str]) -> None:
         resolve_pretrained(model.get("pretrained"), str(model.get("backbone")), f"{role}.model.pretrained")
 
 
-def check_training_args(args: argparse.Namespace, entry_point: str,
-                        cfg: dict[str, Any] | None = None) -> str | None:
+def check_training_args(
+    args: argparse.Namespace, entry_point: str, cfg: dict[str, Any] | None = None
+) -> str | None:
     """Every ``teacher`` / ``distill`` parameter that can only fail later,
     checked now: a bad ``model_name`` would otherwise fail at the first
     checkpoint, after training; a teacher that does not exist, or a
@@ -236,11 +250,15 @@ def check_training_args(args: argparse.Namespace, entry_point: str,
         try:
             teacher = check_model_uri(args.teacher, "teacher")
         except UnknownModelError as err:
-            raise UnknownModelError(f"{err} Train or import a teacher first (mlflow run . -e teacher), "
-                                    "or pass -P teacher=… (a model URI or a MIC checkpoint file).") from None
+            raise UnknownModelError(
+                f"{err} Train or import a teacher first (mlflow run . -e teacher), "
+                "or pass -P teacher=… (a model URI or a MIC checkpoint file)."
+            ) from None
         if teacher.kind == "folder":  # the runner loads files and URIs only
-            raise RegistryError(f"teacher {args.teacher!r} is a logged model folder; pass its checkpoint "
-                                f"file ({teacher.uri}/{teacher.checkpoint}) or a models:/ or runs:/ URI.")
+            raise RegistryError(
+                f"teacher {args.teacher!r} is a logged model folder; pass its checkpoint "
+                f"file ({teacher.uri}/{teacher.checkpoint}) or a models:/ or runs:/ URI."
+            )
     if checkpoint:
         from uda.models.checkpoint_files import CheckpointError, check_checkpoint_file
         from uda.registry import ModelNotFoundError
@@ -257,8 +275,11 @@ def check_training_args(args: argparse.Namespace, entry_point: str,
 def training_config(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved preset of a training entry point: its parameters, then ``cfg_options``."""
     return resolve_config(
-        args.preset, args.cfg_options,
-        data__source__root=args.source_root, data__target__root=args.target_root,
+        args.preset,
+        args.cfg_options,
+        data__source__root=args.source_root,
+        data__target__root=args.target_root,
         seed=optional_int("seed", args.seed),
         runner__max_iters=optional_int("iterations", args.iterations, minimum=1),
-        checkpoint_config__interval=optional_int("checkpoint_interval", args.checkpoint_interval, minimum=1))
+        checkpoint_config__interval=optional_int("checkpoint_interval", args.checkpoint_interval, minimum=1),
+    )

@@ -17,6 +17,7 @@ Example:
     >>> cfg["runner"]["max_iters"]
     10
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,8 @@ def resolve_preset_path(preset: str | Path) -> Path:
     if not candidate.is_file():
         raise ConfigError(
             f"Unknown preset {str(preset)!r}. Available presets: {', '.join(list_presets())}; "
-            "or pass the path of a YAML file.")
+            "or pass the path of a YAML file."
+        )
     return candidate
 
 
@@ -92,7 +94,8 @@ def _check_type(key: str, base_value: Any, new_value: Any) -> None:
         ok = isinstance(new_value, type(base_value))
     if not ok:
         raise ConfigError(
-            f"{key} expects a {_type_name(base_value)} (like {base_value!r}), got {new_value!r}.")
+            f"{key} expects a {_type_name(base_value)} (like {base_value!r}), got {new_value!r}."
+        )
 
 
 def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
@@ -130,7 +133,8 @@ def _resolve_base(base: Any, path: Path) -> Path:
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(
             f"{path}: {BASE_KEY} must be a string naming one base file (a preset name or a YAML "
-            f"path), got {base!r}; only one base file is supported.")
+            f"path), got {base!r}; only one base file is supported."
+        )
     try:
         given = Path(base.strip()).expanduser()
     except RuntimeError:  # "~" with no home directory
@@ -155,7 +159,8 @@ def _resolve_base(base: Any, path: Path) -> Path:
     looked = ", ".join(str(c) for c in (*local, *builtin))
     raise ConfigError(
         f"{path} has {BASE_KEY}: {base}, which was not found. Looked for: {looked}. "
-        f"Built-in presets: {', '.join(list_presets())}.")
+        f"Built-in presets: {', '.join(list_presets())}."
+    )
 
 
 def _load_preset_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -198,8 +203,9 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | str | None) -
             try:
                 overrides = shlex.split(overrides)
             except ValueError as err:  # an unclosed quote
-                raise ConfigError(f"Overrides {overrides!r}: {err}; quote a value with spaces "
-                                  "whole, e.g. c='[1, 2]'.") from None
+                raise ConfigError(
+                    f"Overrides {overrides!r}: {err}; quote a value with spaces whole, e.g. c='[1, 2]'."
+                ) from None
         items = []
         for text in overrides:
             if not text.strip():
@@ -226,8 +232,9 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any] | str | None) -
     return nested
 
 
-def load_config(preset: str | Path = "default",
-                overrides: Iterable[str] | Mapping[str, Any] | str | None = None) -> dict[str, Any]:
+def load_config(
+    preset: str | Path = "default", overrides: Iterable[str] | Mapping[str, Any] | str | None = None
+) -> dict[str, Any]:
     """Load a preset, apply overrides, and return the resolved config as a plain dict.
 
     Args:

@@ -19,6 +19,7 @@ explicit ``OMP_NUM_THREADS`` (``torchrun`` sets it for every rank) or
 ``threads=N`` fixes the number instead; such a process still counts as a job
 for the others.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,7 +29,6 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 #: How often :func:`rebalance` looks at the other jobs.
 REBALANCE_EVERY_S = 5.0
@@ -43,33 +43,33 @@ class _Share:
     folder: Path
     slot: Path
     cores: int
-    fixed: Optional[int]
+    fixed: int | None
     threads: int
     checked_at: float
 
 
-_share: Optional[_Share] = None
+_share: _Share | None = None
 
 
-def parse_threads(text: Optional[str]) -> Optional[int]:
+def parse_threads(text: str | None) -> int | None:
     """``None`` for ``auto`` (or empty), else the positive integer given.
 
     Raises:
         ThreadsError: anything else.
     """
-    value = str(text if text is not None else '').strip().lower()
-    if value in ('', 'auto'):
+    value = str(text if text is not None else "").strip().lower()
+    if value in ("", "auto"):
         return None
     if value.isdigit() and int(value) >= 1:
         return int(value)
-    raise ThreadsError(f'threads must be auto or a positive integer, got {text!r}.')
+    raise ThreadsError(f"threads must be auto or a positive integer, got {text!r}.")
 
 
-def _start_time(pid: int) -> Optional[str]:
+def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot), which tells a live
     process from a later one that reuses its pid; None when it is gone."""
     try:
-        stat = Path(f'/proc/{pid}/stat').read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         try:
             os.kill(pid, 0)
@@ -77,29 +77,29 @@ def _start_time(pid: int) -> Optional[str]:
             return None
         except PermissionError:
             pass
-        return '?'
-    return stat.rsplit(')', 1)[1].split()[19]
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _host() -> str:
     """This machine's name, safe in a file name; a boot id tells apart two
     containers or reboots that share a name."""
     try:
-        boot = Path('/proc/sys/kernel/random/boot_id').read_text().strip()[:8]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
     except OSError:
-        boot = ''
-    name = ''.join(c if c.isalnum() or c in '-_' else '_' for c in socket.gethostname())
-    return f'{name}-{boot}' if boot else name
+        boot = ""
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+    return f"{name}-{boot}" if boot else name
 
 
 def _live_jobs(folder: Path) -> int:
     """Counts this host's live registered processes; removes the files of
     its dead ones (never another host's)."""
     count = 0
-    for slot in folder.glob(f'{_host()}-*.json'):
+    for slot in folder.glob(f"{_host()}-*.json"):
         try:
             record = json.loads(slot.read_text())
-            alive = _start_time(int(record['pid'])) in (record['start'], '?')
+            alive = _start_time(int(record["pid"])) in (record["start"], "?")
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written or removed right now
         if alive:
@@ -112,11 +112,10 @@ def _live_jobs(folder: Path) -> int:
 def _default_folder() -> Path:
     from uda.data.paths import cache_dir
 
-    return cache_dir() / 'cpu-jobs'
+    return cache_dir() / "cpu-jobs"
 
 
-def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None,
-              device: str = 'cpu') -> int:
+def configure(setting: str | None = "auto", folder: Path | None = None, device: str = "cpu") -> int:
     """Registers this process as a job and sets torch's thread count.
 
     Args:
@@ -135,27 +134,25 @@ def configure(setting: Optional[str] = 'auto', folder: Optional[Path] = None,
     import torch
 
     fixed = parse_threads(setting)
-    if not str(device).startswith('cpu'):
+    if not str(device).startswith("cpu"):
         if fixed is not None:
             torch.set_num_threads(fixed)
         return torch.get_num_threads()
-    env = os.environ.get('OMP_NUM_THREADS', '').strip()
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if fixed is None and env.isdigit() and int(env) >= 1:
         fixed = int(env)
     folder = Path(folder) if folder is not None else _default_folder()
     cores = _share.cores if _share is not None else max(1, torch.get_num_threads())
     if _share is None:
         folder.mkdir(parents=True, exist_ok=True)
-        slot = folder / f'{_host()}-{os.getpid()}.json'
-        temporary = slot.with_suffix('.tmp')
-        temporary.write_text(json.dumps({'pid': os.getpid(),
-                                         'start': _start_time(os.getpid())}))
+        slot = folder / f"{_host()}-{os.getpid()}.json"
+        temporary = slot.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid())}))
         os.replace(temporary, slot)  # others never read half a file
         atexit.register(slot.unlink, missing_ok=True)
     else:
         slot = _share.slot
-    _share = _Share(folder=folder, slot=slot, cores=cores, fixed=fixed, threads=0,
-                    checked_at=0.0)
+    _share = _Share(folder=folder, slot=slot, cores=cores, fixed=fixed, threads=0, checked_at=0.0)
     threads = _apply(announce=True)
     return threads
 
@@ -172,10 +169,13 @@ def _apply(announce: bool) -> int:
         torch.set_num_threads(threads)  # also when other code changed it behind our back
     if threads != share.threads:
         if announce or share.threads:
-            why = ('fixed' if share.fixed else
-                   f'{jobs} cs2acdc job{"s" if jobs > 1 else ""} on {share.cores} cores')
-            before = f'{share.threads} → ' if share.threads else ''
-            print(f'CPU threads: {before}{threads} ({why}; threads=N fixes it).', flush=True)
+            why = (
+                "fixed"
+                if share.fixed
+                else f"{jobs} cs2acdc job{'s' if jobs > 1 else ''} on {share.cores} cores"
+            )
+            before = f"{share.threads} → " if share.threads else ""
+            print(f"CPU threads: {before}{threads} ({why}; threads=N fixes it).", flush=True)
         share.threads = threads
     return threads
 

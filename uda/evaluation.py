@@ -24,6 +24,7 @@ mlflow only inside the ``log_*`` functions, so it is usable without MLflow::
     result = evaluate(model, build_dataset('data/acdc', 'val'), device='cuda')
     print(result.table.miou, result.table.per_condition_miou)
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,22 +55,38 @@ from uda.models.hrda import bounded_slide
 from uda.precision import PRECISIONS, autocast
 
 __all__ = [
-    'SPLITS', 'MODES', 'PRECISIONS', 'EvaluationError', 'PredictedImage', 'EvaluationResult',
-    'SubmissionResult', 'check_split', 'check_mode', 'build_dataset',
-    'load_model', 'logits_to_labels', 'predict_dataset', 'evaluate',
-    'submission_filename', 'save_label_png', 'write_submission',
-    'confusion_matrix_figure', 'per_class_iou_figure', 'format_table',
-    'log_evaluation', 'log_submission'
+    "SPLITS",
+    "MODES",
+    "PRECISIONS",
+    "EvaluationError",
+    "PredictedImage",
+    "EvaluationResult",
+    "SubmissionResult",
+    "check_split",
+    "check_mode",
+    "build_dataset",
+    "load_model",
+    "logits_to_labels",
+    "predict_dataset",
+    "evaluate",
+    "submission_filename",
+    "save_label_png",
+    "write_submission",
+    "confusion_matrix_figure",
+    "per_class_iou_figure",
+    "format_table",
+    "log_evaluation",
+    "log_submission",
 ]
 
 
 #: ACDC splits the evaluate entry point handles.
-SPLITS = ('val', 'test')
+SPLITS = ("val", "test")
 #: Inference modes of :meth:`uda.models.HRDASegmentor.inference`.
-MODES = ('whole', 'slide')
+MODES = ("whole", "slide")
 #: Folder (and zip) name of the submission files, by label encoding; the
 #: names of MIC's ``--eval-option imgfile_prefix=labelTrainIds``.
-_SUBMISSION_FOLDERS = {False: 'labelTrainIds', True: 'labelIds'}
+_SUBMISSION_FOLDERS = {False: "labelTrainIds", True: "labelIds"}
 #: Fixed zip entry time, so the same predictions give the same zip bytes.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 #: Threads that encode submission PNGs while the model predicts the next images.
@@ -77,8 +94,8 @@ _PNG_WRITERS = 2
 #: Long edge of the images in the overlay panels (pixels).
 _OVERLAY_WIDTH = 480
 
-PathLike = Union[str, os.PathLike]
-Device = Union[str, torch.device, None]
+PathLike = str | os.PathLike
+Device = str | torch.device | None
 
 
 class EvaluationError(UserError, ValueError):
@@ -91,33 +108,39 @@ class EvaluationError(UserError, ValueError):
 def check_split(split: str) -> str:
     """``split`` if it is ``val`` or ``test``, else an :class:`EvaluationError`."""
     if split not in SPLITS:
-        raise EvaluationError(f'split must be val (mIoU against the labels) or test '
-                              f'(submission PNGs), got {split!r}.')
+        raise EvaluationError(
+            f"split must be val (mIoU against the labels) or test (submission PNGs), got {split!r}."
+        )
     return split
 
 
-def check_mode(mode: Optional[str]) -> Optional[str]:
+def check_mode(mode: str | None) -> str | None:
     """``whole``/``slide``, or None (``''`` too) for the model's ``test_cfg.mode``."""
-    if mode in (None, ''):
+    if mode in (None, ""):
         return None
     if mode not in MODES:
-        raise EvaluationError(f"mode must be whole or slide (or '' for the model's "
-                              f"test_cfg.mode), got {mode!r}.")
+        raise EvaluationError(
+            f"mode must be whole or slide (or '' for the model's test_cfg.mode), got {mode!r}."
+        )
     return mode
 
 
 def check_precision(precision: str) -> str:
     """``fp32`` or ``bf16`` (autocast; for GPUs), else an :class:`EvaluationError`."""
     if precision not in PRECISIONS:
-        raise EvaluationError(f"precision must be fp32 or bf16 (autocast, for GPUs with "
-                              f"bf16 support), got {precision!r}.")
+        raise EvaluationError(
+            f"precision must be fp32 or bf16 (autocast, for GPUs with bf16 support), got {precision!r}."
+        )
     return precision
 
 
-def build_dataset(root: PathLike, split: str = 'val',
-                  img_scale: Optional[Sequence[int]] = (1920, 1080),
-                  conditions: Optional[Iterable[str]] = None,
-                  backend: str = 'auto') -> SegmentationDataset:
+def build_dataset(
+    root: PathLike,
+    split: str = "val",
+    img_scale: Sequence[int] | None = (1920, 1080),
+    conditions: Iterable[str] | None = None,
+    backend: str = "auto",
+) -> SegmentationDataset:
     """The ACDC ``split`` with MIC's test pipeline (resize keeping the ratio).
 
     Args:
@@ -134,14 +157,22 @@ def build_dataset(root: PathLike, split: str = 'val',
             expected layout).
     """
     check_split(split)
-    return acdc_dataset(root, split, train=False, conditions=conditions,
-                        img_scale=tuple(img_scale) if img_scale else None,
-                        backend=backend)
+    return acdc_dataset(
+        root,
+        split,
+        train=False,
+        conditions=conditions,
+        img_scale=tuple(img_scale) if img_scale else None,
+        backend=backend,
+    )
 
 
-def load_model(model_uri: PathLike, device: Device = 'cpu',
-               foreign_cfg: Optional[Mapping[str, Any]] = None,
-               architecture: str = '') -> tuple[torch.nn.Module, dict]:
+def load_model(
+    model_uri: PathLike,
+    device: Device = "cpu",
+    foreign_cfg: Mapping[str, Any] | None = None,
+    architecture: str = "",
+) -> tuple[torch.nn.Module, dict]:
     """:func:`uda.registry.load_segmentor`: every URI form, one clear error.
 
     Args:
@@ -164,13 +195,13 @@ def load_model(model_uri: PathLike, device: Device = 'cpu',
     from uda.registry import MODEL_URI_FORMS, load_segmentor
 
     try:
-        return load_segmentor(model_uri, device=str(device),
-                              foreign_cfg=foreign_cfg,
-                              architecture=architecture)
+        return load_segmentor(
+            model_uri, device=str(device), foreign_cfg=foreign_cfg, architecture=architecture
+        )
     except FileNotFoundError as err:
         if isinstance(err, UserError):
             raise
-        raise EvaluationError(f'{err} Pass {MODEL_URI_FORMS}.') from None
+        raise EvaluationError(f"{err} Pass {MODEL_URI_FORMS}.") from None
 
 
 # ----------------------------------------------------------------------
@@ -188,10 +219,11 @@ class PredictedImage:
         label: ``(H, W)`` int64 ground truth (255 = ignore) on the same
             device, or None for unlabelled samples.
     """
+
     index: int
     sample: Sample
     prediction: torch.Tensor
-    label: Optional[torch.Tensor] = None
+    label: torch.Tensor | None = None
 
 
 def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -208,8 +240,7 @@ def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         logits = logits[None]
     logits = logits.float()
     if tuple(logits.shape[2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(int(s) for s in size),
-                               mode='bilinear', align_corners=False)
+        logits = F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
     return F.softmax(logits, dim=1).argmax(dim=1)[0]
 
 
@@ -218,8 +249,7 @@ def _consecutive_batches(items: Iterable[dict], batch_size: int) -> Iterator[lis
     ``batch_size`` per group, keeping the order."""
     group: list[dict] = []
     for item in items:
-        if group and (len(group) == batch_size
-                      or item['img'].shape != group[0]['img'].shape):
+        if group and (len(group) == batch_size or item["img"].shape != group[0]["img"].shape):
             yield group
             group = []
         group.append(item)
@@ -237,26 +267,34 @@ def _progress_bar(total: int, enabled: bool, desc: str):
         return None
     # Without a terminal (mlflow run logs) redraw rarely instead of every image.
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.1 if interactive else 10.0)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.1 if interactive else 10.0,
+    )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    return torch.device('cpu')
+    return torch.device("cpu")
 
 
 @torch.inference_mode()
-def predict_dataset(model: torch.nn.Module,
-                    dataset: SegmentationDataset,
-                    mode: Optional[str] = None,
-                    batch_size: int = 1,
-                    device: Device = None,
-                    num_workers: int = 0,
-                    progress: bool = False,
-                    precision: str = 'fp32',
-                    desc: str = 'predict') -> Iterator[PredictedImage]:
+def predict_dataset(
+    model: torch.nn.Module,
+    dataset: SegmentationDataset,
+    mode: str | None = None,
+    batch_size: int = 1,
+    device: Device = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    precision: str = "fp32",
+    desc: str = "predict",
+) -> Iterator[PredictedImage]:
     """Predict every image of ``dataset`` at its original size, in order.
 
     Args:
@@ -279,31 +317,36 @@ def predict_dataset(model: torch.nn.Module,
         :class:`PredictedImage`, one per dataset item, in dataset order.
     """
     if int(batch_size) < 1:
-        raise EvaluationError(f'batch_size must be at least 1, got {batch_size}.')
+        raise EvaluationError(f"batch_size must be at least 1, got {batch_size}.")
     mode = check_mode(mode)
     device = torch.device(device) if device is not None else _model_device(model)
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=int(num_workers),
-                                         pin_memory=device.type == 'cuda')
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=int(num_workers),
+        pin_memory=device.type == "cuda",
+    )
     bar = _progress_bar(len(dataset), progress, desc)
     index = 0
     try:
         for group in _consecutive_batches(loader, int(batch_size)):
             cpu_threads.rebalance()
-            imgs = torch.stack([item['img'] for item in group]).to(device, non_blocking=True)
+            imgs = torch.stack([item["img"] for item in group]).to(device, non_blocking=True)
             # Bounded windows per forward on a CPU (a full-size frame would
             # otherwise batch every window at once, as MIC does on a GPU).
             with autocast(device, precision), bounded_slide(model, device):
                 logits = model.inference(imgs, mode)
             for k, item in enumerate(group):
-                size = [int(v) for v in item['ori_size']]
+                size = [int(v) for v in item["ori_size"]]
                 pred = logits_to_labels(logits[k], size)
-                label = item['gt'].to(device, non_blocking=True) if 'gt' in item else None
+                label = item["gt"].to(device, non_blocking=True) if "gt" in item else None
                 if label is not None and tuple(label.shape) != tuple(size):
                     raise EvaluationError(
-                        f'{dataset.samples[index].label_path} is {tuple(label.shape)} but '
-                        f'its image is {tuple(size)}; labels must have the image size.')
+                        f"{dataset.samples[index].label_path} is {tuple(label.shape)} but "
+                        f"its image is {tuple(size)}; labels must have the image size."
+                    )
                 yield PredictedImage(index, dataset.samples[index], pred, label)
                 index += 1
             if bar is not None:
@@ -342,12 +385,12 @@ def _overlay_panel(item: PredictedImage) -> np.ndarray:
 
     image = _thumbnail(load_image(item.sample.image_path))
     cells = [image]
-    captions = [f'{item.sample.condition}: {item.sample.name}']
+    captions = [f"{item.sample.condition}: {item.sample.name}"]
     if item.label is not None:
         cells.append(colorize(item.label.cpu().numpy().astype(np.uint8)))
-        captions.append('ground truth')
+        captions.append("ground truth")
     cells.append(colorize(item.prediction.cpu().numpy().astype(np.uint8)))
-    captions.append('prediction')
+    captions.append("prediction")
     return visualize.grid([cells], [captions])
 
 
@@ -365,6 +408,7 @@ class EvaluationResult:
         seconds: Wall time of loading + inference + scoring.
         overlays: ``(sample, panel)`` pairs: image | ground truth | prediction.
     """
+
     table: ConditionTable
     metrics: PerConditionMetrics
     num_images: int
@@ -387,15 +431,17 @@ def _conditions_of(samples: Sequence[Sample]) -> tuple[str, ...]:
     return tuple(ordered + sorted(present - set(ordered)))
 
 
-def evaluate(model: torch.nn.Module,
-             dataset: SegmentationDataset,
-             mode: Optional[str] = None,
-             batch_size: int = 1,
-             device: Device = None,
-             num_workers: int = 0,
-             progress: bool = False,
-             precision: str = 'fp32',
-             num_overlays: int = 4) -> EvaluationResult:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: SegmentationDataset,
+    mode: str | None = None,
+    batch_size: int = 1,
+    device: Device = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    precision: str = "fp32",
+    num_overlays: int = 4,
+) -> EvaluationResult:
     """mIoU, per-class IoU, pixel accuracy, overall and per condition.
 
     Args:
@@ -419,22 +465,23 @@ def evaluate(model: torch.nn.Module,
     unlabelled = [s for s in dataset.samples if s.label_path is None]
     if unlabelled:
         raise EvaluationError(
-            f'{len(unlabelled)} of {len(dataset)} images have no label (e.g. '
-            f'{unlabelled[0].image_path}); mIoU needs a labelled split (ACDC val). '
-            f'For test images write a submission (split=test).')
+            f"{len(unlabelled)} of {len(dataset)} images have no label (e.g. "
+            f"{unlabelled[0].image_path}); mIoU needs a labelled split (ACDC val). "
+            f"For test images write a submission (split=test)."
+        )
     device = torch.device(device) if device is not None else _model_device(model)
     metrics = PerConditionMetrics(_conditions_of(dataset.samples), device=device)
     keep = set(_overlay_indices(dataset.samples, num_overlays))
     overlays = []
     start = time.perf_counter()
-    for item in predict_dataset(model, dataset, mode, batch_size, device, num_workers,
-                                progress, precision, desc='evaluate'):
+    for item in predict_dataset(
+        model, dataset, mode, batch_size, device, num_workers, progress, precision, desc="evaluate"
+    ):
         metrics.update(item.prediction, item.label, item.sample.condition)
         if item.index in keep:
             overlays.append((item.sample, _overlay_panel(item)))
     table = metrics.compute()  # host sync: all device work is done here
-    return EvaluationResult(table, metrics, len(dataset), time.perf_counter() - start,
-                            overlays)
+    return EvaluationResult(table, metrics, len(dataset), time.perf_counter() - start, overlays)
 
 
 # ----------------------------------------------------------------------
@@ -452,6 +499,7 @@ class SubmissionResult:
         seconds: Wall time.
         overlays: ``(sample, panel)`` pairs: image | prediction.
     """
+
     folder: Path
     zip_path: Path
     files: list[Path]
@@ -473,7 +521,7 @@ def submission_filename(sample: Sample) -> str:
     ``GOPR0475_frame_000041_rgb_anon.png``: the name mmseg's
     ``CityscapesDataset.results2img`` gives (MIC's and the original
     submission's ``--format-only`` output)."""
-    return f'{Path(sample.image_path).stem}.png'
+    return f"{Path(sample.image_path).stem}.png"
 
 
 def save_label_png(path: PathLike, label: np.ndarray) -> Path:
@@ -485,13 +533,13 @@ def save_label_png(path: PathLike, label: np.ndarray) -> Path:
     """
     label = np.asarray(label)
     if label.ndim != 2:
-        raise ValueError(f'label must be (H, W), got shape {label.shape}.')
+        raise ValueError(f"label must be (H, W), got shape {label.shape}.")
     if label.dtype != np.uint8:
         if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError('label values must lie in [0, 255].')
+            raise ValueError("label values must lie in [0, 255].")
         label = label.astype(np.uint8)
     path = Path(path)
-    Image.fromarray(label).save(path, format='PNG')
+    Image.fromarray(label).save(path, format="PNG")
     return path
 
 
@@ -500,18 +548,19 @@ def _check_unique_names(samples: Sequence[Sample]) -> None:
     for sample in samples:
         name = submission_filename(sample)
         if name in seen:
-            raise EvaluationError(f'Two test images give the same submission file {name}: '
-                                  f'{seen[name]} and {sample.image_path}.')
+            raise EvaluationError(
+                f"Two test images give the same submission file {name}: {seen[name]} and {sample.image_path}."
+            )
         seen[name] = Path(sample.image_path)
 
 
 def _write_zip(zip_path: Path, files: Sequence[Path]) -> Path:
     """Zip ``files`` flat (names only), sorted, fixed timestamps; atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{zip_path.name}.', suffix='.tmp', dir=zip_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
     os.close(fd)
     try:
         # PNGs are compressed already: store them.
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as archive:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
             for path in sorted(files, key=lambda p: p.name):
                 info = zipfile.ZipInfo(path.name, date_time=_ZIP_DATE_TIME)
                 info.external_attr = 0o644 << 16
@@ -524,18 +573,20 @@ def _write_zip(zip_path: Path, files: Sequence[Path]) -> Path:
     return zip_path
 
 
-def write_submission(model: torch.nn.Module,
-                     dataset: SegmentationDataset,
-                     out_dir: PathLike,
-                     label_ids: bool = False,
-                     mode: Optional[str] = None,
-                     batch_size: int = 1,
-                     device: Device = None,
-                     num_workers: int = 0,
-                     progress: bool = False,
-                     precision: str = 'fp32',
-                     num_overlays: int = 4,
-                     zip_name: Optional[str] = None) -> SubmissionResult:
+def write_submission(
+    model: torch.nn.Module,
+    dataset: SegmentationDataset,
+    out_dir: PathLike,
+    label_ids: bool = False,
+    mode: str | None = None,
+    batch_size: int = 1,
+    device: Device = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    precision: str = "fp32",
+    num_overlays: int = 4,
+    zip_name: str | None = None,
+) -> SubmissionResult:
     """One label PNG per image, at its original size, and a zip of them.
 
     The files follow MIC's ``tools/test.py --test-set --format-only
@@ -569,11 +620,13 @@ def write_submission(model: torch.nn.Module,
     start = time.perf_counter()
     # PNG encoding (zlib, which releases the GIL) overlaps with the next forward passes.
     with ThreadPoolExecutor(max_workers=_PNG_WRITERS) as writers:
-        for item in predict_dataset(model, dataset, mode, batch_size, device, num_workers,
-                                    progress, precision, desc='submission'):
+        for item in predict_dataset(
+            model, dataset, mode, batch_size, device, num_workers, progress, precision, desc="submission"
+        ):
             if item.index in keep:
-                overlays.append((item.sample, _overlay_panel(
-                    PredictedImage(item.index, item.sample, item.prediction))))
+                overlays.append(
+                    (item.sample, _overlay_panel(PredictedImage(item.index, item.sample, item.prediction)))
+                )
             label = item.prediction.to(torch.uint8).cpu().numpy()
             if label_ids:
                 label = train_id_to_label_id(label)
@@ -584,9 +637,8 @@ def write_submission(model: torch.nn.Module,
                 pending.pop(0).result()
         for future in pending:
             future.result()  # re-raises a failed write
-    zip_path = _write_zip(Path(out_dir) / (zip_name or f'{folder.name}.zip'), files)
-    return SubmissionResult(folder, zip_path, files, bool(label_ids),
-                            time.perf_counter() - start, overlays)
+    zip_path = _write_zip(Path(out_dir) / (zip_name or f"{folder.name}.zip"), files)
+    return SubmissionResult(folder, zip_path, files, bool(label_ids), time.perf_counter() - start, overlays)
 
 
 # ----------------------------------------------------------------------
@@ -595,16 +647,17 @@ def write_submission(model: torch.nn.Module,
 def _pyplot():
     import matplotlib
 
-    matplotlib.use('Agg')
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def confusion_matrix_figure(confusion: Union[ConfusionMatrix, torch.Tensor, np.ndarray],
-                            class_names: Sequence[str] = CLASSES,
-                            title: str = 'Confusion matrix (rows: ground truth, '
-                                         'share of its pixels)'):
+def confusion_matrix_figure(
+    confusion: ConfusionMatrix | torch.Tensor | np.ndarray,
+    class_names: Sequence[str] = CLASSES,
+    title: str = "Confusion matrix (rows: ground truth, share of its pixels)",
+):
     """Row-normalised confusion matrix (each row sums to 1: recall on the
     diagonal); rows of classes without ground-truth pixels stay blank.
 
@@ -621,26 +674,33 @@ def confusion_matrix_figure(confusion: Union[ConfusionMatrix, torch.Tensor, np.n
     counts = confusion.matrix if isinstance(confusion, ConfusionMatrix) else confusion
     counts = torch.as_tensor(counts).detach().cpu().double().numpy()
     totals = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid='ignore', divide='ignore'):
+    with np.errstate(invalid="ignore", divide="ignore"):
         shares = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(0.45 * n + 3, 0.45 * n + 2), dpi=100)
-    image = ax.imshow(np.ma.masked_invalid(shares), cmap='Blues', vmin=0, vmax=1)
+    image = ax.imshow(np.ma.masked_invalid(shares), cmap="Blues", vmin=0, vmax=1)
     for (row, col), share in np.ndenumerate(shares):
         if np.isfinite(share) and share >= 0.005:
-            ax.text(col, row, f'{100 * share:.0f}', ha='center', va='center', fontsize=6,
-                    color='white' if share > 0.5 else 'black')
-    ax.set_xticks(range(n), class_names, rotation=60, ha='right', fontsize=8)
+            ax.text(
+                col,
+                row,
+                f"{100 * share:.0f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if share > 0.5 else "black",
+            )
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
-    ax.set_xlabel('prediction')
-    ax.set_ylabel('ground truth')
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label='share of the row')
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="share of the row")
     fig.tight_layout()
     return fig
 
 
-def per_class_iou_figure(table: ConditionTable, title: Optional[str] = None):
+def per_class_iou_figure(table: ConditionTable, title: str | None = None):
     """Per-class IoU bars (all images; Cityscapes colours) with each
     condition's IoU as markers; classes absent from prediction and ground
     truth (NaN) are marked ``n/a``.
@@ -654,42 +714,57 @@ def per_class_iou_figure(table: ConditionTable, title: Optional[str] = None):
     overall = np.asarray(table.overall.iou, dtype=float)
     colours = [np.asarray(c) / 255 for c in PALETTE] if len(names) == len(PALETTE) else None
     fig, ax = plt.subplots(figsize=(11, 4.5), dpi=100)
-    ax.bar(x, np.nan_to_num(overall), color=colours, edgecolor='black', linewidth=0.5,
-           label=f'all (mIoU {100 * table.miou:.1f})')
-    markers = 'ov^sDP*X'
+    ax.bar(
+        x,
+        np.nan_to_num(overall),
+        color=colours,
+        edgecolor="black",
+        linewidth=0.5,
+        label=f"all (mIoU {100 * table.miou:.1f})",
+    )
+    markers = "ov^sDP*X"
     for k, (condition, metrics) in enumerate(table.per_condition.items()):
-        ax.scatter(x, np.asarray(metrics.iou, dtype=float), marker=markers[k % len(markers)],
-                   s=22, zorder=3, label=f'{condition} ({100 * metrics.miou:.1f})')
+        ax.scatter(
+            x,
+            np.asarray(metrics.iou, dtype=float),
+            marker=markers[k % len(markers)],
+            s=22,
+            zorder=3,
+            label=f"{condition} ({100 * metrics.miou:.1f})",
+        )
     for i in np.flatnonzero(np.isnan(overall)):
-        ax.text(i, 0.01, 'n/a', ha='center', va='bottom', fontsize=7, rotation=90)
-    ax.set_xticks(x, names, rotation=60, ha='right')
+        ax.text(i, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(x, names, rotation=60, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel('IoU')
-    ax.set_title(title or 'Per-class IoU (bars: all images; markers: per condition)')
-    ax.legend(fontsize=8, ncol=3, loc='upper right')
-    ax.grid(axis='y', alpha=0.3)
+    ax.set_ylabel("IoU")
+    ax.set_title(title or "Per-class IoU (bars: all images; markers: per condition)")
+    ax.legend(fontsize=8, ncol=3, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
 
 def format_table(table: ConditionTable) -> str:
     """A plain-text summary: overall and per-condition mIoU/aAcc, per-class IoU (%)."""
-    def pct(value: float) -> str:
-        return '  n/a' if math.isnan(value) else f'{100 * value:5.1f}'
 
-    lines = [f'{"":14s} {"mIoU":>5s} {"aAcc":>5s} {"mAcc":>5s}',
-             f'{"all":14s} {pct(table.miou)} {pct(table.overall.pixel_accuracy)} '
-             f'{pct(table.overall.mean_accuracy)}']
+    def pct(value: float) -> str:
+        return "  n/a" if math.isnan(value) else f"{100 * value:5.1f}"
+
+    lines = [
+        f"{'':14s} {'mIoU':>5s} {'aAcc':>5s} {'mAcc':>5s}",
+        f"{'all':14s} {pct(table.miou)} {pct(table.overall.pixel_accuracy)} "
+        f"{pct(table.overall.mean_accuracy)}",
+    ]
     for condition, metrics in table.per_condition.items():
-        lines.append(f'{condition:14s} {pct(metrics.miou)} {pct(metrics.pixel_accuracy)} '
-                     f'{pct(metrics.mean_accuracy)}')
-    lines.append('')
-    lines.append(f'{"class":14s} {"IoU":>5s}  ' + ' '.join(f'{c[:5]:>5s}'
-                                                        for c in table.per_condition))
+        lines.append(
+            f"{condition:14s} {pct(metrics.miou)} {pct(metrics.pixel_accuracy)} {pct(metrics.mean_accuracy)}"
+        )
+    lines.append("")
+    lines.append(f"{'class':14s} {'IoU':>5s}  " + " ".join(f"{c[:5]:>5s}" for c in table.per_condition))
     for class_id, name in enumerate(table.class_names):
-        per_condition = ' '.join(pct(m.iou[class_id]) for m in table.per_condition.values())
-        lines.append(f'{name:14s} {pct(table.overall.iou[class_id])}  {per_condition}')
-    return '\n'.join(lines)
+        per_condition = " ".join(pct(m.iou[class_id]) for m in table.per_condition.values())
+        lines.append(f"{name:14s} {pct(table.overall.iou[class_id])}  {per_condition}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------
@@ -707,13 +782,22 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
 
 def _condition_rows(result: EvaluationResult) -> list[dict[str, Any]]:
     """One row for all images, then one per condition."""
-    named = [('all', result.table.overall)] + list(result.table.per_condition.items())
-    return [{'condition': condition, 'mIoU': m.miou, 'aAcc': m.pixel_accuracy,
-             'mAcc': m.mean_accuracy, 'pixels': m.num_pixels} for condition, m in named]
+    named = [("all", result.table.overall)] + list(result.table.per_condition.items())
+    return [
+        {
+            "condition": condition,
+            "mIoU": m.miou,
+            "aAcc": m.pixel_accuracy,
+            "mAcc": m.mean_accuracy,
+            "pixels": m.num_pixels,
+        }
+        for condition, m in named
+    ]
 
 
-def log_evaluation(result: EvaluationResult, prefix: str = '', artifact_dir: str = 'evaluation',
-                   model_id: Optional[str] = None) -> dict[str, float]:
+def log_evaluation(
+    result: EvaluationResult, prefix: str = "", artifact_dir: str = "evaluation", model_id: str | None = None
+) -> dict[str, float]:
     """Log an :class:`EvaluationResult` to the active MLflow run.
 
     Metrics (fractions in [0, 1]; NaN ones left out): ``mIoU``, ``aAcc``,
@@ -737,23 +821,27 @@ def log_evaluation(result: EvaluationResult, prefix: str = '', artifact_dir: str
 
     plt = _pyplot()
     metrics = result.table.to_flat_dict(prefix)
-    metrics[f'{prefix}images_per_second'] = result.images_per_second
-    metrics[f'{prefix}num_images'] = float(result.num_images)
+    metrics[f"{prefix}images_per_second"] = result.images_per_second
+    metrics[f"{prefix}num_images"] = float(result.num_images)
     metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
     mlflow.log_metrics(metrics, model_id=model_id)
-    mlflow.log_table(_columns(result.table.rows()), f'{artifact_dir}/per_class.json')
-    mlflow.log_table(_columns(_condition_rows(result)), f'{artifact_dir}/per_condition.json')
-    mlflow.log_dict({
-        'classes': list(result.table.class_names),
-        'rows': 'ground truth', 'columns': 'prediction',
-        'overall': result.confusion.matrix.cpu().tolist(),
-        'per_condition': {name: m.matrix.cpu().tolist()
-                          for name, m in result.metrics.matrices.items()},
-    }, f'{artifact_dir}/confusion_matrix.json')
-    for name, figure in (('confusion_matrix', confusion_matrix_figure(result.confusion,
-                                                                      result.table.class_names)),
-                         ('per_class_iou', per_class_iou_figure(result.table))):
-        mlflow.log_figure(figure, f'{artifact_dir}/{name}.png')
+    mlflow.log_table(_columns(result.table.rows()), f"{artifact_dir}/per_class.json")
+    mlflow.log_table(_columns(_condition_rows(result)), f"{artifact_dir}/per_condition.json")
+    mlflow.log_dict(
+        {
+            "classes": list(result.table.class_names),
+            "rows": "ground truth",
+            "columns": "prediction",
+            "overall": result.confusion.matrix.cpu().tolist(),
+            "per_condition": {name: m.matrix.cpu().tolist() for name, m in result.metrics.matrices.items()},
+        },
+        f"{artifact_dir}/confusion_matrix.json",
+    )
+    for name, figure in (
+        ("confusion_matrix", confusion_matrix_figure(result.confusion, result.table.class_names)),
+        ("per_class_iou", per_class_iou_figure(result.table)),
+    ):
+        mlflow.log_figure(figure, f"{artifact_dir}/{name}.png")
         plt.close(figure)
     _log_overlays(result.overlays, artifact_dir)
     return metrics
@@ -763,16 +851,16 @@ def _log_overlays(overlays: Sequence[tuple[Sample, np.ndarray]], artifact_dir: s
     import mlflow
 
     for k, (sample, panel) in enumerate(overlays):
-        mlflow.log_image(panel, f'{artifact_dir}/overlays/{k:02d}_{sample.condition}_'
-                                f'{sample.name}.png')
+        mlflow.log_image(panel, f"{artifact_dir}/overlays/{k:02d}_{sample.condition}_{sample.name}.png")
 
 
-def log_submission(result: SubmissionResult, artifact_dir: str = 'submission') -> None:
+def log_submission(result: SubmissionResult, artifact_dir: str = "submission") -> None:
     """Log the submission zip, its throughput and a few image | prediction panels."""
     import mlflow
 
     mlflow.log_artifact(str(result.zip_path), artifact_dir)
-    mlflow.log_metrics({'num_images': float(result.num_images),
-                        'images_per_second': result.images_per_second})
-    mlflow.set_tag('submission.encoding', result.folder.name)
+    mlflow.log_metrics(
+        {"num_images": float(result.num_images), "images_per_second": result.images_per_second}
+    )
+    mlflow.set_tag("submission.encoding", result.folder.name)
     _log_overlays(result.overlays, artifact_dir)

@@ -27,26 +27,24 @@ Cityscapes labelIds passed where trainIds are expected).
 The module is pure torch + numpy so that training, evaluation and tests can
 use it without mmcv, mmseg or mlflow.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from uda.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 
-__all__ = [
-    'ACDC_CONDITIONS', 'ConfusionMatrix', 'SegMetrics', 'ConditionTable',
-    'PerConditionMetrics'
-]
+__all__ = ["ACDC_CONDITIONS", "ConfusionMatrix", "SegMetrics", "ConditionTable", "PerConditionMetrics"]
 
 #: ACDC's four adverse conditions, in the dataset's folder order.
-ACDC_CONDITIONS = ('fog', 'night', 'rain', 'snow')
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+ArrayLike = torch.Tensor | np.ndarray
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -72,8 +70,8 @@ class SegMetrics:
     miou: float
     pixel_accuracy: float
     mean_accuracy: float
-    iou: List[float]
-    accuracy: List[float]
+    iou: list[float]
+    accuracy: list[float]
     num_pixels: int
 
 
@@ -97,22 +95,23 @@ class ConfusionMatrix:
         [1.0, 0.5, 0.0]
     """
 
-    def __init__(self,
-                 num_classes: int = NUM_CLASSES,
-                 ignore_index: int = IGNORE_INDEX,
-                 device: Union[str, torch.device, None] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+        device: str | torch.device | None = None,
+    ) -> None:
         if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(
-                f'ignore_index={ignore_index} is a valid class id for '
-                f'num_classes={num_classes}; choose a value outside '
-                f'[0, {num_classes}) (255 for Cityscapes/ACDC)')
+                f"ignore_index={ignore_index} is a valid class id for "
+                f"num_classes={num_classes}; choose a value outside "
+                f"[0, {num_classes}) (255 for Cityscapes/ACDC)"
+            )
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros((num_classes, num_classes),
-                                  dtype=torch.int64,
-                                  device=device)
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
 
     @property
     def device(self) -> torch.device:
@@ -141,14 +140,15 @@ class ConfusionMatrix:
         gt = torch.as_tensor(gt, device=self.device)
         if pred.shape != gt.shape:
             raise ValueError(
-                f'prediction shape {tuple(pred.shape)} differs from ground '
-                f'truth shape {tuple(gt.shape)}; resize the prediction to the '
-                'label size before updating the metric')
-        for name, tensor in (('prediction', pred), ('ground truth', gt)):
+                f"prediction shape {tuple(pred.shape)} differs from ground "
+                f"truth shape {tuple(gt.shape)}; resize the prediction to the "
+                "label size before updating the metric"
+            )
+        for name, tensor in (("prediction", pred), ("ground truth", gt)):
             if tensor.is_floating_point() or tensor.is_complex():
                 raise ValueError(
-                    f'{name} has dtype {tensor.dtype}; pass class ids '
-                    '(e.g. logits.argmax(dim=1)), not scores')
+                    f"{name} has dtype {tensor.dtype}; pass class ids (e.g. logits.argmax(dim=1)), not scores"
+                )
         # int64 before any arithmetic: uint8 maps would overflow gt * C.
         pred = pred.reshape(-1).long()
         gt = gt.reshape(-1).long()
@@ -156,51 +156,48 @@ class ConfusionMatrix:
         pred, gt = pred[valid], gt[valid]
         if pred.numel() == 0:
             return
-        bad = ((pred < 0) | (pred >= self.num_classes) | (gt < 0)
-               | (gt >= self.num_classes))
+        bad = (pred < 0) | (pred >= self.num_classes) | (gt < 0) | (gt >= self.num_classes)
         if bool(bad.any()):
             raise ValueError(
-                f'label values must lie in [0, {self.num_classes}) or equal '
-                f'ignore_index={self.ignore_index} (ground truth only); got '
-                f'prediction values in [{int(pred.min())}, {int(pred.max())}] '
-                f'and ground-truth values in [{int(gt.min())}, '
-                f'{int(gt.max())}]. Are these trainIds?')
-        counts = torch.bincount(gt * self.num_classes + pred,
-                                minlength=self.num_classes**2)
+                f"label values must lie in [0, {self.num_classes}) or equal "
+                f"ignore_index={self.ignore_index} (ground truth only); got "
+                f"prediction values in [{int(pred.min())}, {int(pred.max())}] "
+                f"and ground-truth values in [{int(gt.min())}, "
+                f"{int(gt.max())}]. Are these trainIds?"
+            )
+        counts = torch.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2)
         self.matrix += counts.view(self.num_classes, self.num_classes)
 
-    def _check_compatible(self, other: 'ConfusionMatrix') -> None:
+    def _check_compatible(self, other: ConfusionMatrix) -> None:
         if not isinstance(other, ConfusionMatrix):
-            raise TypeError(f'cannot merge a ConfusionMatrix with '
-                            f'{type(other).__name__}')
-        if (other.num_classes, other.ignore_index) != (self.num_classes,
-                                                       self.ignore_index):
+            raise TypeError(f"cannot merge a ConfusionMatrix with {type(other).__name__}")
+        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
             raise ValueError(
-                'cannot merge confusion matrices with different settings: '
-                f'num_classes={self.num_classes}/ignore_index='
-                f'{self.ignore_index} vs num_classes={other.num_classes}/'
-                f'ignore_index={other.ignore_index}')
+                "cannot merge confusion matrices with different settings: "
+                f"num_classes={self.num_classes}/ignore_index="
+                f"{self.ignore_index} vs num_classes={other.num_classes}/"
+                f"ignore_index={other.ignore_index}"
+            )
 
-    def merge(self, other: 'ConfusionMatrix') -> 'ConfusionMatrix':
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Adds the counts of ``other`` into this matrix (in place); returns self."""
         self._check_compatible(other)
         self.matrix += other.matrix.to(self.device)
         return self
 
-    def __iadd__(self, other: 'ConfusionMatrix') -> 'ConfusionMatrix':
+    def __iadd__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         return self.merge(other)
 
-    def __add__(self, other: 'ConfusionMatrix') -> 'ConfusionMatrix':
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         return self.clone().merge(other)
 
-    def clone(self) -> 'ConfusionMatrix':
+    def clone(self) -> ConfusionMatrix:
         """An independent copy (same device)."""
-        copy = ConfusionMatrix(self.num_classes, self.ignore_index,
-                               self.device)
+        copy = ConfusionMatrix(self.num_classes, self.ignore_index, self.device)
         copy.matrix.copy_(self.matrix)
         return copy
 
-    def all_reduce(self) -> 'ConfusionMatrix':
+    def all_reduce(self) -> ConfusionMatrix:
         """Sums the matrix over all processes of the default process group.
 
         A no-op when ``torch.distributed`` is not initialised, so the same
@@ -208,6 +205,7 @@ class ConfusionMatrix:
         backend the matrix must be on the process's GPU.
         """
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
         return self
@@ -247,17 +245,21 @@ class ConfusionMatrix:
 
     def summary(self) -> SegMetrics:
         """All metrics at once."""
-        return SegMetrics(miou=self.miou(),
-                          pixel_accuracy=self.pixel_accuracy(),
-                          mean_accuracy=self.mean_accuracy(),
-                          iou=self.iou().tolist(),
-                          accuracy=self.accuracy().tolist(),
-                          num_pixels=int(self.matrix.sum()))
+        return SegMetrics(
+            miou=self.miou(),
+            pixel_accuracy=self.pixel_accuracy(),
+            mean_accuracy=self.mean_accuracy(),
+            iou=self.iou().tolist(),
+            accuracy=self.accuracy().tolist(),
+            num_pixels=int(self.matrix.sum()),
+        )
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(num_classes={self.num_classes}, '
-                f'ignore_index={self.ignore_index}, device={self.device}, '
-                f'pixels={int(self.matrix.sum())})')
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes}, "
+            f"ignore_index={self.ignore_index}, device={self.device}, "
+            f"pixels={int(self.matrix.sum())})"
+        )
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ class ConditionTable:
     """
 
     overall: SegMetrics
-    per_condition: Dict[str, SegMetrics]
+    per_condition: dict[str, SegMetrics]
     class_names: Sequence[str] = field(default=CLASSES)
 
     @property
@@ -280,14 +282,14 @@ class ConditionTable:
         return self.overall.miou
 
     @property
-    def per_condition_miou(self) -> Dict[str, float]:
+    def per_condition_miou(self) -> dict[str, float]:
         return {name: m.miou for name, m in self.per_condition.items()}
 
-    def per_class_iou(self) -> Dict[str, float]:
+    def per_class_iou(self) -> dict[str, float]:
         """Overall IoU of each class, keyed by class name."""
         return dict(zip(self.class_names, self.overall.iou))
 
-    def to_flat_dict(self, prefix: str = '') -> Dict[str, float]:
+    def to_flat_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat ``name → value`` mapping, ready for ``mlflow.log_metrics``.
 
         Keys: ``mIoU``, ``aAcc``, ``mAcc``, ``IoU.<class>``,
@@ -295,22 +297,19 @@ class ConditionTable:
         become underscores). NaN entries (undefined metrics) are left out,
         because a tracking store cannot plot them meaningfully.
         """
-        values: Dict[str, float] = {
-            'mIoU': self.overall.miou,
-            'aAcc': self.overall.pixel_accuracy,
-            'mAcc': self.overall.mean_accuracy,
+        values: dict[str, float] = {
+            "mIoU": self.overall.miou,
+            "aAcc": self.overall.pixel_accuracy,
+            "mAcc": self.overall.mean_accuracy,
         }
         for name, iou in self.per_class_iou().items():
-            values[f'IoU.{name.replace(" ", "_")}'] = iou
+            values[f"IoU.{name.replace(' ', '_')}"] = iou
         for condition, metrics in self.per_condition.items():
-            values[f'mIoU.{condition}'] = metrics.miou
-            values[f'aAcc.{condition}'] = metrics.pixel_accuracy
-        return {
-            prefix + key: float(value)
-            for key, value in values.items() if not math.isnan(value)
-        }
+            values[f"mIoU.{condition}"] = metrics.miou
+            values[f"aAcc.{condition}"] = metrics.pixel_accuracy
+        return {prefix + key: float(value) for key, value in values.items() if not math.isnan(value)}
 
-    def rows(self) -> List[Dict[str, object]]:
+    def rows(self) -> list[dict[str, object]]:
         """One row per class (name, overall IoU and Acc, IoU per condition).
 
         Handy for ``mlflow.log_table`` or a pandas DataFrame; values are
@@ -318,13 +317,13 @@ class ConditionTable:
         """
         table = []
         for class_id, name in enumerate(self.class_names):
-            row: Dict[str, object] = {
-                'class': name,
-                'IoU': self.overall.iou[class_id],
-                'Acc': self.overall.accuracy[class_id],
+            row: dict[str, object] = {
+                "class": name,
+                "IoU": self.overall.iou[class_id],
+                "Acc": self.overall.accuracy[class_id],
             }
             for condition, metrics in self.per_condition.items():
-                row[f'IoU.{condition}'] = metrics.iou[class_id]
+                row[f"IoU.{condition}"] = metrics.iou[class_id]
             table.append(row)
         return table
 
@@ -347,26 +346,26 @@ class PerConditionMetrics:
         >>> table.miou, table.per_condition_miou['night']
     """
 
-    def __init__(self,
-                 conditions: Sequence[str] = ACDC_CONDITIONS,
-                 num_classes: int = NUM_CLASSES,
-                 ignore_index: int = IGNORE_INDEX,
-                 device: Union[str, torch.device, None] = None,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        conditions: Sequence[str] = ACDC_CONDITIONS,
+        num_classes: int = NUM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+        device: str | torch.device | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         conditions = tuple(conditions)
         if not conditions or len(set(conditions)) != len(conditions):
-            raise ValueError(
-                f'conditions must be non-empty and unique, got {conditions}')
+            raise ValueError(f"conditions must be non-empty and unique, got {conditions}")
         if class_names is None:
-            class_names = (CLASSES if num_classes == len(CLASSES) else tuple(
-                str(i) for i in range(num_classes)))
+            class_names = (
+                CLASSES if num_classes == len(CLASSES) else tuple(str(i) for i in range(num_classes))
+            )
         if len(class_names) != num_classes:
-            raise ValueError(f'{len(class_names)} class names given for '
-                             f'num_classes={num_classes}')
+            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
         self.class_names = tuple(class_names)
-        self.matrices: Dict[str, ConfusionMatrix] = {
-            name: ConfusionMatrix(num_classes, ignore_index, device)
-            for name in conditions
+        self.matrices: dict[str, ConfusionMatrix] = {
+            name: ConfusionMatrix(num_classes, ignore_index, device) for name in conditions
         }
 
     @property
@@ -378,11 +377,10 @@ class PerConditionMetrics:
             return self.matrices[condition]
         except KeyError:
             raise ValueError(
-                f'unknown condition {condition!r}; expected one of '
-                f'{list(self.matrices)}') from None
+                f"unknown condition {condition!r}; expected one of {list(self.matrices)}"
+            ) from None
 
-    def update(self, pred: ArrayLike, gt: ArrayLike,
-               conditions: Union[str, Sequence[str]]) -> None:
+    def update(self, pred: ArrayLike, gt: ArrayLike, conditions: str | Sequence[str]) -> None:
         """Adds a batch.
 
         Args:
@@ -397,9 +395,10 @@ class PerConditionMetrics:
         conditions = list(conditions)
         if len(conditions) != len(pred) or len(pred) != len(gt):
             raise ValueError(
-                f'got {len(conditions)} conditions for a batch of '
-                f'{len(pred)} predictions and {len(gt)} labels; give one '
-                'condition per image or a single string')
+                f"got {len(conditions)} conditions for a batch of "
+                f"{len(pred)} predictions and {len(gt)} labels; give one "
+                "condition per image or a single string"
+            )
         for condition, pred_map, gt_map in zip(conditions, pred, gt):
             self._matrix_for(condition).update(pred_map, gt_map)
 
@@ -411,16 +410,15 @@ class PerConditionMetrics:
             total.merge(matrix)
         return total
 
-    def merge(self, other: 'PerConditionMetrics') -> 'PerConditionMetrics':
+    def merge(self, other: PerConditionMetrics) -> PerConditionMetrics:
         """Adds another accumulator's counts (same conditions); returns self."""
         if other.conditions != self.conditions:
-            raise ValueError(f'cannot merge conditions {other.conditions} '
-                             f'into {self.conditions}')
+            raise ValueError(f"cannot merge conditions {other.conditions} into {self.conditions}")
         for name, matrix in self.matrices.items():
             matrix.merge(other.matrices[name])
         return self
 
-    def all_reduce(self) -> 'PerConditionMetrics':
+    def all_reduce(self) -> PerConditionMetrics:
         """Sums every condition matrix over processes (no-op if not distributed)."""
         for matrix in self.matrices.values():
             matrix.all_reduce()
@@ -434,8 +432,6 @@ class PerConditionMetrics:
         """Overall and per-condition metrics."""
         return ConditionTable(
             overall=self.overall().summary(),
-            per_condition={
-                name: matrix.summary()
-                for name, matrix in self.matrices.items()
-            },
-            class_names=self.class_names)
+            per_condition={name: matrix.summary() for name, matrix in self.matrices.items()},
+            class_names=self.class_names,
+        )

@@ -8,6 +8,7 @@ only does the work that is missing. A step's outputs (registered model
 versions) are passed on by explicit version, so a reused step always feeds the
 next one the model it produced.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -38,6 +39,7 @@ NOT_PART_OF_THE_RESULT = frozenset({"threads"})
 @dataclass
 class StepResult:
     """What one step of the pipeline did."""
+
     entry_point: str
     run_id: str
     reused: bool
@@ -45,8 +47,9 @@ class StepResult:
     version: str | None = None  #: the model version it registered last, when it matters
 
 
-def find_finished_run(entry_point: str, parameters: Mapping[str, str], experiment_id: str,
-                      version: str) -> Run | None:
+def find_finished_run(
+    entry_point: str, parameters: Mapping[str, str], experiment_id: str, version: str
+) -> Run | None:
     """The newest FINISHED run of ``entry_point`` with these parameters and code version.
 
     Mirrors ``_already_ran`` of MLflow's multistep example, keyed on our code
@@ -57,13 +60,17 @@ def find_finished_run(entry_point: str, parameters: Mapping[str, str], experimen
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' "
-                      f"and tags.`{CODE_VERSION_TAG}` = '{version}' "
-                      f"and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'",
-        order_by=["attributes.start_time DESC"])
+        f"and tags.`{CODE_VERSION_TAG}` = '{version}' "
+        f"and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'",
+        order_by=["attributes.start_time DESC"],
+    )
     for run in runs:
         # `mlflow run` logs the shell-quoted form of values with spaces or quotes ('' for empty).
-        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()
-               if k not in NOT_PART_OF_THE_RESULT):
+        if all(
+            run.data.params.get(k) in (str(v), shlex.quote(str(v)))
+            for k, v in parameters.items()
+            if k not in NOT_PART_OF_THE_RESULT
+        ):
             return run
     return None
 
@@ -71,6 +78,7 @@ def find_finished_run(entry_point: str, parameters: Mapping[str, str], experimen
 @dataclass
 class PendingStep:
     """A step that was started (or found finished): :meth:`wait` gives its result."""
+
     label: str
     entry_point: str
     started: float
@@ -81,8 +89,10 @@ class PendingStep:
         if self.result is not None:
             return self.result
         if not self.submitted.wait():
-            raise UserError(f"The {self.label} step failed (run {self.submitted.run_id}); see its output "
-                            "above. Fix the cause and run `mlflow run .` again: finished steps are reused.")
+            raise UserError(
+                f"The {self.label} step failed (run {self.submitted.run_id}); see its output "
+                "above. Fix the cause and run `mlflow run .` again: finished steps are reused."
+            )
         seconds = time.perf_counter() - self.started
         mlflow.set_tag(f"step.{self.label}", self.submitted.run_id)
         mlflow.log_metric(f"step_seconds.{self.label}", seconds)
@@ -91,9 +101,14 @@ class PendingStep:
         return self.result
 
 
-def start_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
-               label: str | None = None, run_name: str | None = None,
-               reuse: bool = True) -> PendingStep:
+def start_step(
+    entry_point: str,
+    parameters: Mapping[str, Any],
+    experiment_id: str,
+    label: str | None = None,
+    run_name: str | None = None,
+    reuse: bool = True,
+) -> PendingStep:
     """Start one entry point as a child of the active run, or find an identical finished one.
 
     Args:
@@ -112,15 +127,25 @@ def start_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: s
     if reuse and version is not None:
         previous = find_finished_run(entry_point, parameters, experiment_id, version)
         if previous is not None:
-            print(f"[main] {label}: reusing finished run {previous.info.run_id} "
-                  "(same parameters and code version)", flush=True)
+            print(
+                f"[main] {label}: reusing finished run {previous.info.run_id} "
+                "(same parameters and code version)",
+                flush=True,
+            )
             mlflow.set_tag(f"step.{label}", f"{previous.info.run_id} (reused)")
-            return PendingStep(label, entry_point, started,
-                               result=StepResult(label, previous.info.run_id, True, 0.0))
+            return PendingStep(
+                label, entry_point, started, result=StepResult(label, previous.info.run_id, True, 0.0)
+            )
     print(f"[main] {label}: running {entry_point} with {parameters}", flush=True)
-    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
-                                    env_manager="local", experiment_id=experiment_id,
-                                    synchronous=False, run_name=run_name)
+    submitted = mlflow.projects.run(
+        str(PROJECT_DIR),
+        entry_point=entry_point,
+        parameters=parameters,
+        env_manager="local",
+        experiment_id=experiment_id,
+        synchronous=False,
+        run_name=run_name,
+    )
     return PendingStep(label, entry_point, started, submitted)
 
 
@@ -139,8 +164,9 @@ def wait_all(pending: list[PendingStep]) -> dict[str, StepResult]:
     return results
 
 
-def run_step(entry_point: str, parameters: Mapping[str, Any], experiment_id: str,
-             reuse: bool = True, **names: Any) -> StepResult:
+def run_step(
+    entry_point: str, parameters: Mapping[str, Any], experiment_id: str, reuse: bool = True, **names: Any
+) -> StepResult:
     """Run one entry point as a child of the active run (see :func:`start_step`) and wait for it."""
     return start_step(entry_point, parameters, experiment_id, reuse=reuse, **names).wait()
 
@@ -154,15 +180,26 @@ def registered_versions(model_name: str, run_id: str) -> list:
 def _last_version(model_name: str, step: StepResult) -> Any:
     versions = registered_versions(model_name, step.run_id)
     if not versions:
-        raise UserError(f"The {step.entry_point} run {step.run_id} registered no version of "
-                        f"{model_name!r}; it may have been deleted from the registry. Delete or rename "
-                        "that run (or pass different parameters) so the step runs again.")
+        raise UserError(
+            f"The {step.entry_point} run {step.run_id} registered no version of "
+            f"{model_name!r}; it may have been deleted from the registry. Delete or rename "
+            "that run (or pass different parameters) so the step runs again."
+        )
     return versions[-1]
 
 
-def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options: str, seed: str,
-                 device: str, iterations: int, soup_trials: int | None = None,
-                 threads: str = "auto") -> dict[str, StepResult]:
+def run_pipeline(
+    *,
+    preset: str,
+    source_root: str,
+    target_root: str,
+    cfg_options: str,
+    seed: str,
+    device: str,
+    iterations: int,
+    soup_trials: int | None = None,
+    threads: str = "auto",
+) -> dict[str, StepResult]:
     """Chain the entry points inside the active MLflow run.
 
     The source-only baseline (the teacher entry point with ``uda.source_only=true``, into
@@ -185,8 +222,13 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
     if run is None:
         raise RuntimeError("run_pipeline needs an active MLflow run (the main entry point's).")
     experiment_id = run.info.experiment_id
-    common = {"preset": preset, "cfg_options": cfg_options, "seed": seed, "device": device,
-              "threads": threads}
+    common = {
+        "preset": preset,
+        "cfg_options": cfg_options,
+        "seed": seed,
+        "device": device,
+        "threads": threads,
+    }
     roots = {"source_root": source_root, "target_root": target_root}
     steps: dict[str, StepResult] = {}
 
@@ -195,17 +237,28 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
 
     pending_teacher = start_step("teacher", {**common, **roots}, experiment_id, run_name=name("teacher"))
     pending_baseline = start_step(
-        "teacher", {**common, **roots, "model_name": SOURCE_ONLY_MODEL,
-                    # last, so that they win over the user's cfg_options
-                    "cfg_options": f"{cfg_options} uda.source_only=true "
-                                   f"checkpoint_config.interval={iterations}".strip()},
-        experiment_id, label="source_only", run_name=name("source_only"))
+        "teacher",
+        {
+            **common,
+            **roots,
+            "model_name": SOURCE_ONLY_MODEL,
+            # last, so that they win over the user's cfg_options
+            "cfg_options": f"{cfg_options} uda.source_only=true "
+            f"checkpoint_config.interval={iterations}".strip(),
+        },
+        experiment_id,
+        label="source_only",
+        run_name=name("source_only"),
+    )
     steps.update(wait_all([pending_teacher, pending_baseline]))
     teacher = _last_version(TEACHER_MODEL, steps["teacher"])
     steps["teacher"].version = str(teacher.version)
-    steps["distill"] = run_step("distill", {**common, **roots,
-                                            "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},
-                                experiment_id, run_name=name("distill"))
+    steps["distill"] = run_step(
+        "distill",
+        {**common, **roots, "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},
+        experiment_id,
+        run_name=name("distill"),
+    )
     checkpoints = registered_versions(STUDENT_MODEL, steps["distill"].run_id)
     steps["distill"].version = str(checkpoints[-1].version) if checkpoints else None
     aliases = ",".join(f"iter-{v.tags['iteration']}" for v in checkpoints[-3:])
@@ -215,11 +268,20 @@ def run_pipeline(*, preset: str, source_root: str, target_root: str, cfg_options
     steps["soup"] = run_step("soup", soup_params, experiment_id, run_name=name("soup"))
     soup = _last_version(STUDENT_MODEL, steps["soup"])
     steps["soup"].version = str(soup.version)
-    steps["evaluate"] = run_step("evaluate", {"preset": preset, "cfg_options": cfg_options, "device": device,
-                                              "threads": threads,
-                                              "target_root": target_root, "split": "val",
-                                              "model": f"models:/{STUDENT_MODEL}/{soup.version}"},
-                                 experiment_id, run_name=name("evaluate"))
+    steps["evaluate"] = run_step(
+        "evaluate",
+        {
+            "preset": preset,
+            "cfg_options": cfg_options,
+            "device": device,
+            "threads": threads,
+            "target_root": target_root,
+            "split": "val",
+            "model": f"models:/{STUDENT_MODEL}/{soup.version}",
+        },
+        experiment_id,
+        run_name=name("evaluate"),
+    )
     mlflow.set_tags({"teacher_version": teacher.version, "soup_version": soup.version})
     return steps
 

@@ -16,6 +16,7 @@ The report-split line compares the soup with its ingredients on the images
 that did not tune its weights (the soup run's ``report.mIoU.<row>``), so a
 soup that is worse than its best ingredient is said plainly.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,12 @@ from uda.data.layouts import ACDC_CONDITIONS
 __all__ = ["MethodRow", "MethodSummary", "summarize_pipeline", "log_summary", "format_summary"]
 
 #: The rows, in the order of the story, with the run metric prefix that holds each one's score.
-_ROWS = (("source_only", "source-only", "val."), ("teacher", "MIC teacher", "val."),
-         ("distill", "distilled student", "val."), ("evaluate", "soup (serving)", ""))
+_ROWS = (
+    ("source_only", "source-only", "val."),
+    ("teacher", "MIC teacher", "val."),
+    ("distill", "distilled student", "val."),
+    ("evaluate", "soup (serving)", ""),
+)
 #: Rows of the soup's report split that are not ingredients.
 _NOT_INGREDIENTS = frozenset({"soup", "uniform", "serving"})
 
@@ -39,6 +44,7 @@ _NOT_INGREDIENTS = frozenset({"soup", "uniform", "serving"})
 @dataclass
 class MethodRow:
     """One model of the table: target-val mIoU overall and per condition (fractions)."""
+
     key: str
     label: str
     run_id: str
@@ -50,7 +56,7 @@ class MethodRow:
 @dataclass
 class MethodSummary:
     rows: list[MethodRow]
-    soup_report: float | None = None           #: the soup's report-split mIoU
+    soup_report: float | None = None  #: the soup's report-split mIoU
     best_ingredient: tuple[str, float] | None = None  #: (alias, report-split mIoU)
     promote_reason: str | None = None
 
@@ -61,8 +67,11 @@ class MethodSummary:
 def _last_values(client: Any, run_id: str, prefix: str) -> dict[str, float]:
     """``metric → value at its highest step`` for the run's metrics under ``prefix``."""
     run = client.get_run(run_id)
-    names = [k for k in run.data.metrics if k == f"{prefix}mIoU" or
-             k in {f"{prefix}mIoU.{c}" for c in ACDC_CONDITIONS}]
+    names = [
+        k
+        for k in run.data.metrics
+        if k == f"{prefix}mIoU" or k in {f"{prefix}mIoU.{c}" for c in ACDC_CONDITIONS}
+    ]
     values = {}
     for name in names:
         history = client.get_metric_history(run_id, name)
@@ -71,8 +80,9 @@ def _last_values(client: Any, run_id: str, prefix: str) -> dict[str, float]:
     return values
 
 
-def summarize_pipeline(steps: Mapping[str, Any], models: Mapping[str, str],
-                       client: Any = None) -> MethodSummary:
+def summarize_pipeline(
+    steps: Mapping[str, Any], models: Mapping[str, str], client: Any = None
+) -> MethodSummary:
     """Read the table from the child runs.
 
     Args:
@@ -88,16 +98,25 @@ def summarize_pipeline(steps: Mapping[str, Any], models: Mapping[str, str],
         if step is None:
             continue
         values = _last_values(client, step.run_id, prefix)
-        rows.append(MethodRow(key, label, step.run_id, models.get(key, ""),
-                              values.get(f"{prefix}mIoU", math.nan),
-                              {c: values[f"{prefix}mIoU.{c}"] for c in ACDC_CONDITIONS
-                               if f"{prefix}mIoU.{c}" in values}))
+        rows.append(
+            MethodRow(
+                key,
+                label,
+                step.run_id,
+                models.get(key, ""),
+                values.get(f"{prefix}mIoU", math.nan),
+                {c: values[f"{prefix}mIoU.{c}"] for c in ACDC_CONDITIONS if f"{prefix}mIoU.{c}" in values},
+            )
+        )
     summary = MethodSummary(rows)
     soup = steps.get("soup")
     if soup is not None:
         run = client.get_run(soup.run_id)
-        report = {k[len("report.mIoU."):]: v for k, v in run.data.metrics.items()
-                  if k.startswith("report.mIoU.") and "." not in k[len("report.mIoU."):]}
+        report = {
+            k[len("report.mIoU.") :]: v
+            for k, v in run.data.metrics.items()
+            if k.startswith("report.mIoU.") and "." not in k[len("report.mIoU.") :]
+        }
         summary.soup_report = report.get("soup")
         ingredients = {k: v for k, v in report.items() if k not in _NOT_INGREDIENTS}
         if ingredients:
@@ -112,8 +131,10 @@ def _points(value: float) -> str:
 
 def markdown_table(summary: MethodSummary) -> str:
     conditions = [c for c in ACDC_CONDITIONS if any(c in r.per_condition for r in summary.rows)]
-    lines = ["| model | registered as | target val mIoU | " + " | ".join(conditions) + " |",
-             "|---|---|---:|" + "---:|" * len(conditions)]
+    lines = [
+        "| model | registered as | target val mIoU | " + " | ".join(conditions) + " |",
+        "|---|---|---:|" + "---:|" * len(conditions),
+    ]
     for row in summary.rows:
         cells = [_points(row.per_condition.get(c, math.nan)) for c in conditions]
         lines.append(f"| {row.label} | {row.model} | {_points(row.miou)} | " + " | ".join(cells) + " |")
@@ -129,12 +150,18 @@ def _difference(summary: MethodSummary, a: str, b: str) -> float | None:
 
 def format_summary(summary: MethodSummary, serving_version: str | None, model_name: str) -> str:
     """The printout: the table (mIoU in %), the gains, then ``serving`` and why."""
-    lines = ["", "The method on target val (mIoU %, each model's own run):", "",
-             markdown_table(summary).rstrip()]
+    lines = [
+        "",
+        "The method on target val (mIoU %, each model's own run):",
+        "",
+        markdown_table(summary).rstrip(),
+    ]
     gains = []
-    for a, b, text in (("teacher", "source_only", "adaptation (MIC teacher − source-only)"),
-                       ("distill", "teacher", "distillation (student − teacher)"),
-                       ("evaluate", "distill", "soup (soup − student)")):
+    for a, b, text in (
+        ("teacher", "source_only", "adaptation (MIC teacher − source-only)"),
+        ("distill", "teacher", "distillation (student − teacher)"),
+        ("evaluate", "distill", "soup (soup − student)"),
+    ):
         value = _difference(summary, a, b)
         if value is not None:
             gains.append(f"{text} {value:+.1f}")
@@ -142,8 +169,11 @@ def format_summary(summary: MethodSummary, serving_version: str | None, model_na
         lines += ["", "Points: " + "; ".join(gains) + "."]
     if serving_version is not None:
         why = f" ({summary.promote_reason})" if summary.promote_reason else ""
-        lines += ["", f"serving → {model_name} version {serving_version}, the soup{why}: the recipe "
-                      "serves its final soup."]
+        lines += [
+            "",
+            f"serving → {model_name} version {serving_version}, the soup{why}: the recipe "
+            "serves its final soup.",
+        ]
     if summary.soup_report is not None and summary.best_ingredient is not None:
         alias, best = summary.best_ingredient
         if summary.soup_report < best:
@@ -152,20 +182,29 @@ def format_summary(summary: MethodSummary, serving_version: str | None, model_na
                 f"scores {100 * summary.soup_report:.2f} and its best ingredient {alias} "
                 f"{100 * best:.2f}: the soup is not the best model there. To move `serving` only "
                 "when a soup beats the model serving now, run the soup step with "
-                "-P promote=if-better.")
+                "-P promote=if-better."
+            )
         else:
             lines.append(
                 f"On the report split (target-val images that did not tune the weights) the soup "
                 f"scores {100 * summary.soup_report:.2f}, its best ingredient {alias} "
-                f"{100 * best:.2f}.")
+                f"{100 * best:.2f}."
+            )
     return "\n".join(lines) + "\n"
 
 
 def summary_records(summary: MethodSummary) -> list[dict[str, Any]]:
     """The table as records (fractions), for ``mlflow.log_table``."""
-    return [{"model": r.label, "registered as": r.model, "run": r.run_id, "target val mIoU": r.miou,
-             **{f"mIoU {c}": r.per_condition.get(c, math.nan) for c in ACDC_CONDITIONS}}
-            for r in summary.rows]
+    return [
+        {
+            "model": r.label,
+            "registered as": r.model,
+            "run": r.run_id,
+            "target val mIoU": r.miou,
+            **{f"mIoU {c}": r.per_condition.get(c, math.nan) for c in ACDC_CONDITIONS},
+        }
+        for r in summary.rows
+    ]
 
 
 def log_summary(summary: MethodSummary, text: str) -> None:
@@ -177,8 +216,9 @@ def log_summary(summary: MethodSummary, text: str) -> None:
     for row in summary.rows:
         if math.isfinite(row.miou):
             metrics[f"method.{row.key}.mIoU"] = row.miou
-        metrics.update({f"method.{row.key}.mIoU.{c}": v for c, v in row.per_condition.items()
-                        if math.isfinite(v)})
+        metrics.update(
+            {f"method.{row.key}.mIoU.{c}": v for c, v in row.per_condition.items() if math.isfinite(v)}
+        )
     mlflow.log_metrics(metrics)
     mlflow.log_table(pd.DataFrame(summary_records(summary)), "method/summary.json")
     mlflow.log_text(text, "method/summary.md")

@@ -6,29 +6,27 @@
 Only torch is imported, so the training loop keeps running where MLflow and
 mmcv are not installed.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Union
 
 import torch
 
-__all__ = ['PRECISIONS', 'autocast']
+__all__ = ["PRECISIONS", "autocast"]
 
-PRECISIONS = ('fp32', 'bf16')
+PRECISIONS = ("fp32", "bf16")
 
 
-def autocast(device: Union[str, torch.device],
-             precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The context for forward passes on ``device`` in ``precision``.
 
     Raises:
         ValueError: ``precision`` is not one of :data:`PRECISIONS` (callers
             check user input earlier and say which setting was wrong).
     """
-    if precision == 'fp32':
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == 'bf16':
+    if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                     f"{precision!r}.")
+    raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")

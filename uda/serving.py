@@ -69,6 +69,7 @@ Malformed requests raise :class:`mlflow.exceptions.MlflowException` with
 Only torch, timm, numpy, Pillow, pandas and MLflow's pyfunc interface are
 imported (no mmcv / mmseg).
 """
+
 from __future__ import annotations
 
 import base64
@@ -81,7 +82,8 @@ import os
 import threading
 from pathlib import Path
 from time import monotonic as _now
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import mlflow
 import numpy as np
@@ -89,25 +91,38 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import (DEADLINE_EXCEEDED,
-                                          INVALID_PARAMETER_VALUE)
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, UnidentifiedImageError
 
 from uda.data.labels import colorize
 
 __all__ = [
-    'SegmentationModel', 'CHECKPOINT_ARTIFACT', 'MAX_IMAGE_SIDE',
-    'MIN_IMAGE_SIDE', 'MAX_IMAGE_PIXELS', 'MAX_REQUEST_PIXELS',
-    'MAX_WHOLE_MODE_PIXELS', 'MAX_IMAGE_BYTES', 'MAX_REQUEST_BYTES',
-    'MAX_IMAGES_PER_REQUEST', 'SLIDE_BATCH_PIXELS', 'IMAGE_FORMATS',
-    'DEVICE_ENV', 'TIMEOUT_ENV', 'RequestTooLarge', 'RequestTimeout',
-    'serving_signature', 'example_image_png', 'encode_png', 'decode_png',
-    'input_frame'
+    "SegmentationModel",
+    "CHECKPOINT_ARTIFACT",
+    "MAX_IMAGE_SIDE",
+    "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_REQUEST_PIXELS",
+    "MAX_WHOLE_MODE_PIXELS",
+    "MAX_IMAGE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "MAX_IMAGES_PER_REQUEST",
+    "SLIDE_BATCH_PIXELS",
+    "IMAGE_FORMATS",
+    "DEVICE_ENV",
+    "TIMEOUT_ENV",
+    "RequestTooLarge",
+    "RequestTimeout",
+    "serving_signature",
+    "example_image_png",
+    "encode_png",
+    "decode_png",
+    "input_frame",
 ]
 
 #: Key of the checkpoint file in the pyfunc model's ``artifacts``.
-CHECKPOINT_ARTIFACT = 'checkpoint'
+CHECKPOINT_ARTIFACT = "checkpoint"
 #: Largest accepted image height/width in pixels.
 MAX_IMAGE_SIDE = 4096
 #: Smallest accepted image height/width: MiT's stage-1 spatial reduction
@@ -139,20 +154,20 @@ MAX_IMAGES_PER_REQUEST = 16
 SLIDE_BATCH_PIXELS = 2**17
 #: Accepted image file formats (Pillow names; camera JPEGs with extra
 #: pictures open as 'MPO').
-IMAGE_FORMATS = ('PNG', 'JPEG', 'MPO')
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 #: Environment variable choosing the inference device (``cpu``, ``cuda``,
 #: ``cuda:1``); default: CUDA when available.
-DEVICE_ENV = 'UDA_SERVING_DEVICE'
+DEVICE_ENV = "UDA_SERVING_DEVICE"
 #: The request timeout in seconds of MLflow's scoring server: ``mlflow
 #: models serve -t`` (default 60) sets it in the server's environment, where
 #: the server's timeout middleware and this model both read it. Unset (e.g.
 #: ``predict`` from Python): no deadline.
-TIMEOUT_ENV = 'MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT'
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 
 # ImageNet mean/std on 0-255 RGB: the img_norm_cfg of MIC/mmseg pipelines.
 _MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 _STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
-_DATA_URL_MARK = ';base64,'
+_DATA_URL_MARK = ";base64,"
 # The model stops this long before the server's timeout (at most 1 s, 10 %
 # of it), so that the client gets this module's 504 message, which says
 # what to change, rather than the server's generic one.
@@ -188,17 +203,21 @@ class RequestTimeout(MlflowException):
 
 def serving_signature() -> ModelSignature:
     """Input/output schema and the ``colorize`` parameter of the model."""
-    inputs = Schema([
-        ColSpec('string', 'image'),
-        ColSpec('boolean', 'colorize', required=False),
-    ])
-    outputs = Schema([
-        ColSpec('string', 'label_map'),
-        ColSpec('long', 'height'),
-        ColSpec('long', 'width'),
-        ColSpec('string', 'color', required=False),
-    ])
-    params = ParamSchema([ParamSpec('colorize', 'boolean', False)])
+    inputs = Schema(
+        [
+            ColSpec("string", "image"),
+            ColSpec("boolean", "colorize", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "label_map"),
+            ColSpec("long", "height"),
+            ColSpec("long", "width"),
+            ColSpec("string", "color", required=False),
+        ]
+    )
+    params = ParamSchema([ParamSpec("colorize", "boolean", False)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -206,8 +225,8 @@ def encode_png(array: np.ndarray) -> str:
     """Base64 text of a lossless PNG of a ``(H, W)`` uint8 map or an
     ``(H, W, 3)`` uint8 RGB image."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format='PNG')
-    return base64.b64encode(buffer.getvalue()).decode('ascii')
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def decode_png(text: str) -> np.ndarray:
@@ -227,11 +246,11 @@ def example_image_png(height: int = 64, width: int = 96) -> bytes:
     image = np.where(rows < 0.35, sky, np.where(rows < 0.6, building, road))
     image = np.broadcast_to(image, (height, width, 3)).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format='PNG')
+    Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def input_frame(*images: Union[bytes, str, os.PathLike]) -> pd.DataFrame:
+def input_frame(*images: bytes | str | os.PathLike) -> pd.DataFrame:
     """A request DataFrame from image files or their bytes.
 
     Args:
@@ -240,17 +259,17 @@ def input_frame(*images: Union[bytes, str, os.PathLike]) -> pd.DataFrame:
     encoded = []
     for image in images:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        encoded.append(base64.b64encode(data).decode('ascii'))
-    return pd.DataFrame({'image': encoded})
+        encoded.append(base64.b64encode(data).decode("ascii"))
+    return pd.DataFrame({"image": encoded})
 
 
 def _mib(n_bytes: int) -> str:
-    return f'{n_bytes / 2**20:.0f} MiB'
+    return f"{n_bytes / 2**20:.0f} MiB"
 
 
 def _pixels(n: int) -> str:
     """``8,388,608 pixels (8.4 MP)``: exact and readable."""
-    return f'{n:,} pixels ({n / 1e6:.1f} MP)'
+    return f"{n:,} pixels ({n / 1e6:.1f} MP)"
 
 
 def _image_bytes(value: Any, row: int) -> bytes:
@@ -259,33 +278,36 @@ def _image_bytes(value: Any, row: int) -> bytes:
         data = bytes(value)
     elif isinstance(value, str):
         text = value.strip()
-        if text.startswith('data:') and _DATA_URL_MARK in text:
+        if text.startswith("data:") and _DATA_URL_MARK in text:
             text = text.split(_DATA_URL_MARK, 1)[1]  # data:image/png;base64,
         # Refuse before decoding: base64 text is 4/3 of the file.
         if len(text) * 3 // 4 > MAX_IMAGE_BYTES + 2:
             raise RequestTooLarge(
-                f'Row {row}: the encoded image is about '
-                f'{_mib(len(text) * 3 // 4)}, more than the limit of '
-                f'{_mib(MAX_IMAGE_BYTES)} per image file. Send a smaller '
-                f'file (downscale it or use JPEG).')
+                f"Row {row}: the encoded image is about "
+                f"{_mib(len(text) * 3 // 4)}, more than the limit of "
+                f"{_mib(MAX_IMAGE_BYTES)} per image file. Send a smaller "
+                f"file (downscale it or use JPEG)."
+            )
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise _bad_input(
                 f'Row {row}: column "image" must hold a base64-encoded PNG or '
-                f'JPEG file (e.g. the output of `base64 -w0 image.png`); '
-                f'this value is not valid base64.') from None
+                f"JPEG file (e.g. the output of `base64 -w0 image.png`); "
+                f"this value is not valid base64."
+            ) from None
     else:
         raise _bad_input(
-            f'Row {row}: column "image" must hold base64 text (or bytes), got '
-            f'{type(value).__name__}.')
+            f'Row {row}: column "image" must hold base64 text (or bytes), got {type(value).__name__}.'
+        )
     if not data:
-        raise _bad_input(f'Row {row}: the image is empty.')
+        raise _bad_input(f"Row {row}: the image is empty.")
     if len(data) > MAX_IMAGE_BYTES:
         raise RequestTooLarge(
-            f'Row {row}: the image file has {len(data):,} bytes, more than '
-            f'the limit of {_mib(MAX_IMAGE_BYTES)} per image file. Send a '
-            f'smaller file (downscale it or use JPEG).')
+            f"Row {row}: the image file has {len(data):,} bytes, more than "
+            f"the limit of {_mib(MAX_IMAGE_BYTES)} per image file. Send a "
+            f"smaller file (downscale it or use JPEG)."
+        )
     return data
 
 
@@ -296,35 +318,37 @@ def _open_image(data: bytes, row: int, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise RequestTooLarge(
-            f'Row {row}: the image has more pixels than Pillow will open; '
-            f'this server accepts at most {_pixels(max_pixels)} per image '
-            f'and {MAX_IMAGE_SIDE} per side. Downscale it first.') from None
+            f"Row {row}: the image has more pixels than Pillow will open; "
+            f"this server accepts at most {_pixels(max_pixels)} per image "
+            f"and {MAX_IMAGE_SIDE} per side. Downscale it first."
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise _bad_input(
-            f'Row {row}: the data is not a PNG or JPEG image '
-            f'({len(data)} bytes that Pillow cannot identify).') from None
+            f"Row {row}: the data is not a PNG or JPEG image ({len(data)} bytes that Pillow cannot identify)."
+        ) from None
     try:
         if image.format not in IMAGE_FORMATS:
-            raise _bad_input(
-                f'Row {row}: image format {image.format} is not accepted; '
-                f'send PNG or JPEG.')
+            raise _bad_input(f"Row {row}: image format {image.format} is not accepted; send PNG or JPEG.")
         width, height = image.size
         if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
             raise RequestTooLarge(
-                f'Row {row}: the image is {width}x{height} pixels; this '
-                f'server accepts at most {MAX_IMAGE_SIDE} pixels per side '
-                f'(and {_pixels(max_pixels)} per image). Downscale it '
-                f'first.')
+                f"Row {row}: the image is {width}x{height} pixels; this "
+                f"server accepts at most {MAX_IMAGE_SIDE} pixels per side "
+                f"(and {_pixels(max_pixels)} per image). Downscale it "
+                f"first."
+            )
         if width < MIN_IMAGE_SIDE or height < MIN_IMAGE_SIDE:
             raise _bad_input(
-                f'Row {row}: the image is {width}x{height} pixels; the model '
-                f'needs at least {MIN_IMAGE_SIDE} pixels per side.')
+                f"Row {row}: the image is {width}x{height} pixels; the model "
+                f"needs at least {MIN_IMAGE_SIDE} pixels per side."
+            )
         if width * height > max_pixels:
             raise RequestTooLarge(
-                f'Row {row}: the image is {width}x{height} = '
-                f'{_pixels(width * height)}; this server segments at most '
-                f'{_pixels(max_pixels)} per image. Downscale it or split it '
-                f'into tiles first.')
+                f"Row {row}: the image is {width}x{height} = "
+                f"{_pixels(width * height)}; this server segments at most "
+                f"{_pixels(max_pixels)} per image. Downscale it or split it "
+                f"into tiles first."
+            )
     except MlflowException:
         image.close()
         raise
@@ -335,10 +359,9 @@ def _decode_image(image: Image.Image, row: int) -> np.ndarray:
     """Decode an opened image into an ``(H, W, 3)`` uint8 RGB array."""
     with image:
         try:
-            rgb = image.convert('RGB')
+            rgb = image.convert("RGB")
         except (OSError, ValueError) as err:  # truncated / corrupt pixel data
-            raise _bad_input(f'Row {row}: the {image.format} file is damaged '
-                             f'({err}).') from None
+            raise _bad_input(f"Row {row}: the {image.format} file is damaged ({err}).") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -349,21 +372,18 @@ def _normalise(rgb: np.ndarray) -> np.ndarray:
 
 def _to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB → normalised ``(1, 3, H, W)`` float tensor."""
-    return torch.from_numpy(_normalise(rgb).transpose(2, 0, 1)).unsqueeze(
-        0).to(device)
+    return torch.from_numpy(_normalise(rgb).transpose(2, 0, 1)).unsqueeze(0).to(device)
 
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), as uda.models.hrda
 
 
-def _windows_tensor(rgb: np.ndarray, boxes: Sequence[Box],
-                    device: torch.device) -> torch.Tensor:
+def _windows_tensor(rgb: np.ndarray, boxes: Sequence[Box], device: torch.device) -> torch.Tensor:
     """Normalised ``(N, 3, h, w)`` batch of the windows ``boxes`` of one
     image, normalised per window so the whole image is never held in float
     (12 bytes per pixel); values are those of cropping :func:`_to_tensor`."""
     crops = np.stack([rgb[y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-    return torch.from_numpy(_normalise(crops).transpose(0, 3, 1, 2)).to(
-        device)
+    return torch.from_numpy(_normalise(crops).transpose(0, 3, 1, 2)).to(device)
 
 
 def _as_frame(model_input: Any) -> pd.DataFrame:
@@ -373,26 +393,25 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
         try:
             return pd.DataFrame(dict(model_input))
         except ValueError as err:
-            raise _bad_input(f'Cannot read the request as a table: {err}')
+            raise _bad_input(f"Cannot read the request as a table: {err}")
     raise _bad_input(
         f'Expected a table with a column "image" (JSON "dataframe_split" or '
-        f'"dataframe_records"), got {type(model_input).__name__}.')
+        f'"dataframe_records"), got {type(model_input).__name__}.'
+    )
 
 
-def _wants_color(frame: pd.DataFrame, params: Optional[Mapping[str, Any]]
-                 ) -> list[bool]:
+def _wants_color(frame: pd.DataFrame, params: Mapping[str, Any] | None) -> list[bool]:
     """Per row: whether to add the colour rendering."""
-    everywhere = bool((params or {}).get('colorize', False))
-    if 'colorize' not in frame.columns:
+    everywhere = bool((params or {}).get("colorize", False))
+    if "colorize" not in frame.columns:
         return [everywhere] * len(frame)
-    return [everywhere or (isinstance(v, (bool, np.bool_)) and bool(v))
-            for v in frame['colorize']]
+    return [everywhere or (isinstance(v, (bool, np.bool_)) and bool(v)) for v in frame["colorize"]]
 
 
-def request_timeout_s() -> Optional[float]:
+def request_timeout_s() -> float | None:
     """The scoring server's request timeout (``$MLFLOW_SCORING_SERVER_
     REQUEST_TIMEOUT``, set from ``mlflow models serve -t``), or None."""
-    text = os.environ.get(TIMEOUT_ENV, '').strip()
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
     try:
         value = float(text)
     except ValueError:
@@ -403,16 +422,14 @@ def request_timeout_s() -> Optional[float]:
 class _Deadline:
     """When a request must stop, and how to say so."""
 
-    def __init__(self, timeout_s: Optional[float],
-                 server_margin: bool = False) -> None:
+    def __init__(self, timeout_s: float | None, server_margin: bool = False) -> None:
         self.timeout_s = timeout_s
-        self.at: Optional[float] = None
+        self.at: float | None = None
         if timeout_s is not None:
-            margin = min(_DEADLINE_MARGIN_S, _DEADLINE_MARGIN_FRACTION *
-                         timeout_s) if server_margin else 0.0
+            margin = min(_DEADLINE_MARGIN_S, _DEADLINE_MARGIN_FRACTION * timeout_s) if server_margin else 0.0
             self.at = _now() + timeout_s - margin
 
-    def remaining(self) -> Optional[float]:
+    def remaining(self) -> float | None:
         return None if self.at is None else self.at - _now()
 
     def expired(self) -> bool:
@@ -420,10 +437,11 @@ class _Deadline:
 
     def error(self, what: str) -> RequestTimeout:
         return RequestTimeout(
-            f'The request ran out of the server\'s {self.timeout_s:g} s '
-            f'request timeout ({TIMEOUT_ENV}, `mlflow models serve -t`) and '
-            f'was stopped {what}. Send fewer or smaller images per request, '
-            f'or start the server with a larger -t.')
+            f"The request ran out of the server's {self.timeout_s:g} s "
+            f"request timeout ({TIMEOUT_ENV}, `mlflow models serve -t`) and "
+            f"was stopped {what}. Send fewer or smaller images per request, "
+            f"or start the server with a larger -t."
+        )
 
 
 class _FairTurns:
@@ -476,15 +494,14 @@ class _StripStitcher:
     of the same window logits.
     """
 
-    def __init__(self, height: int, width: int, window_height: int,
-                 num_classes: int, device: torch.device) -> None:
+    def __init__(
+        self, height: int, width: int, window_height: int, num_classes: int, device: torch.device
+    ) -> None:
         self.height = height
         self.window_height = window_height
         self.top = 0  # image row of strip row 0
-        self.sums = torch.zeros((num_classes, window_height, width),
-                                dtype=torch.float32, device=device)
-        self.count = torch.zeros((1, window_height, width),
-                                 dtype=torch.float32, device=device)
+        self.sums = torch.zeros((num_classes, window_height, width), dtype=torch.float32, device=device)
+        self.count = torch.zeros((1, window_height, width), dtype=torch.float32, device=device)
         self.label_map = np.empty((height, width), dtype=np.uint8)
 
     def add(self, box: Box, logits: torch.Tensor) -> None:
@@ -492,8 +509,8 @@ class _StripStitcher:
         y1, y2, x1, x2 = box
         if y1 > self.top:
             self._advance(y1)
-        self.sums[:, y1 - self.top:y2 - self.top, x1:x2] += logits
-        self.count[:, y1 - self.top:y2 - self.top, x1:x2] += 1
+        self.sums[:, y1 - self.top : y2 - self.top, x1:x2] += logits
+        self.count[:, y1 - self.top : y2 - self.top, x1:x2] += 1
 
     def finish(self) -> np.ndarray:
         """The ``(H, W)`` uint8 label map once every window was added."""
@@ -503,8 +520,9 @@ class _StripStitcher:
     def _advance(self, row: int) -> None:
         done = row - self.top
         if done > self.window_height:
-            raise RuntimeError('Slide windows do not cover the whole image; '
-                               'check test_cfg crop_size and stride.')
+            raise RuntimeError(
+                "Slide windows do not cover the whole image; check test_cfg crop_size and stride."
+            )
         self._emit(done)
         keep = self.window_height - done
         for buffer in (self.sums, self.count):
@@ -515,11 +533,11 @@ class _StripStitcher:
     def _emit(self, rows: int) -> None:
         count = self.count[:, :rows]
         if bool((count == 0).any()):
-            raise RuntimeError('Slide windows do not cover the whole image; '
-                               'check test_cfg crop_size and stride.')
+            raise RuntimeError(
+                "Slide windows do not cover the whole image; check test_cfg crop_size and stride."
+            )
         mean = self.sums[:, :rows] / count
-        self.label_map[self.top:self.top + rows] = \
-            mean.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        self.label_map[self.top : self.top + rows] = mean.argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
@@ -533,8 +551,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     """
 
     def __init__(self) -> None:
-        self.model: Optional[torch.nn.Module] = None
-        self.device = torch.device('cpu')
+        self.model: torch.nn.Module | None = None
+        self.device = torch.device("cpu")
         #: Window pixels per slide batch (see :data:`SLIDE_BATCH_PIXELS`).
         self.slide_batch_pixels = SLIDE_BATCH_PIXELS
         # The scoring server runs requests in threads: they take FIFO turns
@@ -543,8 +561,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self._turns = _FairTurns()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_path: Union[str, os.PathLike],
-                        device: Optional[str] = None) -> 'SegmentationModel':
+    def from_checkpoint(
+        cls, checkpoint_path: str | os.PathLike, device: str | None = None
+    ) -> SegmentationModel:
         """The model ready to ``predict``, without MLflow (tests, scripts).
 
         Args:
@@ -555,19 +574,15 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         wrapper._load(checkpoint_path, device)
         return wrapper
 
-    def _load(self, checkpoint_path: Union[str, os.PathLike],
-              device: Optional[str]) -> None:
+    def _load(self, checkpoint_path: str | os.PathLike, device: str | None) -> None:
         from uda.models import build_from_checkpoint
 
-        name = device or os.environ.get(DEVICE_ENV, '') or (
-            'cuda' if torch.cuda.is_available() else 'cpu')
+        name = device or os.environ.get(DEVICE_ENV, "") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(name)
-        self.model = build_from_checkpoint(checkpoint_path).eval().to(
-            self.device)
+        self.model = build_from_checkpoint(checkpoint_path).eval().to(self.device)
         # This wrapper's own model: bounded detail passes on a CPU (the
         # model's own value, when its config sets one, is kept).
-        self.model.set_windows_per_batch(
-            self.model.device_windows_per_batch(self.device))
+        self.model.set_windows_per_batch(self.model.device_windows_per_batch(self.device))
 
     def load_context(self, context: Any) -> None:
         """Build the segmentor from the logged checkpoint artifact.
@@ -580,20 +595,22 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     @property
     def test_mode(self) -> str:
         """The test mode the model runs in (``'slide'`` or ``'whole'``)."""
-        return self._segmentor().test_cfg['mode']
+        return self._segmentor().test_cfg["mode"]
 
     @property
     def max_image_pixels(self) -> int:
         """Most pixels per image for this model's test mode."""
-        if self.test_mode == 'whole':
+        if self.test_mode == "whole":
             return min(MAX_IMAGE_PIXELS, MAX_WHOLE_MODE_PIXELS)
         return MAX_IMAGE_PIXELS
 
     def _segmentor(self) -> torch.nn.Module:
         if self.model is None:
-            raise RuntimeError('SegmentationModel has no model; use '
-                               'mlflow.pyfunc.load_model() or '
-                               'SegmentationModel.from_checkpoint().')
+            raise RuntimeError(
+                "SegmentationModel has no model; use "
+                "mlflow.pyfunc.load_model() or "
+                "SegmentationModel.from_checkpoint()."
+            )
         return self.model
 
     def windows_per_batch(self, window_pixels: int) -> int:
@@ -604,12 +621,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         further at the model's ``test_cfg.max_windows_per_batch``."""
         from uda.models.hrda import windows_for_pixels
 
-        if not self._segmentor().test_cfg.get('batched_slide', False):
+        if not self._segmentor().test_cfg.get("batched_slide", False):
             return 1
         return windows_for_pixels(self.slide_batch_pixels, window_pixels)
 
-    def segment(self, rgb: np.ndarray, deadline: Optional[float] = None,
-                name: str = 'the image') -> np.ndarray:
+    def segment(self, rgb: np.ndarray, deadline: float | None = None, name: str = "the image") -> np.ndarray:
         """TrainId map ``(H, W)`` uint8 of one ``(H, W, 3)`` uint8 RGB image,
         in the model's configured test mode at the image's resolution.
 
@@ -624,26 +640,24 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     # No autograd: a graph kept through the stitching sums would hold every
     # batch's activations (memory growing with the image).
     @torch.inference_mode()
-    def _segment(self, rgb: np.ndarray, deadline: _Deadline,
-                 name: str) -> np.ndarray:
+    def _segment(self, rgb: np.ndarray, deadline: _Deadline, name: str) -> np.ndarray:
         model = self._segmentor()
-        if model.test_cfg['mode'] != 'slide':
+        if model.test_cfg["mode"] != "slide":
             # One pass, its memory bounded by MAX_WHOLE_MODE_PIXELS.
-            with self._turns.turn(deadline, f'before {name}'):
+            with self._turns.turn(deadline, f"before {name}"):
                 if deadline.expired():
-                    raise deadline.error(f'before {name}')
+                    raise deadline.error(f"before {name}")
                 logits = model(_to_tensor(rgb, self.device))
                 return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
         height, width = rgb.shape[:2]
         # Clipped to the image when a window is larger than it.
-        window_h = min(int(model.test_cfg['crop_size'][0]), height)
-        window_w = min(int(model.test_cfg['crop_size'][1]), width)
-        stitcher = _StripStitcher(height, width, window_h, model.num_classes,
-                                  self.device)
+        window_h = min(int(model.test_cfg["crop_size"][0]), height)
+        window_w = min(int(model.test_cfg["crop_size"][1]), width)
+        stitcher = _StripStitcher(height, width, window_h, model.num_classes, self.device)
 
         @contextlib.contextmanager
         def turn(start: int, total: int) -> Iterator[None]:
-            where = f'after {start} of the {total} windows of {name}'
+            where = f"after {start} of the {total} windows of {name}"
             with self._turns.turn(deadline, where):
                 # Checked again once it is our turn: the wait may have used
                 # the time up.
@@ -658,10 +672,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         # The segmentor's window loop (same windows and groups as its
         # slide_inference), strip-stitched here to bound the memory.
         model.slide_forward(
-            height, width,
-            lambda boxes: _windows_tensor(rgb, boxes, self.device), add,
+            height,
+            width,
+            lambda boxes: _windows_tensor(rgb, boxes, self.device),
+            add,
             windows_per_forward=self.windows_per_batch(window_h * window_w),
-            around_batch=turn)
+            around_batch=turn,
+        )
         return stitcher.finish()
 
     def _check_request(self, frame: pd.DataFrame) -> list[Image.Image]:
@@ -669,42 +686,45 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         images, before any pixel is decoded."""
         if len(frame) > MAX_IMAGES_PER_REQUEST:
             raise RequestTooLarge(
-                f'The request holds {len(frame)} images; this server takes at '
-                f'most {MAX_IMAGES_PER_REQUEST} per request. Send them in '
-                f'several requests.')
+                f"The request holds {len(frame)} images; this server takes at "
+                f"most {MAX_IMAGES_PER_REQUEST} per request. Send them in "
+                f"several requests."
+            )
         max_pixels = self.max_image_pixels
         images: list[Image.Image] = []
         try:
             total_bytes = 0
-            for row, value in enumerate(frame['image']):
+            for row, value in enumerate(frame["image"]):
                 data = _image_bytes(value, row)
                 total_bytes += len(data)
                 if total_bytes > MAX_REQUEST_BYTES:
                     raise RequestTooLarge(
-                        f'The image files of rows 0..{row} add up to '
-                        f'{total_bytes:,} bytes, more than the limit of '
-                        f'{_mib(MAX_REQUEST_BYTES)} per request. Send fewer '
-                        f'or smaller files per request.')
+                        f"The image files of rows 0..{row} add up to "
+                        f"{total_bytes:,} bytes, more than the limit of "
+                        f"{_mib(MAX_REQUEST_BYTES)} per request. Send fewer "
+                        f"or smaller files per request."
+                    )
                 images.append(_open_image(data, row, max_pixels))
             sizes = [image.size for image in images]
             total = sum(w * h for w, h in sizes)
             if total > MAX_REQUEST_PIXELS:
-                shown = ', '.join(f'{w}x{h}' for w, h in sizes[:4]) + (
-                    ', ...' if len(sizes) > 4 else '')
+                shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
                 raise RequestTooLarge(
-                    f'The request holds {len(sizes)} images with '
-                    f'{_pixels(total)} in all ({shown}); this server '
-                    f'segments at most {_pixels(MAX_REQUEST_PIXELS)} per '
-                    f'request (e.g. one 4096x2048 image or four 1920x1080 '
-                    f'frames). Send fewer or smaller images per request.')
+                    f"The request holds {len(sizes)} images with "
+                    f"{_pixels(total)} in all ({shown}); this server "
+                    f"segments at most {_pixels(MAX_REQUEST_PIXELS)} per "
+                    f"request (e.g. one 4096x2048 image or four 1920x1080 "
+                    f"frames). Send fewer or smaller images per request."
+                )
         except BaseException:
             for image in images:
                 image.close()
             raise
         return images
 
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Segment every image of the request.
 
         Args:
@@ -729,42 +749,43 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         # here, after its JSON was parsed (the margin covers that).
         deadline = _Deadline(request_timeout_s(), server_margin=True)
         frame = _as_frame(model_input)
-        if 'image' not in frame.columns:
+        if "image" not in frame.columns:
             raise _bad_input(
                 f'The request needs a column "image" with base64-encoded '
-                f'PNG/JPEG files; got columns {list(map(str, frame.columns))}.')
+                f"PNG/JPEG files; got columns {list(map(str, frame.columns))}."
+            )
         if len(frame) == 0:
-            raise _bad_input('The request holds no image (0 rows).')
+            raise _bad_input("The request holds no image (0 rows).")
         opened = self._check_request(frame)
         # Decode every row before any inference, so a damaged file costs no
         # compute (at most MAX_REQUEST_PIXELS * 3 bytes held).
-        images: list[Optional[np.ndarray]] = []
+        images: list[np.ndarray | None] = []
         for row, image in enumerate(opened):
             try:
                 images.append(_decode_image(image, row))
             except BaseException:
-                for rest in opened[row + 1:]:
+                for rest in opened[row + 1 :]:
                     rest.close()
                 raise
         wants_color = _wants_color(frame, params)
-        columns: dict[str, list] = {'label_map': [], 'height': [],
-                                    'width': [], 'color': []}
+        columns: dict[str, list] = {"label_map": [], "height": [], "width": [], "color": []}
         for row, color in enumerate(wants_color):
             rgb = images[row]
             images[row] = None  # freed as soon as its label map is done
             assert rgb is not None
-            label_map = self._segment(rgb, deadline, f'image {row}')
-            columns['label_map'].append(encode_png(label_map))
-            columns['height'].append(int(rgb.shape[0]))
-            columns['width'].append(int(rgb.shape[1]))
-            columns['color'].append(
-                encode_png(colorize(label_map)) if color else None)
-        result = pd.DataFrame({
-            'label_map': pd.Series(columns['label_map'], dtype=object),
-            'height': pd.Series(columns['height'], dtype='int64'),
-            'width': pd.Series(columns['width'], dtype='int64'),
-        })
+            label_map = self._segment(rgb, deadline, f"image {row}")
+            columns["label_map"].append(encode_png(label_map))
+            columns["height"].append(int(rgb.shape[0]))
+            columns["width"].append(int(rgb.shape[1]))
+            columns["color"].append(encode_png(colorize(label_map)) if color else None)
+        result = pd.DataFrame(
+            {
+                "label_map": pd.Series(columns["label_map"], dtype=object),
+                "height": pd.Series(columns["height"], dtype="int64"),
+                "width": pd.Series(columns["width"], dtype="int64"),
+            }
+        )
         if any(wants_color):
             # object dtype keeps None (JSON null) for rows not asking.
-            result['color'] = pd.Series(columns['color'], dtype=object)
+            result["color"] = pd.Series(columns["color"], dtype=object)
         return result

@@ -5,6 +5,7 @@ config logged as ``config.yaml`` and the git commit tagged. Under
 ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed;
 called directly, a run is created in the ``cs2acdc-uda`` experiment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,9 @@ def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def git_commit(path: str | Path = ".") -> str | None:
     """The checked-out commit of the project, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
-                             text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -64,12 +66,19 @@ def code_version(path: str | Path = ".") -> str | None:
     if commit is None:
         return None
     try:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=path,
-                                capture_output=True, text=True, timeout=30, check=True).stdout
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         if not status.strip():
             return commit
-        diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=path, capture_output=True,
-                              timeout=60, check=True).stdout
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--binary"], cwd=path, capture_output=True, timeout=60, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     digest = hashlib.sha256(diff)
@@ -84,7 +93,7 @@ def code_version(path: str | Path = ".") -> str | None:
 
 def _param_value(value: Any) -> str:
     text = str(value)
-    return text if len(text) <= _MAX_PARAM_LENGTH else text[:_MAX_PARAM_LENGTH - 3] + "..."
+    return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -110,8 +119,13 @@ _GENERATED_RUN_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")
 
 
 @contextlib.contextmanager
-def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[str, Any] | None = None,
-                    nested: bool = False, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def entry_point_run(
+    entry_point: str,
+    params: Mapping[str, Any],
+    cfg: Mapping[str, Any] | None = None,
+    nested: bool = False,
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, under ``mlflow run``) the run of one entry point.
 
     Args:
@@ -131,8 +145,9 @@ def entry_point_run(entry_point: str, params: Mapping[str, Any], cfg: Mapping[st
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     # System metrics (CPU, memory, GPU) for every entry point; nested runs (soup trials) share
     # their parent's monitor.
-    with mlflow.start_run(run_id=run_id, run_name=None if continuing else readable,
-                          nested=nested, log_system_metrics=not nested) as run:
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if continuing else readable, nested=nested, log_system_metrics=not nested
+    ) as run:
         tags = {"entry_point": entry_point}
         if _GENERATED_RUN_NAME.fullmatch(run.info.run_name or ""):
             tags["mlflow.runName"] = readable  # `mlflow run` named it like "nosy-dolphin-231"
@@ -212,14 +227,19 @@ def log_dataset_summary(summary, source_root: str | Path, target_root: str | Pat
     mlflow.log_metrics({f"images.{key.replace('/', '.')}": n for key, n in summary.sizes.items()})
     mlflow.log_table(summary.class_table(), "data/class_pixel_share.json")
     figure = visualize.class_distribution_figure(
-        {name: counts / max(counts.sum(), 1) for name, counts in summary.class_pixels.items()})
+        {name: counts / max(counts.sum(), 1) for name, counts in summary.class_pixels.items()}
+    )
     mlflow.log_figure(figure, "data/class_pixel_share.png")
     plt.close(figure)
     for row_index, row in enumerate(summary.examples):
-        cells = [[img for img, _, _ in row], [visualize.overlay(img, lbl) if lbl is not None else img
-                                              for img, lbl, _ in row]]
-        captions = [[cap for _, _, cap in row], ["labels" if lbl is not None else "no labels"
-                                                 for _, lbl, _ in row]]
+        cells = [
+            [img for img, _, _ in row],
+            [visualize.overlay(img, lbl) if lbl is not None else img for img, lbl, _ in row],
+        ]
+        captions = [
+            [cap for _, _, cap in row],
+            ["labels" if lbl is not None else "no labels" for _, lbl, _ in row],
+        ]
         mlflow.log_image(visualize.grid(cells, captions), f"data/examples_{row_index}.png")
     missing = {k: v for k, v in summary.missing_classes().items() if v}
     if missing:

@@ -4,6 +4,7 @@ Images are uint8 RGB numpy arrays (H, W, 3); label maps are trainId arrays
 coloured with the Cityscapes palette from ``uda.data.labels``. Pillow draws
 grids and captions; matplotlib (Agg) draws charts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -29,8 +30,12 @@ def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.
     return np.where(keep, image, blended.round()).astype(np.uint8)
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[Sequence[str]] | None = None,
-         pad: int = 2, caption_height: int = 12) -> np.ndarray:
+def grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    captions: Sequence[Sequence[str]] | None = None,
+    pad: int = 2,
+    caption_height: int = 12,
+) -> np.ndarray:
     """Tile images row by row (each cell scaled to the first cell's size), with captions.
 
     Args:
@@ -81,8 +86,9 @@ def class_distribution_figure(pixel_fractions: Mapping[str, np.ndarray], title: 
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(11, 4), dpi=100)
     for k, name in enumerate(names):
-        ax.bar(x + (k - (len(names) - 1) / 2) * width, np.maximum(pixel_fractions[name], 1e-7),
-               width, label=name)
+        ax.bar(
+            x + (k - (len(names) - 1) / 2) * width, np.maximum(pixel_fractions[name], 1e-7), width, label=name
+        )
     ax.set_yscale("log")
     ax.set_xticks(x, CLASSES, rotation=60, ha="right")
     for tick, colour in zip(ax.get_xticklabels(), PALETTE):

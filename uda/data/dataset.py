@@ -13,10 +13,12 @@ With the training pipeline ``img``/``gt`` are the augmented crop; with the
 test pipeline ``img`` is resized to ``img_scale`` and ``gt`` keeps the
 original size (resize predictions to ``ori_size`` before scoring, as mmseg).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,10 +27,10 @@ from torch.utils.data import Dataset
 from .layouts import Sample, scan_acdc, scan_cityscapes
 from .pipelines import TestPipeline, TrainPipeline
 
-__all__ = ['SegmentationDataset', 'cityscapes_dataset', 'acdc_dataset']
+__all__ = ["SegmentationDataset", "cityscapes_dataset", "acdc_dataset"]
 
-Size = Tuple[int, int]
-PathLike = Union[str, os.PathLike]
+Size = tuple[int, int]
+PathLike = str | os.PathLike
 
 
 class SegmentationDataset(Dataset):
@@ -41,56 +43,63 @@ class SegmentationDataset(Dataset):
             callable ``Sample -> dict(img=HWC float32, gt=HW uint8?, ori_size)``.
     """
 
-    def __init__(self, samples: Sequence[Sample],
-                 pipeline: Callable[[Sample], Dict[str, Any]]) -> None:
+    def __init__(self, samples: Sequence[Sample], pipeline: Callable[[Sample], dict[str, Any]]) -> None:
         if len(samples) == 0:
-            raise ValueError('SegmentationDataset needs at least one sample')
-        self.samples: List[Sample] = list(samples)
+            raise ValueError("SegmentationDataset needs at least one sample")
+        self.samples: list[Sample] = list(samples)
         self.pipeline = pipeline
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         data = self.pipeline(sample)
-        img = np.ascontiguousarray(np.asarray(data['img'], np.float32).transpose(2, 0, 1))
-        item: Dict[str, Any] = dict(
+        img = np.ascontiguousarray(np.asarray(data["img"], np.float32).transpose(2, 0, 1))
+        item: dict[str, Any] = dict(
             img=torch.from_numpy(img),
             condition=sample.condition,
             filename=str(sample.image_path),
-            ori_size=torch.tensor(data['ori_size'], dtype=torch.int64))
-        if 'gt' in data:
-            item['gt'] = torch.from_numpy(np.asarray(data['gt'], dtype=np.int64))
+            ori_size=torch.tensor(data["ori_size"], dtype=torch.int64),
+        )
+        if "gt" in data:
+            item["gt"] = torch.from_numpy(np.asarray(data["gt"], dtype=np.int64))
         return item
 
     @property
-    def conditions(self) -> List[str]:
+    def conditions(self) -> list[str]:
         """Condition of every item, in order (for per-condition metrics)."""
         return [s.condition for s in self.samples]
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}({len(self)} samples, '
-                f'pipeline={self.pipeline!r})')
+        return f"{type(self).__name__}({len(self)} samples, pipeline={self.pipeline!r})"
 
 
-def _pipeline(train: bool, img_scale: Optional[Size], crop_size: Optional[Size],
-              cat_max_ratio: float, flip_prob: float, backend: str):
+def _pipeline(
+    train: bool,
+    img_scale: Size | None,
+    crop_size: Size | None,
+    cat_max_ratio: float,
+    flip_prob: float,
+    backend: str,
+):
     if not train:
         return TestPipeline(img_scale, backend=backend)
     if crop_size is None:
-        raise ValueError('A training pipeline needs crop_size (height, width)')
+        raise ValueError("A training pipeline needs crop_size (height, width)")
     return TrainPipeline(img_scale, crop_size, cat_max_ratio, flip_prob)
 
 
-def cityscapes_dataset(root: PathLike,
-                       split: str = 'train',
-                       train: bool = True,
-                       img_scale: Optional[Size] = (2048, 1024),
-                       crop_size: Optional[Size] = (1024, 1024),
-                       cat_max_ratio: float = 0.75,
-                       flip_prob: float = 0.5,
-                       backend: str = 'auto') -> SegmentationDataset:
+def cityscapes_dataset(
+    root: PathLike,
+    split: str = "train",
+    train: bool = True,
+    img_scale: Size | None = (2048, 1024),
+    crop_size: Size | None = (1024, 1024),
+    cat_max_ratio: float = 0.75,
+    flip_prob: float = 0.5,
+    backend: str = "auto",
+) -> SegmentationDataset:
     """The labelled source dataset (defaults: MIC's Cityscapes pipeline).
 
     Args:
@@ -106,19 +115,21 @@ def cityscapes_dataset(root: PathLike,
     """
     samples = scan_cityscapes(root, split)
     return SegmentationDataset(
-        samples, _pipeline(train, img_scale, crop_size, cat_max_ratio,
-                           flip_prob, backend))
+        samples, _pipeline(train, img_scale, crop_size, cat_max_ratio, flip_prob, backend)
+    )
 
 
-def acdc_dataset(root: PathLike,
-                 split: str = 'train',
-                 train: bool = True,
-                 conditions: Optional[Iterable[str]] = None,
-                 layout: str = 'auto',
-                 img_scale: Optional[Size] = (1920, 1080),
-                 crop_size: Optional[Size] = (1024, 1024),
-                 flip_prob: float = 0.5,
-                 backend: str = 'auto') -> SegmentationDataset:
+def acdc_dataset(
+    root: PathLike,
+    split: str = "train",
+    train: bool = True,
+    conditions: Iterable[str] | None = None,
+    layout: str = "auto",
+    img_scale: Size | None = (1920, 1080),
+    crop_size: Size | None = (1024, 1024),
+    flip_prob: float = 0.5,
+    backend: str = "auto",
+) -> SegmentationDataset:
     """The target dataset (defaults: MIC's ACDC pipeline).
 
     'train' items carry no ``gt`` (UDA target), 'val' items do, 'test' not.
@@ -136,5 +147,4 @@ def acdc_dataset(root: PathLike,
         backend: Test pipeline backend ('auto', 'mmseg', 'numpy').
     """
     samples = scan_acdc(root, split, conditions=conditions, layout=layout)
-    return SegmentationDataset(
-        samples, _pipeline(train, img_scale, crop_size, 1.0, flip_prob, backend))
+    return SegmentationDataset(samples, _pipeline(train, img_scale, crop_size, 1.0, flip_prob, backend))

@@ -10,31 +10,70 @@ The numbers are those of the official Cityscapes label table
 0..18 in labelId order, every other labelId maps to the ignore index 255.
 ACDC uses the same 19 classes and the same encodings.
 """
+
 from __future__ import annotations
 
-from typing import Tuple
 
 import numpy as np
 
 __all__ = [
-    'CLASSES', 'PALETTE', 'NUM_CLASSES', 'IGNORE_INDEX', 'LABEL_IDS',
-    'THING_CLASSES', 'STUFF_CLASSES', 'label_to_train_id',
-    'train_id_to_label_id', 'colorize'
+    "CLASSES",
+    "PALETTE",
+    "NUM_CLASSES",
+    "IGNORE_INDEX",
+    "LABEL_IDS",
+    "THING_CLASSES",
+    "STUFF_CLASSES",
+    "label_to_train_id",
+    "train_id_to_label_id",
+    "colorize",
 ]
 
 #: Class names in trainId order (identical to mmseg's ``CityscapesDataset.CLASSES``).
-CLASSES: Tuple[str, ...] = (
-    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light',
-    'traffic sign', 'vegetation', 'terrain', 'sky', 'person', 'rider', 'car',
-    'truck', 'bus', 'train', 'motorcycle', 'bicycle')
+CLASSES: tuple[str, ...] = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 
 #: Official Cityscapes colours (RGB) in trainId order.
-PALETTE: Tuple[Tuple[int, int, int], ...] = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156),
-    (190, 153, 153), (153, 153, 153), (250, 170, 30), (220, 220, 0),
-    (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100),
-    (0, 0, 230), (119, 11, 32))
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)
 
 NUM_CLASSES: int = len(CLASSES)
 
@@ -42,16 +81,14 @@ NUM_CLASSES: int = len(CLASSES)
 IGNORE_INDEX: int = 255
 
 #: Cityscapes labelId of each trainId (official table: road=7 ... bicycle=33).
-LABEL_IDS: Tuple[int, ...] = (
-    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
 #: trainIds of the "thing" classes on which MIC/DAFormer compute the ImageNet
 #: feature distance (traffic light, traffic sign, person ... bicycle).
-THING_CLASSES: Tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+THING_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 #: trainIds of the remaining ("stuff") classes.
-STUFF_CLASSES: Tuple[int, ...] = tuple(
-    c for c in range(NUM_CLASSES) if c not in THING_CLASSES)
+STUFF_CLASSES: tuple[int, ...] = tuple(c for c in range(NUM_CLASSES) if c not in THING_CLASSES)
 
 # Colour of ignored pixels in colourised maps ('unlabeled' in the official table).
 _IGNORE_COLOR = (0, 0, 0)
@@ -60,7 +97,7 @@ _IGNORE_COLOR = (0, 0, 0)
 _IGNORE_LABEL_ID = 0
 
 
-def _build_luts() -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _build_luts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     label_to_train = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     train_to_label = np.full(256, _IGNORE_LABEL_ID, dtype=np.uint8)
     colors = np.zeros((256, 3), dtype=np.uint8)
@@ -84,12 +121,9 @@ def _as_byte_indices(values: np.ndarray, what: str) -> np.ndarray:
     if values.dtype == np.uint8:
         return values
     if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(
-            f'{what} must be an integer array, got dtype {values.dtype}')
+        raise ValueError(f"{what} must be an integer array, got dtype {values.dtype}")
     if values.size and (values.min() < 0 or values.max() > 255):
-        raise ValueError(
-            f'{what} must lie in [0, 255], got values in '
-            f'[{values.min()}, {values.max()}]')
+        raise ValueError(f"{what} must lie in [0, 255], got values in [{values.min()}, {values.max()}]")
     return values
 
 
@@ -103,18 +137,19 @@ def label_to_train_id(label_ids: np.ndarray) -> np.ndarray:
         uint8 array of the same shape: trainIds 0..18, and ``IGNORE_INDEX``
         for every labelId that is not one of the 19 evaluated classes.
     """
-    return _LABEL_TO_TRAIN[_as_byte_indices(label_ids, 'label_ids')]
+    return _LABEL_TO_TRAIN[_as_byte_indices(label_ids, "label_ids")]
 
 
 def _check_train_ids(train_ids: np.ndarray) -> np.ndarray:
-    train_ids = _as_byte_indices(train_ids, 'train_ids')
+    train_ids = _as_byte_indices(train_ids, "train_ids")
     invalid = (train_ids >= NUM_CLASSES) & (train_ids != IGNORE_INDEX)
     if invalid.any():
         bad = np.unique(train_ids[invalid])[:10].tolist()
         raise ValueError(
-            f'train_ids must be in 0..{NUM_CLASSES - 1} or {IGNORE_INDEX}, '
-            f'found {bad}; is this a labelId map? Convert it with '
-            'label_to_train_id() first.')
+            f"train_ids must be in 0..{NUM_CLASSES - 1} or {IGNORE_INDEX}, "
+            f"found {bad}; is this a labelId map? Convert it with "
+            "label_to_train_id() first."
+        )
     return train_ids
 
 

@@ -15,38 +15,49 @@ under the annotation folder (``CityscapesDataset``: ``_leftImg8bit.png`` /
 The readers only list files; they import neither mmcv nor torch, so
 evaluation and serving can use them with Pillow alone.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 from uda.errors import UserError
 
 __all__ = [
-    'Sample', 'DatasetLayoutError', 'MissingLabelsError', 'ACDC_CONDITIONS',
-    'SOURCE_CONDITION', 'UNKNOWN_CONDITION', 'CITYSCAPES_IMG_SUFFIX',
-    'CITYSCAPES_SEG_SUFFIX', 'ACDC_IMG_SUFFIX', 'ACDC_SEG_SUFFIX',
-    'CITYSCAPES_LAYOUT', 'ACDC_LAYOUT', 'scan_cityscapes', 'scan_acdc',
-    'detect_acdc_layout'
+    "Sample",
+    "DatasetLayoutError",
+    "MissingLabelsError",
+    "ACDC_CONDITIONS",
+    "SOURCE_CONDITION",
+    "UNKNOWN_CONDITION",
+    "CITYSCAPES_IMG_SUFFIX",
+    "CITYSCAPES_SEG_SUFFIX",
+    "ACDC_IMG_SUFFIX",
+    "ACDC_SEG_SUFFIX",
+    "CITYSCAPES_LAYOUT",
+    "ACDC_LAYOUT",
+    "scan_cityscapes",
+    "scan_acdc",
+    "detect_acdc_layout",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: ACDC's adverse conditions, in the order of the ACDC paper.
-ACDC_CONDITIONS: Tuple[str, ...] = ('fog', 'night', 'rain', 'snow')
+ACDC_CONDITIONS: tuple[str, ...] = ("fog", "night", "rain", "snow")
 #: Condition of every Cityscapes (source) sample.
-SOURCE_CONDITION = 'clear'
+SOURCE_CONDITION = "clear"
 #: Condition of a flattened-ACDC sample whose condition cannot be recovered.
-UNKNOWN_CONDITION = 'unknown'
+UNKNOWN_CONDITION = "unknown"
 
 # mmseg 0.30 CityscapesDataset defaults.
-CITYSCAPES_IMG_SUFFIX = '_leftImg8bit.png'
-CITYSCAPES_SEG_SUFFIX = '_gtFine_labelTrainIds.png'
+CITYSCAPES_IMG_SUFFIX = "_leftImg8bit.png"
+CITYSCAPES_SEG_SUFFIX = "_gtFine_labelTrainIds.png"
 # MIC's ACDCDataset (mmseg/datasets/acdc.py).
-ACDC_IMG_SUFFIX = '_rgb_anon.png'
-ACDC_SEG_SUFFIX = '_gt_labelTrainIds.png'
+ACDC_IMG_SUFFIX = "_rgb_anon.png"
+ACDC_SEG_SUFFIX = "_gt_labelTrainIds.png"
 
 CITYSCAPES_LAYOUT = """\
 <root>/
@@ -100,8 +111,9 @@ class Sample:
             'aachen_000000_000019' or 'GOPR0475_frame_000041'.
         sequence: The city (Cityscapes) or recording sequence (ACDC).
     """
+
     image_path: Path
-    label_path: Optional[Path]
+    label_path: Path | None
     split: str
     condition: str
     name: str
@@ -112,26 +124,26 @@ class Sample:
         return self.label_path is not None
 
 
-def _layout_error(message: str, root: Path, layout: str,
-                  cls: type = DatasetLayoutError) -> DatasetLayoutError:
-    return cls(f'{message}\nDataset root: {root}\nExpected layout:\n{layout}')
+def _layout_error(
+    message: str, root: Path, layout: str, cls: type = DatasetLayoutError
+) -> DatasetLayoutError:
+    return cls(f"{message}\nDataset root: {root}\nExpected layout:\n{layout}")
 
 
 def _check_split(split: str, allowed: Sequence[str], dataset: str) -> None:
     if split not in allowed:
-        raise ValueError(f'{dataset} has no split {split!r}; '
-                         f'choose one of {list(allowed)}')
+        raise ValueError(f"{dataset} has no split {split!r}; choose one of {list(allowed)}")
 
 
 def _check_root(root: PathLike, dataset: str, layout: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
-        what = 'is a file, not a folder' if root.exists() else 'does not exist'
-        raise _layout_error(f'{dataset} root {what}.', root, layout)
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise _layout_error(f"{dataset} root {what}.", root, layout)
     return root
 
 
-def _scan(folder: Path, suffix: str) -> List[str]:
+def _scan(folder: Path, suffix: str) -> list[str]:
     """Lists files ending in ``suffix`` below ``folder`` (recursively) as
     sorted relative posix paths, like ``mmcv.scandir(folder, suffix,
     recursive=True)`` followed by mmseg's sort."""
@@ -140,24 +152,25 @@ def _scan(folder: Path, suffix: str) -> List[str]:
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(folder)
         for filename in filenames:
-            if filename.endswith(suffix) and not filename.startswith('.'):
+            if filename.endswith(suffix) and not filename.startswith("."):
                 found.append((rel_dir / filename).as_posix())
     return sorted(found)
 
 
-def _missing_labels_error(missing: List[Tuple[Path, Path]], total: int,
-                          root: Path, layout: str,
-                          hint: str = '') -> MissingLabelsError:
-    named = '\n'.join(f'  {image} -> expected {label}'
-                      for image, label in missing[:_NAMED_IN_ERRORS])
-    more = (f'\n  ... and {len(missing) - _NAMED_IN_ERRORS} more'
-            if len(missing) > _NAMED_IN_ERRORS else '')
+def _missing_labels_error(
+    missing: list[tuple[Path, Path]], total: int, root: Path, layout: str, hint: str = ""
+) -> MissingLabelsError:
+    named = "\n".join(f"  {image} -> expected {label}" for image, label in missing[:_NAMED_IN_ERRORS])
+    more = f"\n  ... and {len(missing) - _NAMED_IN_ERRORS} more" if len(missing) > _NAMED_IN_ERRORS else ""
     return _layout_error(
-        f'{len(missing)} of {total} images have no label file:\n{named}{more}'
-        f'{hint}', root, layout, MissingLabelsError)
+        f"{len(missing)} of {total} images have no label file:\n{named}{more}{hint}",
+        root,
+        layout,
+        MissingLabelsError,
+    )
 
 
-def scan_cityscapes(root: PathLike, split: str = 'train') -> List[Sample]:
+def scan_cityscapes(root: PathLike, split: str = "train") -> list[Sample]:
     """Lists the images (and their labels) of one Cityscapes split.
 
     Args:
@@ -174,42 +187,49 @@ def scan_cityscapes(root: PathLike, split: str = 'train') -> List[Sample]:
         MissingLabelsError: if a train/val image has no
             ``*_gtFine_labelTrainIds.png`` next to it under ``gtFine/``.
     """
-    _check_split(split, ('train', 'val', 'test'), 'Cityscapes')
-    root = _check_root(root, 'Cityscapes', CITYSCAPES_LAYOUT)
-    img_dir = root / 'leftImg8bit' / split
-    ann_dir = root / 'gtFine' / split
+    _check_split(split, ("train", "val", "test"), "Cityscapes")
+    root = _check_root(root, "Cityscapes", CITYSCAPES_LAYOUT)
+    img_dir = root / "leftImg8bit" / split
+    ann_dir = root / "gtFine" / split
     if not img_dir.is_dir():
-        raise _layout_error(f'Cityscapes images folder {img_dir} not found.',
-                            root, CITYSCAPES_LAYOUT)
+        raise _layout_error(f"Cityscapes images folder {img_dir} not found.", root, CITYSCAPES_LAYOUT)
     images = _scan(img_dir, CITYSCAPES_IMG_SUFFIX)
     if not images:
         raise _layout_error(
-            f'No *{CITYSCAPES_IMG_SUFFIX} files found below {img_dir}.', root,
-            CITYSCAPES_LAYOUT)
-    labelled = split != 'test'
+            f"No *{CITYSCAPES_IMG_SUFFIX} files found below {img_dir}.", root, CITYSCAPES_LAYOUT
+        )
+    labelled = split != "test"
     samples, missing = [], []
     for rel in images:
-        stem = rel[:-len(CITYSCAPES_IMG_SUFFIX)]
+        stem = rel[: -len(CITYSCAPES_IMG_SUFFIX)]
         label = ann_dir / (stem + CITYSCAPES_SEG_SUFFIX) if labelled else None
         if label is not None and not label.is_file():
             missing.append((img_dir / rel, label))
         rel_path = Path(stem)
         samples.append(
-            Sample(image_path=img_dir / rel, label_path=label, split=split,
-                   condition=SOURCE_CONDITION, name=rel_path.name,
-                   sequence=rel_path.parent.name))
+            Sample(
+                image_path=img_dir / rel,
+                label_path=label,
+                split=split,
+                condition=SOURCE_CONDITION,
+                name=rel_path.name,
+                sequence=rel_path.parent.name,
+            )
+        )
     if missing:
         first_label = missing[0][1]
-        hint = ''
-        if first_label.with_name(first_label.name.replace(
-                '_labelTrainIds.png', '_labelIds.png')).is_file() or (
-                    first_label.with_name(first_label.name.replace(
-                        '_labelTrainIds.png', '_polygons.json')).is_file()):
-            hint = ('\nThe *_gtFine_labelIds.png / *_polygons.json files are '
-                    'there: convert them to trainIds with mmseg/MIC '
-                    '`python tools/convert_datasets/cityscapes.py <root>`.')
-        raise _missing_labels_error(missing, len(images), root,
-                                    CITYSCAPES_LAYOUT, hint)
+        hint = ""
+        if first_label.with_name(
+            first_label.name.replace("_labelTrainIds.png", "_labelIds.png")
+        ).is_file() or (
+            first_label.with_name(first_label.name.replace("_labelTrainIds.png", "_polygons.json")).is_file()
+        ):
+            hint = (
+                "\nThe *_gtFine_labelIds.png / *_polygons.json files are "
+                "there: convert them to trainIds with mmseg/MIC "
+                "`python tools/convert_datasets/cityscapes.py <root>`."
+            )
+        raise _missing_labels_error(missing, len(images), root, CITYSCAPES_LAYOUT, hint)
     return samples
 
 
@@ -228,33 +248,37 @@ def detect_acdc_layout(root: PathLike, split: str) -> str:
     Raises:
         DatasetLayoutError: if neither layout holds the split.
     """
-    root = _check_root(root, 'ACDC', ACDC_LAYOUT)
-    rgb = root / 'rgb_anon'
+    root = _check_root(root, "ACDC", ACDC_LAYOUT)
+    rgb = root / "rgb_anon"
     if not rgb.is_dir():
-        raise _layout_error(f'ACDC images folder {rgb} not found.', root,
-                            ACDC_LAYOUT)
+        raise _layout_error(f"ACDC images folder {rgb} not found.", root, ACDC_LAYOUT)
     if any((rgb / c / split).is_dir() for c in ACDC_CONDITIONS):
-        return 'nested'
+        return "nested"
     if (rgb / split).is_dir():
-        return 'flat'
-    hint = ''
-    if split == 'test' and (rgb / 'val').is_dir():
-        hint = ('\nMIC\'s rsync commands flatten only train and val; for test '
-                'keep the downloaded rgb_anon/<condition>/test/ folders or run '
-                '`rsync -a <root>/rgb_anon/*/test/*/* <root>/rgb_anon/test/`.')
+        return "flat"
+    hint = ""
+    if split == "test" and (rgb / "val").is_dir():
+        hint = (
+            "\nMIC's rsync commands flatten only train and val; for test "
+            "keep the downloaded rgb_anon/<condition>/test/ folders or run "
+            "`rsync -a <root>/rgb_anon/*/test/*/* <root>/rgb_anon/test/`."
+        )
     raise _layout_error(
-        f'ACDC split {split!r} not found: neither {rgb}/<condition>/{split}/ '
-        f'(condition in {", ".join(ACDC_CONDITIONS)}) nor {rgb / split}/ '
-        f'exists.{hint}', root, ACDC_LAYOUT)
+        f"ACDC split {split!r} not found: neither {rgb}/<condition>/{split}/ "
+        f"(condition in {', '.join(ACDC_CONDITIONS)}) nor {rgb / split}/ "
+        f"exists.{hint}",
+        root,
+        ACDC_LAYOUT,
+    )
 
 
 def _acdc_sequence(name: str) -> str:
     """'GOPR0475_frame_000041' -> 'GOPR0475' (ACDC frame naming)."""
-    head, sep, _ = name.partition('_frame_')
-    return head if sep else ''
+    head, sep, _ = name.partition("_frame_")
+    return head if sep else ""
 
 
-def _nested_condition_index(rgb: Path) -> Dict[str, str]:
+def _nested_condition_index(rgb: Path) -> dict[str, str]:
     """Maps image names to conditions using the downloaded nested folders.
 
     MIC's README flattens ACDC with ``rsync`` (a copy), so the nested
@@ -268,11 +292,11 @@ def _nested_condition_index(rgb: Path) -> Dict[str, str]:
             continue
         for split_dir in sorted(p for p in cond_dir.iterdir() if p.is_dir()):
             for rel in _scan(split_dir, ACDC_IMG_SUFFIX):
-                index[Path(rel).name[:-len(ACDC_IMG_SUFFIX)]] = condition
+                index[Path(rel).name[: -len(ACDC_IMG_SUFFIX)]] = condition
     return index
 
 
-def _check_conditions(conditions: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]:
+def _check_conditions(conditions: Iterable[str] | None) -> tuple[str, ...] | None:
     if conditions is None:
         return None
     if isinstance(conditions, str):
@@ -280,15 +304,13 @@ def _check_conditions(conditions: Optional[Iterable[str]]) -> Optional[Tuple[str
     conditions = tuple(conditions)
     unknown = [c for c in conditions if c not in ACDC_CONDITIONS]
     if unknown or not conditions:
-        raise ValueError(f'Unknown ACDC condition(s) {unknown}; choose from '
-                         f'{list(ACDC_CONDITIONS)}')
+        raise ValueError(f"Unknown ACDC condition(s) {unknown}; choose from {list(ACDC_CONDITIONS)}")
     return conditions
 
 
-def scan_acdc(root: PathLike,
-              split: str = 'val',
-              conditions: Optional[Iterable[str]] = None,
-              layout: str = 'auto') -> List[Sample]:
+def scan_acdc(
+    root: PathLike, split: str = "val", conditions: Iterable[str] | None = None, layout: str = "auto"
+) -> list[Sample]:
     """Lists the images of one ACDC split, in either ACDC layout.
 
     Labels are handed out only for 'val': 'train' images are the unlabelled
@@ -314,72 +336,82 @@ def scan_acdc(root: PathLike,
         MissingLabelsError: if a val image has no ``*_gt_labelTrainIds.png``.
         ValueError: for an unknown split, condition or layout name.
     """
-    _check_split(split, ('train', 'val', 'test'), 'ACDC')
+    _check_split(split, ("train", "val", "test"), "ACDC")
     conditions = _check_conditions(conditions)
-    if layout not in ('auto', 'nested', 'flat'):
-        raise ValueError(
-            f"layout must be 'auto', 'nested' or 'flat', got {layout!r}")
-    root = _check_root(root, 'ACDC', ACDC_LAYOUT)
-    if layout == 'auto':
+    if layout not in ("auto", "nested", "flat"):
+        raise ValueError(f"layout must be 'auto', 'nested' or 'flat', got {layout!r}")
+    root = _check_root(root, "ACDC", ACDC_LAYOUT)
+    if layout == "auto":
         layout = detect_acdc_layout(root, split)
-    rgb, gt = root / 'rgb_anon', root / 'gt'
-    labelled = split == 'val'
+    rgb, gt = root / "rgb_anon", root / "gt"
+    labelled = split == "val"
 
     # (image dir, label dir, relative image path, condition or None)
-    found: List[Tuple[Path, Path, str, Optional[str]]] = []
-    if layout == 'nested':
+    found: list[tuple[Path, Path, str, str | None]] = []
+    if layout == "nested":
         present = [c for c in ACDC_CONDITIONS if (rgb / c / split).is_dir()]
         wanted = conditions if conditions is not None else tuple(present)
         absent = [c for c in wanted if c not in present]
         if absent or not wanted:
             raise _layout_error(
-                f'ACDC split {split!r} has no condition folder(s) '
-                f'{absent or list(ACDC_CONDITIONS)} under {rgb}/<condition>/'
-                f'{split}/ (present: {present}).', root, ACDC_LAYOUT)
+                f"ACDC split {split!r} has no condition folder(s) "
+                f"{absent or list(ACDC_CONDITIONS)} under {rgb}/<condition>/"
+                f"{split}/ (present: {present}).",
+                root,
+                ACDC_LAYOUT,
+            )
         for condition in wanted:
             img_dir = rgb / condition / split
             ann_dir = gt / condition / split
-            found += [(img_dir, ann_dir, rel, condition)
-                      for rel in _scan(img_dir, ACDC_IMG_SUFFIX)]
+            found += [(img_dir, ann_dir, rel, condition) for rel in _scan(img_dir, ACDC_IMG_SUFFIX)]
     else:
         img_dir = rgb / split
         if not img_dir.is_dir():
-            raise _layout_error(f'ACDC images folder {img_dir} not found.',
-                                root, ACDC_LAYOUT)
+            raise _layout_error(f"ACDC images folder {img_dir} not found.", root, ACDC_LAYOUT)
         index = _nested_condition_index(rgb)
         for rel in _scan(img_dir, ACDC_IMG_SUFFIX):
-            name = Path(rel).name[:-len(ACDC_IMG_SUFFIX)]
-            found.append((img_dir, gt / split, rel,
-                          index.get(name, UNKNOWN_CONDITION)))
+            name = Path(rel).name[: -len(ACDC_IMG_SUFFIX)]
+            found.append((img_dir, gt / split, rel, index.get(name, UNKNOWN_CONDITION)))
         if conditions is not None:
             unknown = sum(c == UNKNOWN_CONDITION for *_, c in found)
             if unknown:
                 raise _layout_error(
-                    f'Cannot select conditions {list(conditions)} in the flat '
-                    f'layout: the condition of {unknown} images is unknown '
-                    f'(keep the downloaded {rgb}/<condition>/ folders next to '
-                    'the flat ones, or use the nested layout).', root,
-                    ACDC_LAYOUT)
+                    f"Cannot select conditions {list(conditions)} in the flat "
+                    f"layout: the condition of {unknown} images is unknown "
+                    f"(keep the downloaded {rgb}/<condition>/ folders next to "
+                    "the flat ones, or use the nested layout).",
+                    root,
+                    ACDC_LAYOUT,
+                )
             found = [f for f in found if f[3] in conditions]
 
     if not found:
         raise _layout_error(
-            f'No *{ACDC_IMG_SUFFIX} files found for ACDC split {split!r} '
-            f'({layout} layout).', root, ACDC_LAYOUT)
+            f"No *{ACDC_IMG_SUFFIX} files found for ACDC split {split!r} ({layout} layout).",
+            root,
+            ACDC_LAYOUT,
+        )
 
     samples, missing = [], []
     for img_dir, ann_dir, rel, condition in found:
-        stem = rel[:-len(ACDC_IMG_SUFFIX)]
+        stem = rel[: -len(ACDC_IMG_SUFFIX)]
         label = ann_dir / (stem + ACDC_SEG_SUFFIX) if labelled else None
         if label is not None and not label.is_file():
             missing.append((img_dir / rel, label))
         name = Path(stem).name
         sequence = Path(stem).parent.name or _acdc_sequence(name)
         samples.append(
-            Sample(image_path=img_dir / rel, label_path=label, split=split,
-                   condition=condition, name=name, sequence=sequence))
+            Sample(
+                image_path=img_dir / rel,
+                label_path=label,
+                split=split,
+                condition=condition,
+                name=name,
+                sequence=sequence,
+            )
+        )
     if missing:
         raise _missing_labels_error(
-            missing, len(found), root, ACDC_LAYOUT,
-            '\nACDC val labels come from gt_trainval.zip.')
+            missing, len(found), root, ACDC_LAYOUT, "\nACDC val labels come from gt_trainval.zip."
+        )
     return samples

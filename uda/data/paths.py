@@ -5,40 +5,41 @@ This module has no dependencies inside the project, so that every module
 that writes (the generator, the rare-class statistics, root preparation)
 asks the same owner where it may.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
 
-__all__ = ['PROJECT_DIR', 'EMBEDDED_ROOT', 'GENERATED_MARKER', 'is_marked',
-           'cache_dir', 'stats_dir']
+__all__ = ["PROJECT_DIR", "EMBEDDED_ROOT", "GENERATED_MARKER", "is_marked", "cache_dir", "stats_dir"]
 
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 #: The project folder (holding ``MLproject``), or None for an install without
 #: it (a wheel in site-packages), where the embedded data goes to the cache.
-PROJECT_DIR: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / 'MLproject').is_file() else None
+PROJECT_DIR: Path | None = _PACKAGE_PARENT if (_PACKAGE_PARENT / "MLproject").is_file() else None
 
 #: Written into every dataset folder the generator creates; a folder without
 #: it is never replaced or removed.
-GENERATED_MARKER = '.cs2acdc-synthetic.json'
+GENERATED_MARKER = ".cs2acdc-synthetic.json"
 
 
 def cache_dir() -> Path:
     """The project's cache: ``$UDA_CACHE_DIR``, else ``$XDG_CACHE_HOME/cs2acdc-uda``
     (``~/.cache/cs2acdc-uda``); ``tools/install.sh`` keeps its wheels there too."""
-    env = os.environ.get('UDA_CACHE_DIR')
+    env = os.environ.get("UDA_CACHE_DIR")
     if env:
         return Path(env).expanduser().absolute()
-    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(base).expanduser().absolute() / 'cs2acdc-uda'
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser().absolute() / "cs2acdc-uda"
 
 
 #: The only folder whose dataset sub-folders the project ever writes:
 #: ``<project>/data/embedded``, fixed by where the project lives and never
 #: derived from the working directory or from a root a user passes.
-EMBEDDED_ROOT: Path = (PROJECT_DIR / 'data' / 'embedded' if PROJECT_DIR is not None
-                       else cache_dir() / 'embedded')
+EMBEDDED_ROOT: Path = (
+    PROJECT_DIR / "data" / "embedded" if PROJECT_DIR is not None else cache_dir() / "embedded"
+)
 
 
 def is_marked(folder: os.PathLike | str) -> bool:
@@ -61,4 +62,4 @@ def stats_dir(root: os.PathLike | str) -> Path:
     if is_marked(path):
         return path
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return cache_dir() / 'rcs' / f'{path.name or "root"}-{digest}'
+    return cache_dir() / "rcs" / f"{path.name or 'root'}-{digest}"

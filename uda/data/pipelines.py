@@ -22,10 +22,11 @@ Sizes use mmcv's conventions: ``img_scale`` is (width, height), i.e.
 (long edge, short edge) limits for a ratio-keeping resize;
 ``crop_size`` is (height, width) as in mmseg's ``RandomCrop``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,16 +35,23 @@ from .labels import IGNORE_INDEX
 from .layouts import Sample
 
 __all__ = [
-    'IMG_NORM_CFG', 'IMG_MEAN', 'IMG_STD', 'mmseg_available', 'rescale_size',
-    'load_image', 'load_label', 'TrainPipeline', 'TestPipeline'
+    "IMG_NORM_CFG",
+    "IMG_MEAN",
+    "IMG_STD",
+    "mmseg_available",
+    "rescale_size",
+    "load_image",
+    "load_label",
+    "TrainPipeline",
+    "TestPipeline",
 ]
 
 #: ImageNet statistics on 0-255 RGB (MIC's ``img_norm_cfg``).
-IMG_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMG_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+IMG_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+IMG_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 IMG_NORM_CFG = dict(mean=list(IMG_MEAN), std=list(IMG_STD), to_rgb=True)
 
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
 def mmseg_available() -> bool:
@@ -74,7 +82,7 @@ def rescale_size(width: int, height: int, img_scale: Size) -> Size:
 def load_image(path: Path) -> np.ndarray:
     """Reads an image file as uint8 RGB (H, W, 3)."""
     with Image.open(path) as img:
-        return np.asarray(img.convert('RGB'))
+        return np.asarray(img.convert("RGB"))
 
 
 def load_label(path: Path) -> np.ndarray:
@@ -87,8 +95,9 @@ def load_label(path: Path) -> np.ndarray:
         label = np.asarray(img)
     if label.ndim != 2:
         raise ValueError(
-            f'{path} is not a single-channel label map (shape {label.shape}); '
-            'expected a *_labelTrainIds.png, not a colour visualisation.')
+            f"{path} is not a single-channel label map (shape {label.shape}); "
+            "expected a *_labelTrainIds.png, not a colour visualisation."
+        )
     return label.astype(np.uint8, copy=False)
 
 
@@ -112,13 +121,13 @@ def _normalize(img: np.ndarray) -> np.ndarray:
     return ((img.astype(np.float32) - mean) * stdinv).astype(np.float32)
 
 
-def _mmseg_results(sample: Sample, with_label: bool) -> Dict[str, Any]:
+def _mmseg_results(sample: Sample, with_label: bool) -> dict[str, Any]:
     """The input dict mmseg's ``CustomDataset.prepare_*_img`` builds."""
-    results: Dict[str, Any] = dict(
-        img_info=dict(filename=str(sample.image_path)), img_prefix=None,
-        seg_prefix=None, seg_fields=[])
+    results: dict[str, Any] = dict(
+        img_info=dict(filename=str(sample.image_path)), img_prefix=None, seg_prefix=None, seg_fields=[]
+    )
     if with_label:
-        results['ann_info'] = dict(seg_map=str(sample.label_path))
+        results["ann_info"] = dict(seg_map=str(sample.label_path))
     return results
 
 
@@ -127,9 +136,10 @@ def _import_compose(what: str):
         from mmseg.datasets.pipelines import Compose
     except Exception as e:
         raise ImportError(
-            f'{what} uses mmsegmentation 0.30 transforms, which need mmcv-full '
-            f'1.7 and mmsegmentation 0.30 ({type(e).__name__}: {e}). Install '
-            'them (see requirements/mmcv.txt).') from e
+            f"{what} uses mmsegmentation 0.30 transforms, which need mmcv-full "
+            f"1.7 and mmsegmentation 0.30 ({type(e).__name__}: {e}). Install "
+            "them (see requirements/mmcv.txt)."
+        ) from e
     return Compose
 
 
@@ -155,13 +165,14 @@ class TrainPipeline:
         ImportError: if mmseg/mmcv-full are not importable.
     """
 
-    def __init__(self, img_scale: Optional[Size], crop_size: Size,
-                 cat_max_ratio: float = 1.0, flip_prob: float = 0.5) -> None:
+    def __init__(
+        self, img_scale: Size | None, crop_size: Size, cat_max_ratio: float = 1.0, flip_prob: float = 0.5
+    ) -> None:
         if not 0 < cat_max_ratio <= 1:
-            raise ValueError(f'cat_max_ratio must be in (0, 1], got {cat_max_ratio}')
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         if not 0 <= flip_prob <= 1:
-            raise ValueError(f'flip_prob must be in [0, 1], got {flip_prob}')
-        Compose = _import_compose('TrainPipeline')
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        Compose = _import_compose("TrainPipeline")
         self.img_scale = tuple(img_scale) if img_scale else None
         self.crop_size = tuple(crop_size)
         self.cat_max_ratio = cat_max_ratio
@@ -169,38 +180,39 @@ class TrainPipeline:
         self.labelled = Compose(self.config(with_label=True))
         self.unlabelled = Compose(self.config(with_label=False))
 
-    def config(self, with_label: bool) -> List[Dict[str, Any]]:
+    def config(self, with_label: bool) -> list[dict[str, Any]]:
         """The mmseg pipeline config (MIC vocabulary) this pipeline runs."""
-        steps: List[Dict[str, Any]] = [dict(type='LoadImageFromFile')]
+        steps: list[dict[str, Any]] = [dict(type="LoadImageFromFile")]
         if with_label:
-            steps.append(dict(type='LoadAnnotations'))
+            steps.append(dict(type="LoadAnnotations"))
         if self.img_scale is not None:
-            steps.append(dict(type='Resize', img_scale=self.img_scale))
-        crop = dict(type='RandomCrop', crop_size=self.crop_size)
+            steps.append(dict(type="Resize", img_scale=self.img_scale))
+        crop = dict(type="RandomCrop", crop_size=self.crop_size)
         if with_label and self.cat_max_ratio < 1:
-            crop['cat_max_ratio'] = self.cat_max_ratio
+            crop["cat_max_ratio"] = self.cat_max_ratio
         steps += [
             crop,
-            dict(type='RandomFlip', prob=self.flip_prob),
-            dict(type='Normalize', **IMG_NORM_CFG),
-            dict(type='Pad', size=self.crop_size, pad_val=0,
-                 seg_pad_val=IGNORE_INDEX),
+            dict(type="RandomFlip", prob=self.flip_prob),
+            dict(type="Normalize", **IMG_NORM_CFG),
+            dict(type="Pad", size=self.crop_size, pad_val=0, seg_pad_val=IGNORE_INDEX),
         ]
         return steps
 
-    def __call__(self, sample: Sample) -> Dict[str, Any]:
+    def __call__(self, sample: Sample) -> dict[str, Any]:
         with_label = sample.label_path is not None
         pipeline = self.labelled if with_label else self.unlabelled
         results = pipeline(_mmseg_results(sample, with_label))
-        out = dict(img=results['img'], ori_size=tuple(results['ori_shape'][:2]))
+        out = dict(img=results["img"], ori_size=tuple(results["ori_shape"][:2]))
         if with_label:
-            out['gt'] = results['gt_semantic_seg']
+            out["gt"] = results["gt_semantic_seg"]
         return out
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(img_scale={self.img_scale}, crop_size='
-                f'{self.crop_size}, cat_max_ratio={self.cat_max_ratio}, '
-                f'flip_prob={self.flip_prob})')
+        return (
+            f"{type(self).__name__}(img_scale={self.img_scale}, crop_size="
+            f"{self.crop_size}, cat_max_ratio={self.cat_max_ratio}, "
+            f"flip_prob={self.flip_prob})"
+        )
 
 
 class TestPipeline:
@@ -217,29 +229,26 @@ class TestPipeline:
 
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, img_scale: Optional[Size],
-                 backend: str = 'auto') -> None:
-        if backend not in ('auto', 'mmseg', 'numpy'):
-            raise ValueError(
-                f"backend must be 'auto', 'mmseg' or 'numpy', got {backend!r}")
-        if backend == 'auto':
-            backend = 'mmseg' if mmseg_available() else 'numpy'
+    def __init__(self, img_scale: Size | None, backend: str = "auto") -> None:
+        if backend not in ("auto", "mmseg", "numpy"):
+            raise ValueError(f"backend must be 'auto', 'mmseg' or 'numpy', got {backend!r}")
+        if backend == "auto":
+            backend = "mmseg" if mmseg_available() else "numpy"
         self.img_scale = tuple(img_scale) if img_scale else None
         self.backend = backend
         self._compose = None
-        if backend == 'mmseg':
+        if backend == "mmseg":
             Compose = _import_compose("TestPipeline(backend='mmseg')")
-            steps: List[Dict[str, Any]] = [dict(type='LoadImageFromFile')]
+            steps: list[dict[str, Any]] = [dict(type="LoadImageFromFile")]
             if self.img_scale is not None:
-                steps.append(dict(type='Resize', img_scale=self.img_scale,
-                                  keep_ratio=True))
-            steps.append(dict(type='Normalize', **IMG_NORM_CFG))
+                steps.append(dict(type="Resize", img_scale=self.img_scale, keep_ratio=True))
+            steps.append(dict(type="Normalize", **IMG_NORM_CFG))
             self._compose = Compose(steps)
 
-    def __call__(self, sample: Sample) -> Dict[str, Any]:
+    def __call__(self, sample: Sample) -> dict[str, Any]:
         if self._compose is not None:
             results = self._compose(_mmseg_results(sample, with_label=False))
-            img, ori_size = results['img'], tuple(results['ori_shape'][:2])
+            img, ori_size = results["img"], tuple(results["ori_shape"][:2])
         else:
             rgb = load_image(sample.image_path)
             ori_size = rgb.shape[:2]
@@ -249,9 +258,8 @@ class TestPipeline:
             img = _normalize(rgb)
         out = dict(img=img, ori_size=ori_size)
         if sample.label_path is not None:
-            out['gt'] = load_label(sample.label_path)
+            out["gt"] = load_label(sample.label_path)
         return out
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(img_scale={self.img_scale}, '
-                f'backend={self.backend!r})')
+        return f"{type(self).__name__}(img_scale={self.img_scale}, backend={self.backend!r})"

@@ -24,13 +24,15 @@ is redrawn (up to 10 times) until it holds more than
 ``min_pixels * min_crop_ratio`` pixels of ``c`` (see
 :func:`draw_rare_class_sample`).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,14 +42,19 @@ from .layouts import Sample
 from .paths import stats_dir
 
 __all__ = [
-    'STATS_FILE', 'STATS_DICT_FILE', 'SAMPLES_WITH_CLASS_FILE',
-    'count_class_pixels', 'load_or_compute_class_counts',
-    'rcs_class_probabilities', 'RareClassSampler', 'draw_rare_class_sample'
+    "STATS_FILE",
+    "STATS_DICT_FILE",
+    "SAMPLES_WITH_CLASS_FILE",
+    "count_class_pixels",
+    "load_or_compute_class_counts",
+    "rcs_class_probabilities",
+    "RareClassSampler",
+    "draw_rare_class_sample",
 ]
 
-STATS_FILE = 'sample_class_stats.json'
-STATS_DICT_FILE = 'sample_class_stats_dict.json'
-SAMPLES_WITH_CLASS_FILE = 'samples_with_class.json'
+STATS_FILE = "sample_class_stats.json"
+STATS_DICT_FILE = "sample_class_stats_dict.json"
+SAMPLES_WITH_CLASS_FILE = "samples_with_class.json"
 
 # MIC redraws the crop of a rare-class image at most this many times.
 _MAX_CROP_TRIES = 10
@@ -62,8 +69,7 @@ def count_class_pixels(label: np.ndarray) -> np.ndarray:
     Returns:
         int64 array of shape (19,).
     """
-    counts = np.bincount(np.asarray(label, dtype=np.uint8).ravel(),
-                         minlength=256)
+    counts = np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256)
     return counts[:NUM_CLASSES].astype(np.int64)
 
 
@@ -73,9 +79,9 @@ def _read_label(path: Path) -> np.ndarray:
 
 
 def _write_json_atomically(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, 'w') as f:
+        with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
@@ -83,15 +89,14 @@ def _write_json_atomically(path: Path, data: Any) -> None:
         raise
 
 
-def _cached_counts(samples: Sequence[Sample],
-                   stats_path: Path) -> Optional[np.ndarray]:
+def _cached_counts(samples: Sequence[Sample], stats_path: Path) -> np.ndarray | None:
     """Counts from an existing stats file, or None when it is stale."""
     if not stats_path.is_file():
         return None
     try:
         with open(stats_path) as f:
             entries = json.load(f)
-        by_name = {Path(e['file']).name: e for e in entries}
+        by_name = {Path(e["file"]).name: e for e in entries}
     except (ValueError, KeyError, TypeError):
         return None  # unreadable: recompute and overwrite
     names = [s.label_path.name for s in samples]
@@ -103,16 +108,17 @@ def _cached_counts(samples: Sequence[Sample],
     counts = np.zeros((len(samples), NUM_CLASSES), dtype=np.int64)
     for i, name in enumerate(names):
         for key, n in by_name[name].items():
-            if key != 'file':
+            if key != "file":
                 counts[i, int(key)] = n
     return counts
 
 
 def load_or_compute_class_counts(
-        samples: Sequence[Sample],
-        data_root: Union[str, os.PathLike],
-        progress: Optional[Callable[[int, int], None]] = None,
-        write_dir: Optional[Union[str, os.PathLike]] = None) -> np.ndarray:
+    samples: Sequence[Sample],
+    data_root: str | os.PathLike,
+    progress: Callable[[int, int], None] | None = None,
+    write_dir: str | os.PathLike | None = None,
+) -> np.ndarray:
     """Per-image class pixel counts of labelled samples, cached in MIC's files.
 
     A cache in ``data_root`` (e.g. MIC's own files) is reused when it lists
@@ -138,12 +144,13 @@ def load_or_compute_class_counts(
     """
     unlabelled = [s.image_path for s in samples if s.label_path is None]
     if unlabelled:
-        raise ValueError('Rare-class statistics need labelled samples; '
-                         f'{len(unlabelled)} have no label, e.g. {unlabelled[0]}')
+        raise ValueError(
+            "Rare-class statistics need labelled samples; "
+            f"{len(unlabelled)} have no label, e.g. {unlabelled[0]}"
+        )
     names = [s.label_path.name for s in samples]
     if len(set(names)) != len(names):
-        raise ValueError('Label file names must be unique (MIC matches RCS '
-                         'statistics by file name).')
+        raise ValueError("Label file names must be unique (MIC matches RCS statistics by file name).")
     data_root = Path(data_root)
     write_dir = stats_dir(data_root) if write_dir is None else Path(write_dir)
     counts = _cached_counts(samples, data_root / STATS_FILE)
@@ -158,14 +165,14 @@ def load_or_compute_class_counts(
             if progress is not None:
                 progress(i + 1, len(samples))
         _write_stats(samples, counts, data_root, write_dir, rewrite_stats=True)
-    elif not ((write_dir / STATS_DICT_FILE).is_file()
-              and (write_dir / SAMPLES_WITH_CLASS_FILE).is_file()):
+    elif not ((write_dir / STATS_DICT_FILE).is_file() and (write_dir / SAMPLES_WITH_CLASS_FILE).is_file()):
         _write_stats(samples, counts, data_root, write_dir, rewrite_stats=False)
     return counts
 
 
-def _write_stats(samples: Sequence[Sample], counts: np.ndarray,
-                 data_root: Path, write_dir: Path, rewrite_stats: bool) -> None:
+def _write_stats(
+    samples: Sequence[Sample], counts: np.ndarray, data_root: Path, write_dir: Path, rewrite_stats: bool
+) -> None:
     def rel(path: Path) -> str:
         try:
             return path.relative_to(data_root).as_posix()
@@ -175,11 +182,10 @@ def _write_stats(samples: Sequence[Sample], counts: np.ndarray,
     entries = []
     for sample, row in zip(samples, counts):
         entry = {str(c): int(n) for c, n in enumerate(row) if n > 0}
-        entry['file'] = rel(sample.label_path)
+        entry["file"] = rel(sample.label_path)
         entries.append(entry)
-    stats_dict = {e['file']: {k: v for k, v in e.items() if k != 'file'}
-                  for e in entries}
-    samples_with_class: Dict[str, List[Tuple[str, int]]] = {}
+    stats_dict = {e["file"]: {k: v for k, v in e.items() if k != "file"} for e in entries}
+    samples_with_class: dict[str, list[tuple[str, int]]] = {}
     for file, stats in stats_dict.items():
         for c, n in stats.items():
             samples_with_class.setdefault(c, []).append((file, n))
@@ -187,19 +193,18 @@ def _write_stats(samples: Sequence[Sample], counts: np.ndarray,
         write_dir.mkdir(parents=True, exist_ok=True)
         # The main file last: its mtime marks the cache as up to date.
         _write_json_atomically(write_dir / STATS_DICT_FILE, stats_dict)
-        _write_json_atomically(write_dir / SAMPLES_WITH_CLASS_FILE,
-                               samples_with_class)
+        _write_json_atomically(write_dir / SAMPLES_WITH_CLASS_FILE, samples_with_class)
         if rewrite_stats:
             _write_json_atomically(write_dir / STATS_FILE, entries)
     except OSError as e:
         raise PermissionError(
-            f'Cannot write the rare-class statistics to {write_dir} ({e}). '
-            'Make that folder writable, or set UDA_CACHE_DIR to a writable '
-            'folder.') from e
+            f"Cannot write the rare-class statistics to {write_dir} ({e}). "
+            "Make that folder writable, or set UDA_CACHE_DIR to a writable "
+            "folder."
+        ) from e
 
 
-def rcs_class_probabilities(counts: np.ndarray,
-                            temperature: float) -> Tuple[np.ndarray, np.ndarray]:
+def rcs_class_probabilities(counts: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """RCS class distribution: ``softmax((1 - freq) / T)`` over present classes.
 
     Args:
@@ -211,12 +216,12 @@ def rcs_class_probabilities(counts: np.ndarray,
         increasing pixel count as in MIC, and their sampling probabilities.
     """
     if temperature <= 0:
-        raise ValueError(f'RCS temperature must be > 0, got {temperature}')
+        raise ValueError(f"RCS temperature must be > 0, got {temperature}")
     totals = np.asarray(counts, dtype=np.int64).sum(axis=0)
     present = np.flatnonzero(totals > 0)
     if present.size == 0:
-        raise ValueError('No labelled pixels: cannot build the RCS distribution')
-    classes = present[np.argsort(totals[present], kind='stable')]
+        raise ValueError("No labelled pixels: cannot build the RCS distribution")
+    classes = present[np.argsort(totals[present], kind="stable")]
     freq = totals[classes] / totals[classes].sum()
     logits = (1.0 - freq) / temperature
     probs = np.exp(logits - logits.max())
@@ -240,23 +245,23 @@ class RareClassSampler:
         ValueError: if a present class has no candidate image.
     """
 
-    def __init__(self,
-                 class_counts: np.ndarray,
-                 temperature: float = 0.01,
-                 min_pixels: int = 3000,
-                 min_crop_ratio: float = 2.0) -> None:
+    def __init__(
+        self,
+        class_counts: np.ndarray,
+        temperature: float = 0.01,
+        min_pixels: int = 3000,
+        min_crop_ratio: float = 2.0,
+    ) -> None:
         counts = np.asarray(class_counts, dtype=np.int64)
         if counts.ndim != 2 or counts.shape[1] != NUM_CLASSES:
-            raise ValueError(f'class_counts must have shape (N, {NUM_CLASSES}),'
-                             f' got {counts.shape}')
+            raise ValueError(f"class_counts must have shape (N, {NUM_CLASSES}), got {counts.shape}")
         if min_pixels < 0 or min_crop_ratio < 0:
-            raise ValueError('min_pixels and min_crop_ratio must be >= 0')
+            raise ValueError("min_pixels and min_crop_ratio must be >= 0")
         self.temperature = float(temperature)
         self.min_pixels = int(min_pixels)
         self.min_crop_ratio = float(min_crop_ratio)
-        self.classes, self.probabilities = rcs_class_probabilities(
-            counts, temperature)
-        self.samples_with_class: Dict[int, np.ndarray] = {}
+        self.classes, self.probabilities = rcs_class_probabilities(counts, temperature)
+        self.samples_with_class: dict[int, np.ndarray] = {}
         empty = []
         for c in self.classes:
             candidates = np.flatnonzero(counts[:, c] > self.min_pixels)
@@ -265,15 +270,15 @@ class RareClassSampler:
             self.samples_with_class[int(c)] = candidates
         if empty:
             raise ValueError(
-                f'RCS: no image has more than min_pixels={self.min_pixels} '
-                f'pixels of class(es) {empty}. Lower min_pixels (the recipe\'s '
-                '3000 is for 2048x1024 Cityscapes labels).')
+                f"RCS: no image has more than min_pixels={self.min_pixels} "
+                f"pixels of class(es) {empty}. Lower min_pixels (the recipe's "
+                "3000 is for 2048x1024 Cityscapes labels)."
+            )
 
     @classmethod
-    def from_samples(cls,
-                     samples: Sequence[Sample],
-                     data_root: Union[str, os.PathLike],
-                     **kwargs: Any) -> 'RareClassSampler':
+    def from_samples(
+        cls, samples: Sequence[Sample], data_root: str | os.PathLike, **kwargs: Any
+    ) -> RareClassSampler:
         """Builds the sampler from (cached) statistics of the label files.
 
         Args:
@@ -289,7 +294,7 @@ class RareClassSampler:
         """Pixels of the drawn class a crop must exceed to be accepted."""
         return self.min_pixels * self.min_crop_ratio
 
-    def sample(self, rng: np.random.Generator) -> Tuple[int, int]:
+    def sample(self, rng: np.random.Generator) -> tuple[int, int]:
         """Draws a class by its RCS probability, then an image containing it.
 
         Args:
@@ -314,8 +319,9 @@ class RareClassSampler:
         return int((gt == train_id).sum()) > self.min_crop_pixels
 
 
-def draw_rare_class_sample(dataset: Any, sampler: RareClassSampler,
-                           rng: np.random.Generator) -> Tuple[Dict[str, Any], int]:
+def draw_rare_class_sample(
+    dataset: Any, sampler: RareClassSampler, rng: np.random.Generator
+) -> tuple[dict[str, Any], int]:
     """Draws a source training item with MIC's rare-class sampling.
 
     The dataset's training pipeline crops at random on every access, so the
@@ -335,8 +341,7 @@ def draw_rare_class_sample(dataset: Any, sampler: RareClassSampler,
     index, train_id = sampler.sample(rng)
     item = dataset[index]
     for _ in range(_MAX_CROP_TRIES):
-        if sampler.crop_is_enough(item['gt'], train_id):
+        if sampler.crop_is_enough(item["gt"], train_id):
             break
         item = dataset[index]
     return item, train_id
-

@@ -18,27 +18,27 @@ The rule, for every entry point:
   reverse) trains on both without touching the real one, and warns that one
   side is synthetic, so it is never a silent default.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 from .layouts import ACDC_LAYOUT, CITYSCAPES_LAYOUT, DatasetLayoutError
 from .paths import EMBEDDED_ROOT
 from .synthetic import EmbeddedDataset, ensure_embedded
 
-__all__ = ['DataRoot', 'RootError', 'classify_root', 'prepare_roots']
+__all__ = ["DataRoot", "RootError", "classify_root", "prepare_roots"]
 
 PathLike = os.PathLike | str
 log = logging.getLogger(__name__)
 
 #: Which dataset each side reads, by the folder name of its embedded root.
-SIDES = {'source': 'cityscapes', 'target': 'acdc'}
-_PRETTY = {'cityscapes': 'Cityscapes', 'acdc': 'ACDC'}
-_LAYOUTS = {'cityscapes': CITYSCAPES_LAYOUT, 'acdc': ACDC_LAYOUT}
+SIDES = {"source": "cityscapes", "target": "acdc"}
+_PRETTY = {"cityscapes": "Cityscapes", "acdc": "ACDC"}
+_LAYOUTS = {"cityscapes": CITYSCAPES_LAYOUT, "acdc": ACDC_LAYOUT}
 
 
 class RootError(DatasetLayoutError):
@@ -55,6 +55,7 @@ class DataRoot:
         embedded: Whether it is the project's embedded copy of that dataset
             (generated on demand); otherwise it is a user's, read only.
     """
+
     path: Path
     dataset: str
     embedded: bool
@@ -62,14 +63,14 @@ class DataRoot:
     @property
     def kind(self) -> str:
         """``'embedded'`` or ``'real'``, as runs tag it (``data.<dataset>``)."""
-        return 'embedded' if self.embedded else 'real'
+        return "embedded" if self.embedded else "real"
 
 
 def _resolve(root: PathLike, what: str) -> Path:
     try:
         return Path(root).expanduser().resolve()
     except (OSError, RuntimeError) as err:  # e.g. a symbolic-link loop
-        raise RootError(f'The {what} {root} cannot be read: {err}.') from None
+        raise RootError(f"The {what} {root} cannot be read: {err}.") from None
 
 
 def classify_root(root: PathLike, dataset: str) -> DataRoot:
@@ -83,20 +84,20 @@ def classify_root(root: PathLike, dataset: str) -> DataRoot:
     Returns:
         The :class:`DataRoot`. Only classifies; :func:`prepare_roots` checks.
     """
-    path = _resolve(root, f'{_PRETTY[dataset]} root')
+    path = _resolve(root, f"{_PRETTY[dataset]} root")
     embedded = EMBEDDED_ROOT / dataset
     if _linked(embedded) is not None:
         # A link in data/embedded is never the embedded data: the default
         # path is refused by prepare_roots, the linked folder is a user's.
         return DataRoot(path, dataset, False)
-    return DataRoot(path, dataset, path == _resolve(embedded, 'embedded folder'))
+    return DataRoot(path, dataset, path == _resolve(embedded, "embedded folder"))
 
 
 def _lexical(root: PathLike) -> Path:
     return Path(os.path.abspath(Path(root).expanduser()))
 
 
-def _linked(path: Path) -> Optional[Path]:
+def _linked(path: Path) -> Path | None:
     """The first of ``path`` and its parents up to the project that is a symlink."""
     stop = EMBEDDED_ROOT.parent.parent
     for candidate in (path, *path.parents):
@@ -109,31 +110,34 @@ def _linked(path: Path) -> Optional[Path]:
 
 def _check(side: str, given: PathLike, root: DataRoot) -> None:
     name = _PRETTY[root.dataset]
-    reserved = _resolve(EMBEDDED_ROOT, 'embedded folder')
+    reserved = _resolve(EMBEDDED_ROOT, "embedded folder")
     embedded = EMBEDDED_ROOT / root.dataset
     link = _linked(embedded)
     lexical = _lexical(given)
     if link is not None and (lexical == EMBEDDED_ROOT or EMBEDDED_ROOT in lexical.parents):
         raise RootError(
-            f'{link} is a symbolic link (to {link.resolve()}). data/embedded is reserved for '
-            f'the generated data; remove the link, and pass your data as -P {side}_root=PATH.')
+            f"{link} is a symbolic link (to {link.resolve()}). data/embedded is reserved for "
+            f"the generated data; remove the link, and pass your data as -P {side}_root=PATH."
+        )
     if not root.embedded and (root.path == reserved or reserved in root.path.parents):
         raise RootError(
-            f'The {side} root {given} is inside {EMBEDDED_ROOT}, which is reserved for the '
-            f'generated data (the {side} root there is {embedded}). Keep your own data '
-            f'elsewhere and pass it as -P {side}_root=PATH.')
+            f"The {side} root {given} is inside {EMBEDDED_ROOT}, which is reserved for the "
+            f"generated data (the {side} root there is {embedded}). Keep your own data "
+            f"elsewhere and pass it as -P {side}_root=PATH."
+        )
     if not root.embedded and not root.path.is_dir():
-        what = 'is a file, not a folder' if root.path.exists() else 'does not exist'
+        what = "is a file, not a folder" if root.path.exists() else "does not exist"
         raise RootError(
-            f'{name} root {what}. Pass the folder that holds your {name} data as '
-            f'-P {side}_root=PATH, or leave {side}_root at its default to use the embedded '
-            f'data ({embedded}).\nDataset root: {given}\nExpected layout:\n'
-            f'{_LAYOUTS[root.dataset]}')
+            f"{name} root {what}. Pass the folder that holds your {name} data as "
+            f"-P {side}_root=PATH, or leave {side}_root at its default to use the embedded "
+            f"data ({embedded}).\nDataset root: {given}\nExpected layout:\n"
+            f"{_LAYOUTS[root.dataset]}"
+        )
 
 
-def prepare_roots(source_root: Optional[PathLike] = None,
-                  target_root: Optional[PathLike] = None,
-                  progress: bool = True) -> Optional[EmbeddedDataset]:
+def prepare_roots(
+    source_root: PathLike | None = None, target_root: PathLike | None = None, progress: bool = True
+) -> EmbeddedDataset | None:
     """Makes the given roots ready to read, writing only the embedded folder.
 
     An embedded root gets the embedded data generated (or reused) in
@@ -152,21 +156,26 @@ def prepare_roots(source_root: Optional[PathLike] = None,
         RootError: a real root is missing or not a folder, lies inside the
             reserved ``data/embedded``, or an embedded folder is a link.
     """
-    roots: Dict[str, DataRoot] = {}
-    for side, given in (('source', source_root), ('target', target_root)):
+    roots: dict[str, DataRoot] = {}
+    for side, given in (("source", source_root), ("target", target_root)):
         if given is not None:
             roots[side] = classify_root(given, SIDES[side])
             _check(side, given, roots[side])
     kinds = {root.kind for root in roots.values()}
-    if kinds == {'embedded', 'real'}:
+    if kinds == {"embedded", "real"}:
         real = next(r for r in roots.values() if not r.embedded)
         synthetic_side = next(s for s, r in roots.items() if r.embedded)
         log.warning(
-            'Mixing data: %s is your %s, but the %s is the embedded synthetic %s. Pass '
-            '-P %s_root=<your %s> to train on real data only (%s is only read).',
-            real.path, _PRETTY[real.dataset], synthetic_side,
-            _PRETTY[SIDES[synthetic_side]], synthetic_side, _PRETTY[SIDES[synthetic_side]],
-            real.path)
-    if 'embedded' in kinds:
+            "Mixing data: %s is your %s, but the %s is the embedded synthetic %s. Pass "
+            "-P %s_root=<your %s> to train on real data only (%s is only read).",
+            real.path,
+            _PRETTY[real.dataset],
+            synthetic_side,
+            _PRETTY[SIDES[synthetic_side]],
+            synthetic_side,
+            _PRETTY[SIDES[synthetic_side]],
+            real.path,
+        )
+    if "embedded" in kinds:
         return ensure_embedded(EMBEDDED_ROOT, progress=progress)
     return None

@@ -3,12 +3,12 @@
 Used by the ``main`` entry point to show the data a pipeline runs on, and by
 anyone checking that real Cityscapes/ACDC roots were read as expected.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -29,21 +29,24 @@ class DatasetSummary:
         class_pixels: ``'source train'``/``'target val'`` → pixel count per class (19,).
         examples: Rows of (image, label-or-None, caption) for a picture.
     """
-    sizes: Dict[str, int]
-    class_pixels: Dict[str, np.ndarray]
-    examples: List[List[Tuple[np.ndarray, Optional[np.ndarray], str]]] = field(default_factory=list)
 
-    def class_table(self) -> Dict[str, list]:
+    sizes: dict[str, int]
+    class_pixels: dict[str, np.ndarray]
+    examples: list[list[tuple[np.ndarray, np.ndarray | None, str]]] = field(default_factory=list)
+
+    def class_table(self) -> dict[str, list]:
         """Columns for ``mlflow.log_table``: class, then pixel share per domain."""
-        table: Dict[str, list] = {"class": list(CLASSES)}
+        table: dict[str, list] = {"class": list(CLASSES)}
         for name, counts in self.class_pixels.items():
             total = max(int(counts.sum()), 1)
             table[f"{name} share"] = [round(float(c) / total, 6) for c in counts]
         return table
 
-    def missing_classes(self) -> Dict[str, List[str]]:
-        return {name: [CLASSES[c] for c in range(NUM_CLASSES) if counts[c] == 0]
-                for name, counts in self.class_pixels.items()}
+    def missing_classes(self) -> dict[str, list[str]]:
+        return {
+            name: [CLASSES[c] for c in range(NUM_CLASSES) if counts[c] == 0]
+            for name, counts in self.class_pixels.items()
+        }
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -56,7 +59,7 @@ def _read_label(path: Path) -> np.ndarray:
         return np.asarray(img)
 
 
-def _example(sample: Sample, caption: str) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+def _example(sample: Sample, caption: str) -> tuple[np.ndarray, np.ndarray | None, str]:
     label = _read_label(sample.label_path) if sample.label_path else None
     return _read_rgb(sample.image_path), label, caption
 
@@ -69,7 +72,7 @@ def summarize(source_root: PathLike, target_root: PathLike, examples_per_row: in
         target_root: ACDC root (nested or flattened layout).
         examples_per_row: Example images per domain/condition row.
     """
-    sizes: Dict[str, int] = {}
+    sizes: dict[str, int] = {}
     source_train = scan_cityscapes(source_root, "train")
     sizes["cityscapes/train"] = len(source_train)
     sizes["cityscapes/val"] = len(scan_cityscapes(source_root, "val"))
@@ -81,10 +84,11 @@ def summarize(source_root: PathLike, target_root: PathLike, examples_per_row: in
 
     class_pixels = {
         # The rare-class statistics: computed once, cached (see uda.data.paths.stats_dir).
-        "source train": load_or_compute_class_counts(
-            source_train, source_root).sum(axis=0),
-        "target val": sum((count_class_pixels(_read_label(s.label_path)) for s in target["val"]),
-                          np.zeros(NUM_CLASSES, dtype=np.int64)),
+        "source train": load_or_compute_class_counts(source_train, source_root).sum(axis=0),
+        "target val": sum(
+            (count_class_pixels(_read_label(s.label_path)) for s in target["val"]),
+            np.zeros(NUM_CLASSES, dtype=np.int64),
+        ),
     }
 
     rows = [[_example(s, f"cityscapes: {s.name}") for s in source_train[:examples_per_row]]]

@@ -2,10 +2,12 @@
 (its schema: :mod:`uda.models.model_cfg`), or from a ``cs2acdc-uda/1`` checkpoint
 that describes its own model.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch.nn as nn
 
@@ -16,12 +18,10 @@ from .mit import MIT_VARIANTS, create_mit
 from .model_cfg import ModelConfigError, normalize_model_cfg
 from .pretrained import resolve_pretrained
 
-__all__ = ['build_backbone', 'build_segmentor', 'read_model_cfg', 'build_from_checkpoint',
-           'count_parameters']
+__all__ = ["build_backbone", "build_segmentor", "read_model_cfg", "build_from_checkpoint", "count_parameters"]
 
 
-def build_backbone(name: str, drop_path_rate: float = 0.0,
-                   pretrained: Optional[str] = None) -> nn.Module:
+def build_backbone(name: str, drop_path_rate: float = 0.0, pretrained: str | None = None) -> nn.Module:
     """Create a backbone by name, optionally with ImageNet weights.
 
     Args:
@@ -39,8 +39,7 @@ def build_backbone(name: str, drop_path_rate: float = 0.0,
     factories.update({n: create_mit for n in MIT_VARIANTS})
     factories.update({n: create_fan for n in FAN_VARIANTS})
     if name not in factories:
-        raise ModelConfigError(f'Unknown backbone {name!r}; valid: '
-                               f'{", ".join(factories)}.')
+        raise ModelConfigError(f"Unknown backbone {name!r}; valid: {', '.join(factories)}.")
     pretrained = resolve_pretrained(pretrained or None, name)
     backbone = factories[name](name, drop_path_rate=drop_path_rate)
     if pretrained:
@@ -63,42 +62,44 @@ def build_segmentor(model_cfg: Mapping[str, Any]) -> HRDASegmentor:
         >>> model = build_segmentor(cfg['student']['model'])
     """
     cfg = normalize_model_cfg(model_cfg)
-    head = cfg['decode_head']
-    backbone = build_backbone(cfg['backbone'], cfg['drop_path_rate'],
-                              cfg['pretrained'])
+    head = cfg["decode_head"]
+    backbone = build_backbone(cfg["backbone"], cfg["drop_path_rate"], cfg["pretrained"])
     model = HRDASegmentor(
         backbone,
-        num_classes=cfg['num_classes'],
-        channels=head['channels'],
-        dilations=head['dilations'],
-        dropout_ratio=head['dropout_ratio'],
-        loss=head['loss'],
-        scales=cfg['scales'],
-        hr_crop_size=cfg['hr_crop_size'],
-        hr_loss_weight=cfg['hr_loss_weight'],
-        attention_classwise=cfg['attention_classwise'],
-        attention_embed_dim=head['attention_embed_dim'],
-        crop_coord_divisible=cfg['crop_coord_divisible'],
-        hr_slide_inference=cfg['hr_slide_inference'],
-        feature_scale=cfg['feature_scale'],
-        test_cfg=cfg['test_cfg'])
+        num_classes=cfg["num_classes"],
+        channels=head["channels"],
+        dilations=head["dilations"],
+        dropout_ratio=head["dropout_ratio"],
+        loss=head["loss"],
+        scales=cfg["scales"],
+        hr_crop_size=cfg["hr_crop_size"],
+        hr_loss_weight=cfg["hr_loss_weight"],
+        attention_classwise=cfg["attention_classwise"],
+        attention_embed_dim=head["attention_embed_dim"],
+        crop_coord_divisible=cfg["crop_coord_divisible"],
+        hr_slide_inference=cfg["hr_slide_inference"],
+        feature_scale=cfg["feature_scale"],
+        test_cfg=cfg["test_cfg"],
+    )
     model.model_cfg = cfg
     return model
 
 
-def read_model_cfg(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_model_cfg(path: str | os.PathLike) -> dict[str, Any]:
     """The ``model_cfg`` stored in a ``cs2acdc-uda/1`` checkpoint."""
     obj = read_checkpoint(path)
-    if not isinstance(obj, Mapping) or obj.get('format') != FORMAT_TAG:
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT_TAG:
         raise CheckpointError(
-            f'{str(path)!r} is not a {FORMAT_TAG} checkpoint, so it does not '
-            f'describe its model; build the model from a preset and use '
-            f'load_checkpoint().')
-    return dict(obj['model_cfg'])
+            f"{str(path)!r} is not a {FORMAT_TAG} checkpoint, so it does not "
+            f"describe its model; build the model from a preset and use "
+            f"load_checkpoint()."
+        )
+    return dict(obj["model_cfg"])
 
 
-def build_from_checkpoint(checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
-                          strict: bool = True) -> nn.Module:
+def build_from_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True
+) -> nn.Module:
     """Rebuild a segmentor from a ``cs2acdc-uda/1`` checkpoint and load it.
 
     ``model_cfg.pretrained`` is ignored (the checkpoint has all weights).
@@ -110,18 +111,19 @@ def build_from_checkpoint(checkpoint: Union[str, os.PathLike, Mapping[str, Any]]
         strict: See :func:`load_checkpoint`.
     """
     if isinstance(checkpoint, Mapping):
-        obj, source = checkpoint, '<checkpoint>'
+        obj, source = checkpoint, "<checkpoint>"
     else:
         obj, source = read_checkpoint(checkpoint), str(checkpoint)
-    if not isinstance(obj, Mapping) or obj.get('format') != FORMAT_TAG:
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT_TAG:
         raise CheckpointError(
-            f'{source!r} is not a {FORMAT_TAG} checkpoint, so it does not '
-            f'describe its model; build the model from a preset and use '
-            f'load_checkpoint().')
-    model_cfg = dict(obj['model_cfg'], pretrained=None)
+            f"{source!r} is not a {FORMAT_TAG} checkpoint, so it does not "
+            f"describe its model; build the model from a preset and use "
+            f"load_checkpoint()."
+        )
+    model_cfg = dict(obj["model_cfg"], pretrained=None)
     model = build_segmentor(model_cfg)
     load_checkpoint(model, obj, strict=strict)
-    model.checkpoint_meta = dict(obj.get('meta') or {})
+    model.checkpoint_meta = dict(obj.get("meta") or {})
     return model
 
 
@@ -132,5 +134,4 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
         model: Any module.
         trainable_only: Count only parameters with ``requires_grad``.
     """
-    return sum(p.numel() for p in model.parameters()
-               if p.requires_grad or not trainable_only)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -19,18 +19,16 @@ key::
                                                          HRDA scale attention)
     conv_seg.{weight,bias}                              1x1 classifier
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = [
-    'ConvModule', 'DepthwiseSeparableConvModule', 'MLPEmbed',
-    'SeparableASPP', 'DAFormerHead'
-]
+__all__ = ["ConvModule", "DepthwiseSeparableConvModule", "MLPEmbed", "SeparableASPP", "DAFormerHead"]
 
 
 class ConvModule(nn.Module):
@@ -49,21 +47,28 @@ class ConvModule(nn.Module):
         groups: Conv groups (``in_channels`` for a depth-wise conv).
     """
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 kernel_size: int,
-                 padding: int = 0,
-                 dilation: int = 1,
-                 groups: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size,
-                              padding=padding, dilation=dilation,
-                              groups=groups, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
         self.bn = nn.BatchNorm2d(out_channels)
         self.activate = nn.ReLU(inplace=True)
-        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out',
-                                nonlinearity='relu')
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
@@ -85,17 +90,13 @@ class DepthwiseSeparableConvModule(nn.Module):
         dilation: Depth-wise dilation.
     """
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 kernel_size: int,
-                 padding: int = 0,
-                 dilation: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1
+    ) -> None:
         super().__init__()
-        self.depthwise_conv = ConvModule(in_channels, in_channels,
-                                         kernel_size, padding=padding,
-                                         dilation=dilation,
-                                         groups=in_channels)
+        self.depthwise_conv = ConvModule(
+            in_channels, in_channels, kernel_size, padding=padding, dilation=dilation, groups=in_channels
+        )
         self.pointwise_conv = ConvModule(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,21 +134,19 @@ class SeparableASPP(nn.Module):
         dilations: One branch per dilation rate.
     """
 
-    def __init__(self, in_channels: int, channels: int,
-                 dilations: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, channels: int, dilations: Sequence[int]) -> None:
         super().__init__()
         self.aspp_modules = nn.ModuleList()
         for dilation in dilations:
             if dilation == 1:
-                self.aspp_modules.append(
-                    ConvModule(in_channels, channels, 1))
+                self.aspp_modules.append(ConvModule(in_channels, channels, 1))
             else:
                 self.aspp_modules.append(
-                    DepthwiseSeparableConvModule(in_channels, channels, 3,
-                                                 padding=dilation,
-                                                 dilation=dilation))
-        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3,
-                                     padding=1)
+                    DepthwiseSeparableConvModule(
+                        in_channels, channels, 3, padding=dilation, dilation=dilation
+                    )
+                )
+        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = [branch(x) for branch in self.aspp_modules]
@@ -170,18 +169,19 @@ class DAFormerHead(nn.Module):
             DAFormer; kept for completeness).
     """
 
-    def __init__(self,
-                 in_channels: Sequence[int],
-                 num_classes: int,
-                 channels: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18),
-                 dropout_ratio: float = 0.1,
-                 fusion: str = 'aspp',
-                 align_corners: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 256,
+        dilations: Sequence[int] = (1, 6, 12, 18),
+        dropout_ratio: float = 0.1,
+        fusion: str = "aspp",
+        align_corners: bool = False,
+    ) -> None:
         super().__init__()
-        if fusion not in ('aspp', 'conv'):
-            raise ValueError(f"fusion must be 'aspp' or 'conv', got "
-                             f'{fusion!r}.')
+        if fusion not in ("aspp", "conv"):
+            raise ValueError(f"fusion must be 'aspp' or 'conv', got {fusion!r}.")
         self.in_channels = list(in_channels)
         self.num_classes = num_classes
         self.channels = channels
@@ -189,20 +189,17 @@ class DAFormerHead(nn.Module):
         # Classifier first: mmseg's BaseDecodeHead creates it before the
         # subclass layers, so the state-dict order matches MIC's.
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 \
-            else None
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
         # mmseg BaseDecodeHead init_cfg: Normal(std=0.01) on conv_seg.
         nn.init.normal_(self.conv_seg.weight, std=0.01)
         nn.init.zeros_(self.conv_seg.bias)
         # ModuleDict keyed by level index, as MIC ('0'..'3').
-        self.embed_layers = nn.ModuleDict({
-            str(i): MLPEmbed(c, channels)
-            for i, c in enumerate(self.in_channels)
-        })
+        self.embed_layers = nn.ModuleDict(
+            {str(i): MLPEmbed(c, channels) for i, c in enumerate(self.in_channels)}
+        )
         fused_in = channels * len(self.in_channels)
-        if fusion == 'aspp':
-            self.fuse_layer: nn.Module = SeparableASPP(fused_in, channels,
-                                                       dilations)
+        if fusion == "aspp":
+            self.fuse_layer: nn.Module = SeparableASPP(fused_in, channels, dilations)
         else:
             self.fuse_layer = ConvModule(fused_in, channels, 1)
 
@@ -216,15 +213,15 @@ class DAFormerHead(nn.Module):
             ``(B, num_classes, H0, W0)`` logits at the size of ``features[0]``.
         """
         if len(features) != len(self.in_channels):
-            raise ValueError(f'DAFormerHead expects {len(self.in_channels)} '
-                             f'feature maps, got {len(features)}.')
+            raise ValueError(
+                f"DAFormerHead expects {len(self.in_channels)} feature maps, got {len(features)}."
+            )
         out_size = features[0].shape[2:]
         embedded = []
         for i, feat in enumerate(features):
             emb = self.embed_layers[str(i)](feat)
             if emb.shape[2:] != out_size:
-                emb = F.interpolate(emb, size=out_size, mode='bilinear',
-                                    align_corners=self.align_corners)
+                emb = F.interpolate(emb, size=out_size, mode="bilinear", align_corners=self.align_corners)
             embedded.append(emb)
         x = self.fuse_layer(torch.cat(embedded, dim=1))
         if self.dropout is not None:

@@ -41,6 +41,7 @@ reproduce published numbers):
 * Stochastic depth uses the same rate in every FAN block (the reference does not
   ramp it); the class-attention blocks and ConvNeXt stages get none.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -247,7 +248,12 @@ class TokenMixing(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -395,12 +401,18 @@ class FANBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = TokenMixing(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = TokenMixing(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ChannelProcessing(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-            mlp_hidden_dim=int(dim * mlp_ratio), drop=drop,
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            mlp_hidden_dim=int(dim * mlp_ratio),
+            drop=drop,
         )
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
@@ -423,7 +435,12 @@ class ClassAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -476,7 +493,9 @@ class ClassAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = ClassAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = ClassAttention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
+        )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
@@ -534,7 +553,9 @@ class FAN(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= out_index < depth:
-            raise ValueError(f"out_index must index one of the {depth} FAN blocks (0..{depth - 1}), got {out_index}")
+            raise ValueError(
+                f"out_index must index one of the {depth} FAN blocks (0..{depth - 1}), got {out_index}"
+            )
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.in_chans = in_chans
@@ -548,15 +569,26 @@ class FAN(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList(
             FANBlock(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=drop_path_rate, eta=eta,
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path_rate,
+                eta=eta,
             )
             for _ in range(depth)
         )
         self.cls_attn_blocks = nn.ModuleList(
             ClassAttentionBlock(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                attn_drop=attn_drop_rate, eta=eta,
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                eta=eta,
             )
             for _ in range(cls_attn_layers)
         )
@@ -625,6 +657,7 @@ class FAN(nn.Module):
 # that fan_small_12 has 10 blocks there and in the ImageNet definition.
 # ---------------------------------------------------------------------------------------------
 
+
 def _create(pretrained: str | None, **kwargs) -> FAN:
     model = FAN(**kwargs)
     if pretrained is not None:
@@ -659,8 +692,14 @@ def fan_large_16_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
 def fan_nano_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
     """Tiny CPU preset for the embedded default (not in the paper): maps [32, 64, 64, 64]."""
     cfg = dict(
-        conv_depths=(1, 1), conv_dims=(32, 64), embed_dim=64, depth=2, num_heads=4, out_index=1,
-        cls_attn_layers=1, mlp_ratio=2.0,
+        conv_depths=(1, 1),
+        conv_dims=(32, 64),
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        out_index=1,
+        cls_attn_layers=1,
+        mlp_ratio=2.0,
     )
     return _create(pretrained, **{**cfg, **kwargs})
 
@@ -697,6 +736,7 @@ def create_fan(name: str, pretrained: str | None = None, drop_path_rate: float =
 # NVlabs ImageNet checkpoints
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PretrainedLoadReport:
     """What loading a checkpoint into a FAN backbone did.
@@ -727,7 +767,7 @@ def _adapt_keys(state_dict: Mapping[str, torch.Tensor], num_cls_attn_blocks: int
     adapted = {}
     for key, value in state_dict.items():
         if key.startswith("pos_embeder."):
-            key = "pos_embed." + key[len("pos_embeder."):]
+            key = "pos_embed." + key[len("pos_embeder.") :]
         adapted[key] = value
     for i in range(num_cls_attn_blocks):
         for kind in ("weight", "bias"):
@@ -740,7 +780,9 @@ def _adapt_keys(state_dict: Mapping[str, torch.Tensor], num_cls_attn_blocks: int
 
 def _split_checkpoint(state_dict: Mapping, model: FAN) -> tuple[dict[str, torch.Tensor], list[str]]:
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+        raise ValueError(
+            f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}"
+        )
     adapted = _adapt_keys(_unwrap(state_dict), len(model.cls_attn_blocks))
     own = model.state_dict()
     used, unused, mismatched = {}, [], []
@@ -755,7 +797,8 @@ def _split_checkpoint(state_dict: Mapping, model: FAN) -> tuple[dict[str, torch.
     if mismatched:
         raise ValueError(
             "checkpoint does not fit this FAN variant (is it the file of another size?); mismatched entries: "
-            + "; ".join(mismatched[:5]) + (f" ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
+            + "; ".join(mismatched[:5])
+            + (f" ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
         )
     if not used:
         raise ValueError(
@@ -792,7 +835,9 @@ def _report_unused(unused: list[str]) -> None:
     classifier = [k for k in unused if k.startswith(CLASSIFIER_ONLY_PREFIXES)]
     unknown = [k for k in unused if not k.startswith(CLASSIFIER_ONLY_PREFIXES)]
     if classifier:
-        _logger.info("FAN checkpoint: %d classifier-only keys unused by the backbone: %s", len(classifier), classifier)
+        _logger.info(
+            "FAN checkpoint: %d classifier-only keys unused by the backbone: %s", len(classifier), classifier
+        )
     if unknown:
         _logger.warning("FAN checkpoint: %d unknown keys unused by the backbone: %s", len(unknown), unknown)
 
@@ -808,7 +853,9 @@ def _read_checkpoint(path: str | os.PathLike) -> Mapping:
     return read_checkpoint(path)
 
 
-def load_pretrained(model: FAN, checkpoint: str | os.PathLike | Mapping, strict: bool = True) -> PretrainedLoadReport:
+def load_pretrained(
+    model: FAN, checkpoint: str | os.PathLike | Mapping, strict: bool = True
+) -> PretrainedLoadReport:
     """Loads an NVlabs FAN ImageNet checkpoint (path or loaded dict) into ``model``.
 
     Args:

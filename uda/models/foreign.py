@@ -26,41 +26,64 @@ Layouts (:func:`describe`, the ``source_format`` tag of an import):
 ``prefix='auto'`` takes ``model.*``, as MIC's test script and the original's
 loaders do (``checkpoint.SUBMODEL_PREFIXES`` lists the others).
 """
+
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
+from collections.abc import Mapping
 import os
 
 import torch.nn as nn
 
 from .builder import build_from_checkpoint
-from .checkpoint import (FORMAT_TAG, SUBMODEL_PREFIXES, CheckpointMismatchError, KeyReport,
-                         MissingPrefixError, detect_format, load_checkpoint, prefix_counts,
-                         resolve_prefix, save_checkpoint, strip_module, unwrap_state_dict)
+from .checkpoint import (
+    FORMAT_TAG,
+    SUBMODEL_PREFIXES,
+    CheckpointMismatchError,
+    KeyReport,
+    MissingPrefixError,
+    detect_format,
+    load_checkpoint,
+    prefix_counts,
+    resolve_prefix,
+    save_checkpoint,
+    strip_module,
+    unwrap_state_dict,
+)
 from .checkpoint_files import CheckpointError, file_sha256, read_checkpoint
 
-__all__ = ['ROLES', 'LAYOUTS', 'NotASegmentorError', 'CheckpointSummary',
-           'ConvertedCheckpoint', 'normalize_prefix', 'selected_prefix',
-           'iteration_of', 'role_model_cfg',
-           'iteration_from_name', 'architecture_differences', 'describe',
-           'load_segmentor_file', 'convert_checkpoint']
+__all__ = [
+    "ROLES",
+    "LAYOUTS",
+    "NotASegmentorError",
+    "CheckpointSummary",
+    "ConvertedCheckpoint",
+    "normalize_prefix",
+    "selected_prefix",
+    "iteration_of",
+    "role_model_cfg",
+    "iteration_from_name",
+    "architecture_differences",
+    "describe",
+    "load_segmentor_file",
+    "convert_checkpoint",
+]
 
 #: Preset sections a foreign file's architecture can come from.
-ROLES = ('student', 'teacher')
-LAYOUTS = (FORMAT_TAG, 'ckd-distill', 'ckd-soup', 'mic', 'mmcv-uda',
-           'segmentor', 'backbone')
+ROLES = ("student", "teacher")
+LAYOUTS = (FORMAT_TAG, "ckd-distill", "ckd-soup", "mic", "mmcv-uda", "segmentor", "backbone")
 # Keys that define the architecture (the rest of a model section only
 # changes inference: test_cfg, hr_slide_inference, ...).
-_ARCH_KEYS = ('backbone', 'num_classes', 'scales', 'attention_classwise')
-_HEAD_ARCH_KEYS = ('channels', 'dilations', 'attention_embed_dim')
+_ARCH_KEYS = ("backbone", "num_classes", "scales", "attention_classwise")
+_HEAD_ARCH_KEYS = ("channels", "dilations", "attention_embed_dim")
 # iter_40000.pth, fan_iter_40k.pth, iter-24000: mmcv's and the original's names.
-_ITERATION_IN_NAME = re.compile(r'iter[_-]?(\d+)(k?)(?![0-9a-z])', re.I)
-_PREFIX_WORDS = {'': 'auto', 'auto': 'auto', 'none': ''}
-_TRAINED_PREFIXES = ('', 'model.', 'ema_model.', 'stu_model.')
+_ITERATION_IN_NAME = re.compile(r"iter[_-]?(\d+)(k?)(?![0-9a-z])", re.I)
+_PREFIX_WORDS = {"": "auto", "auto": "auto", "none": ""}
+_TRAINED_PREFIXES = ("", "model.", "ema_model.", "stu_model.")
 
 
 class NotASegmentorError(CheckpointError):
@@ -80,11 +103,12 @@ class CheckpointSummary:
             from the file name (``fan_iter_40k.pth`` → 40000), else None.
         iteration_from: ``'meta'``, ``'file name'`` or None.
     """
+
     path: Path
     layout: str
     prefixes: dict
-    iteration: Optional[int]
-    iteration_from: Optional[str]
+    iteration: int | None
+    iteration_from: str | None
 
 
 @dataclass(frozen=True)
@@ -100,6 +124,7 @@ class ConvertedCheckpoint:
         model_cfg: The normalised model section of the result.
         seconds: Time to read, load and write.
     """
+
     path: Path
     summary: CheckpointSummary
     sha256: str
@@ -109,34 +134,34 @@ class ConvertedCheckpoint:
     seconds: float
 
 
-def normalize_prefix(text: Optional[str], parameter: str = 'prefix') -> str:
+def normalize_prefix(text: str | None, parameter: str = "prefix") -> str:
     """``auto``/empty → ``'auto'``; ``none`` → ``''``; ``ema_model`` or
     ``ema_model.`` → ``'ema_model.'``.
 
     Raises:
         CheckpointError: Not one of those (lists the choices).
     """
-    word = '' if text is None else str(text).strip()
+    word = "" if text is None else str(text).strip()
     if word.lower() in _PREFIX_WORDS:
         return _PREFIX_WORDS[word.lower()]
-    prefix = word if word.endswith('.') else word + '.'
+    prefix = word if word.endswith(".") else word + "."
     if prefix not in SUBMODEL_PREFIXES:
         raise CheckpointError(
-            f'{parameter} must be auto, none or a sub-model prefix '
-            f'({", ".join(p.rstrip(".") for p in SUBMODEL_PREFIXES)}); got '
-            f'{text!r}.')
+            f"{parameter} must be auto, none or a sub-model prefix "
+            f"({', '.join(p.rstrip('.') for p in SUBMODEL_PREFIXES)}); got "
+            f"{text!r}."
+        )
     return prefix
 
 
 def selected_prefix(layout: str, prefix: str) -> str:
     """The sub-model ``prefix`` takes from a file of ``layout``
     (:func:`~uda.models.checkpoint.resolve_prefix` of its format)."""
-    fmt = layout if layout in (FORMAT_TAG, 'segmentor', 'backbone') \
-        else 'mmcv-uda'
+    fmt = layout if layout in (FORMAT_TAG, "segmentor", "backbone") else "mmcv-uda"
     return resolve_prefix(fmt, prefix)
 
 
-def iteration_of(summary: CheckpointSummary, prefix: str) -> Optional[int]:
+def iteration_of(summary: CheckpointSummary, prefix: str) -> int | None:
     """The iteration the weights under ``prefix`` were trained to: the
     file's for the trained model (``model.``, ``ema_model.``, ``stu_model.``
     or a bare state dict), none for a frozen sub-model (the distillation's
@@ -152,13 +177,13 @@ def role_model_cfg(cfg: Mapping[str, Any], role: str) -> dict:
         CheckpointError: ``role`` is not one of :data:`ROLES`.
     """
     if role not in ROLES:
-        raise CheckpointError(f'role must be {" or ".join(ROLES)} (which '
-                              f'preset section gives the architecture), '
-                              f'got {role!r}.')
-    return dict(cfg[role]['model'], pretrained=None)
+        raise CheckpointError(
+            f"role must be {' or '.join(ROLES)} (which preset section gives the architecture), got {role!r}."
+        )
+    return dict(cfg[role]["model"], pretrained=None)
 
 
-def iteration_from_name(name: str) -> Optional[int]:
+def iteration_from_name(name: str) -> int | None:
     """``iter_40000.pth`` → 40000, ``fan_iter_24k.pth`` → 24000, else None."""
     match = _ITERATION_IN_NAME.search(Path(name).stem)
     if match is None:
@@ -171,26 +196,23 @@ def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     cfg = normalize_model_cfg(model_cfg)
     arch = {k: cfg[k] for k in _ARCH_KEYS}
-    arch.update({f'decode_head.{k}': cfg['decode_head'][k]
-                 for k in _HEAD_ARCH_KEYS})
+    arch.update({f"decode_head.{k}": cfg["decode_head"][k] for k in _HEAD_ARCH_KEYS})
     return arch
 
 
-def architecture_differences(found: Mapping[str, Any],
-                             wanted: Mapping[str, Any],
-                             labels: tuple[str, str] = ('found', 'wanted')
-                             ) -> list[str]:
+def architecture_differences(
+    found: Mapping[str, Any], wanted: Mapping[str, Any], labels: tuple[str, str] = ("found", "wanted")
+) -> list[str]:
     """``'backbone: mit_b5 (found) vs mit_nano (wanted)'`` per differing
     architecture key of two model sections; empty when they match."""
     have, want = _architecture(found), _architecture(wanted)
-    return [f'{k}: {have[k]} ({labels[0]}) vs {want[k]} ({labels[1]})'
-            for k in want if have[k] != want[k]]
+    return [f"{k}: {have[k]} ({labels[0]}) vs {want[k]} ({labels[1]})" for k in want if have[k] != want[k]]
 
 
-def _iteration(meta: Any) -> Optional[int]:
+def _iteration(meta: Any) -> int | None:
     if not isinstance(meta, Mapping):
         return None
-    for key in ('iter', 'iteration'):
+    for key in ("iter", "iteration"):
         value = meta.get(key)
         try:
             if value is not None and int(value) >= 0:
@@ -201,40 +223,45 @@ def _iteration(meta: Any) -> Optional[int]:
 
 
 def _layout(obj: Any, source: str) -> tuple[str, dict]:
-    if isinstance(obj, Mapping) and obj.get('format') == FORMAT_TAG:
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
         return FORMAT_TAG, {}
     state_dict, _ = unwrap_state_dict(obj, source)
     state_dict = strip_module(state_dict)
     fmt = detect_format(state_dict)
-    if fmt != 'mmcv-uda':
+    if fmt != "mmcv-uda":
         return fmt, {}
-    counts = {p: n for p, n in sorted(prefix_counts(state_dict).items())
-              if p in SUBMODEL_PREFIXES}
-    meta = obj.get('meta') if isinstance(obj, Mapping) else None
-    if 'ca_model.' in counts:
-        return 'ckd-distill', counts
-    if list(counts) == ['model.'] and 'optimizer' not in obj and \
-            isinstance(meta, Mapping) and 'CLASSES' in meta:
-        return 'ckd-soup', counts
-    if 'ema_model.' in counts or 'imnet_model.' in counts:
-        return 'mic', counts
-    return 'mmcv-uda', counts
+    counts = {p: n for p, n in sorted(prefix_counts(state_dict).items()) if p in SUBMODEL_PREFIXES}
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if "ca_model." in counts:
+        return "ckd-distill", counts
+    if (
+        list(counts) == ["model."]
+        and "optimizer" not in obj
+        and isinstance(meta, Mapping)
+        and "CLASSES" in meta
+    ):
+        return "ckd-soup", counts
+    if "ema_model." in counts or "imnet_model." in counts:
+        return "mic", counts
+    return "mmcv-uda", counts
 
 
 def _summary(obj: Any, path: Path) -> CheckpointSummary:
     layout, counts = _layout(obj, str(path))
-    meta = obj.get('meta') if isinstance(obj, Mapping) else None
-    iteration, origin = _iteration(meta), 'meta'
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    iteration, origin = _iteration(meta), "meta"
     if layout == FORMAT_TAG and isinstance(meta, Mapping):
-        iteration = _iteration(meta) if 'iteration' in meta else _iteration(
-            {'iter': meta.get('source_iteration')})
+        iteration = (
+            _iteration(meta) if "iteration" in meta else _iteration({"iter": meta.get("source_iteration")})
+        )
     if iteration is None:
-        iteration, origin = iteration_from_name(path.name), 'file name'
-    return CheckpointSummary(path.resolve(), layout, counts, iteration,
-                             origin if iteration is not None else None)
+        iteration, origin = iteration_from_name(path.name), "file name"
+    return CheckpointSummary(
+        path.resolve(), layout, counts, iteration, origin if iteration is not None else None
+    )
 
 
-def describe(path: Union[str, os.PathLike]) -> CheckpointSummary:
+def describe(path: str | os.PathLike) -> CheckpointSummary:
     """Layout, sub-models and iteration of a checkpoint file; the tensors
     of a zip-format file are mapped, not read.
 
@@ -246,24 +273,24 @@ def describe(path: Union[str, os.PathLike]) -> CheckpointSummary:
     return _summary(read_checkpoint(path, mmap=True), path)
 
 
-def _not_a_segmentor(path: Path, role: Optional[str]) -> NotASegmentorError:
-    where = f'{role}.model.pretrained' if role else \
-        'student.model.pretrained or teacher.model.pretrained'
+def _not_a_segmentor(path: Path, role: str | None) -> NotASegmentorError:
+    where = f"{role}.model.pretrained" if role else "student.model.pretrained or teacher.model.pretrained"
     return NotASegmentorError(
-        f'{str(path)!r} holds ImageNet classification weights of a backbone '
-        f'(NVlabs FAN *.pth.tar, SegFormer mit_b*.pth), not a segmentor. It '
-        f'is where training starts: set it as {where} in the preset (e.g. '
-        f'-P cfg_options="{where}={path}"), then train.')
+        f"{str(path)!r} holds ImageNet classification weights of a backbone "
+        f"(NVlabs FAN *.pth.tar, SegFormer mit_b*.pth), not a segmentor. It "
+        f"is where training starts: set it as {where} in the preset (e.g. "
+        f'-P cfg_options="{where}={path}"), then train.'
+    )
 
 
-def load_segmentor_file(path: Union[str, os.PathLike],
-                        model_cfg: Optional[Mapping[str, Any]] = None,
-                        prefix: str = 'auto',
-                        architecture: str = '',
-                        role: Optional[str] = None,
-                        check_own: bool = False) -> tuple[nn.Module,
-                                                          CheckpointSummary,
-                                                          KeyReport]:
+def load_segmentor_file(
+    path: str | os.PathLike,
+    model_cfg: Mapping[str, Any] | None = None,
+    prefix: str = "auto",
+    architecture: str = "",
+    role: str | None = None,
+    check_own: bool = False,
+) -> tuple[nn.Module, CheckpointSummary, KeyReport]:
     """A segmentor from any checkpoint file, loaded strictly.
 
     Args:
@@ -293,50 +320,57 @@ def load_segmentor_file(path: Union[str, os.PathLike],
     path = Path(path)
     obj = read_checkpoint(path, mmap=True)
     summary = _summary(obj, path)
-    if summary.layout == 'backbone':
+    if summary.layout == "backbone":
         raise _not_a_segmentor(path, role)
     if summary.layout == FORMAT_TAG:
         model = build_from_checkpoint(obj)
-        differences = architecture_differences(model.model_cfg, model_cfg) \
-            if check_own and model_cfg is not None else []
+        differences = (
+            architecture_differences(model.model_cfg, model_cfg)
+            if check_own and model_cfg is not None
+            else []
+        )
         if differences:
             raise CheckpointMismatchError(
-                f'{str(path)!r} holds another model than the '
-                f'{architecture or "preset"}: {"; ".join(differences)}. Pass '
-                f'the preset and role it was trained with.')
-        report = KeyReport(format=FORMAT_TAG, source=str(path),
-                           loaded=len(model.state_dict()))
+                f"{str(path)!r} holds another model than the "
+                f"{architecture or 'preset'}: {'; '.join(differences)}. Pass "
+                f"the preset and role it was trained with."
+            )
+        report = KeyReport(format=FORMAT_TAG, source=str(path), loaded=len(model.state_dict()))
         return model.eval(), summary, report
     if model_cfg is None:
         raise CheckpointError(
-            f'{str(path)!r} is a {summary.layout} checkpoint: it does not say '
-            f'which model it holds. Pass the preset it was trained with and '
-            f'the role (-P preset=cs2acdc -P role=student|teacher).')
+            f"{str(path)!r} is a {summary.layout} checkpoint: it does not say "
+            f"which model it holds. Pass the preset it was trained with and "
+            f"the role (-P preset=cs2acdc -P role=student|teacher)."
+        )
     from .builder import build_segmentor
 
     model = build_segmentor(dict(model_cfg, pretrained=None))
     try:
-        report = load_checkpoint(model, obj, prefix=prefix, strict=True,
-                                 source=str(path))
+        report = load_checkpoint(model, obj, prefix=prefix, strict=True, source=str(path))
     except MissingPrefixError:
         raise
     except CheckpointMismatchError as err:
-        built = f' Built from {architecture}' if architecture else ' Built'
+        built = f" Built from {architecture}" if architecture else " Built"
         raise CheckpointMismatchError(
-            f'{err}{built}: backbone {model.model_cfg["backbone"]}, '
-            f'{model.model_cfg["num_classes"]} classes; pass the preset and '
-            f'role it was trained with.') from None
+            f"{err}{built}: backbone {model.model_cfg['backbone']}, "
+            f"{model.model_cfg['num_classes']} classes; pass the preset and "
+            f"role it was trained with."
+        ) from None
     del obj
     return model.eval(), summary, report
 
 
-def convert_checkpoint(path: Union[str, os.PathLike],
-                       destination: Union[str, os.PathLike],
-                       model_cfg: Optional[Mapping[str, Any]] = None,
-                       prefix: str = 'auto', architecture: str = '',
-                       role: Optional[str] = None,
-                       meta: Optional[Mapping[str, Any]] = None,
-                       sha256: Optional[str] = None) -> ConvertedCheckpoint:
+def convert_checkpoint(
+    path: str | os.PathLike,
+    destination: str | os.PathLike,
+    model_cfg: Mapping[str, Any] | None = None,
+    prefix: str = "auto",
+    architecture: str = "",
+    role: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    sha256: str | None = None,
+) -> ConvertedCheckpoint:
     """Write ``path`` as a ``cs2acdc-uda/1`` file (atomically) holding only
     the selected sub-model, with its provenance in ``meta``.
 
@@ -356,14 +390,17 @@ def convert_checkpoint(path: Union[str, os.PathLike],
     source = Path(path)
     digest = sha256 or file_sha256(source)
     model, summary, report = load_segmentor_file(
-        source, model_cfg, prefix, architecture, role,
-        check_own=model_cfg is not None)
-    provenance = {'imported_from': source.name, 'source_sha256': digest,
-                  'source_format': summary.layout,
-                  'source_prefix': report.prefix,
-                  'source_iteration': iteration_of(summary, report.prefix),
-                  **(meta or {})}
+        source, model_cfg, prefix, architecture, role, check_own=model_cfg is not None
+    )
+    provenance = {
+        "imported_from": source.name,
+        "source_sha256": digest,
+        "source_format": summary.layout,
+        "source_prefix": report.prefix,
+        "source_iteration": iteration_of(summary, report.prefix),
+        **(meta or {}),
+    }
     written = save_checkpoint(destination, model, meta=provenance)
-    return ConvertedCheckpoint(written, summary, digest, report.prefix, report,
-                               dict(model.model_cfg),
-                               time.perf_counter() - started)
+    return ConvertedCheckpoint(
+        written, summary, digest, report.prefix, report, dict(model.model_cfg), time.perf_counter() - started
+    )

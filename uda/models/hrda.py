@@ -36,11 +36,12 @@ evaluate and serving paths pick for a device (CPU: a small one; CUDA: none),
 applied with :func:`bounded_slide` or
 :meth:`HRDASegmentor.limit_windows_per_batch` without changing the preset.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import (Any, Callable, ContextManager, Iterator, Mapping,
-                    Optional, Sequence, Union)
+from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,9 +51,17 @@ from .daformer_head import DAFormerHead
 from .losses import IGNORE_INDEX, get_loss, pixel_accuracy
 
 __all__ = [
-    'HRDAHead', 'HRDASegmentor', 'get_crop_bbox', 'crop', 'slide_windows',
-    'DEFAULT_TEST_CFG', 'CPU_PASS_PIXELS', 'windows_for_pixels',
-    'check_windows_per_batch', 'default_windows_per_batch', 'bounded_slide'
+    "HRDAHead",
+    "HRDASegmentor",
+    "get_crop_bbox",
+    "crop",
+    "slide_windows",
+    "DEFAULT_TEST_CFG",
+    "CPU_PASS_PIXELS",
+    "windows_for_pixels",
+    "check_windows_per_batch",
+    "default_windows_per_batch",
+    "bounded_slide",
 ]
 
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), like MIC
@@ -60,13 +69,13 @@ Features = list[torch.Tensor]
 
 #: MIC's HRDA test configuration (gtaHR2csHR_mic_hrda.py).
 DEFAULT_TEST_CFG: dict[str, Any] = {
-    'mode': 'slide',
-    'crop_size': [1024, 1024],
-    'stride': [512, 512],
-    'batched_slide': True,
+    "mode": "slide",
+    "crop_size": [1024, 1024],
+    "stride": [512, 512],
+    "batched_slide": True,
     # Most images per backbone pass in inference (slide windows per forward,
     # detail windows per pass); None: all at once, as MIC.
-    'max_windows_per_batch': None,
+    "max_windows_per_batch": None,
 }
 
 #: Input pixels per backbone pass that :func:`default_windows_per_batch`
@@ -85,22 +94,22 @@ def windows_for_pixels(pixel_budget: int, window_pixels: int) -> int:
     return max(1, int(pixel_budget) // max(int(window_pixels), 1))
 
 
-def check_windows_per_batch(value: Any,
-                            key: str = 'test_cfg.max_windows_per_batch'
-                            ) -> Optional[int]:
+def check_windows_per_batch(value: Any, key: str = "test_cfg.max_windows_per_batch") -> int | None:
     """``value`` if it is a positive int or None, else a ``ValueError``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{key} must be a positive integer or null (null: '
-                         f'every window in one batch, as MIC), got '
-                         f'{value!r}.')
+        raise ValueError(
+            f"{key} must be a positive integer or null (null: "
+            f"every window in one batch, as MIC), got "
+            f"{value!r}."
+        )
     return int(value)
 
 
-def default_windows_per_batch(device: Union[str, torch.device, None],
-                              image_pixels: Optional[int] = None
-                              ) -> Optional[int]:
+def default_windows_per_batch(
+    device: str | torch.device | None, image_pixels: int | None = None
+) -> int | None:
     """The ``max_windows_per_batch`` to run inference with on ``device``.
 
     CUDA: None (MIC's one batch; a 1920x1080 frame of the full recipe fits a
@@ -111,7 +120,7 @@ def default_windows_per_batch(device: Union[str, torch.device, None],
     preset; 1 without ``image_pixels``. All at once costs ~20 GB of RAM per
     1920x1080 frame of the full recipe.
     """
-    if device is not None and torch.device(device).type == 'cuda':
+    if device is not None and torch.device(device).type == "cuda":
         return None
     if image_pixels is None:
         return 1
@@ -119,9 +128,7 @@ def default_windows_per_batch(device: Union[str, torch.device, None],
 
 
 @contextlib.contextmanager
-def bounded_slide(model: nn.Module,
-                  device: Union[str, torch.device, None]
-                  ) -> Iterator[Optional[int]]:
+def bounded_slide(model: nn.Module, device: str | torch.device | None) -> Iterator[int | None]:
     """Run ``model`` with its device default ``max_windows_per_batch``
     inside the block, restoring its ``test_cfg`` afterwards.
 
@@ -146,23 +153,23 @@ def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
     mmseg's ``resize(..., scale_factor=s)``; identity for ``scale == 1``."""
     if scale == 1:
         return x
-    return F.interpolate(x, scale_factor=scale, mode='bilinear',
-                         align_corners=False)
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize to ``size`` (``align_corners=False``)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode='bilinear',
-                         align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def get_crop_bbox(img_h: int,
-                  img_w: int,
-                  crop_size: Sequence[int],
-                  divisible: int = 1,
-                  generator: Optional[torch.Generator] = None) -> Box:
+def get_crop_bbox(
+    img_h: int,
+    img_w: int,
+    crop_size: Sequence[int],
+    divisible: int = 1,
+    generator: torch.Generator | None = None,
+) -> Box:
     """Random crop box whose corner is a multiple of ``divisible``.
 
     Same distribution as MIC's ``get_crop_bbox``: the offset is
@@ -182,14 +189,13 @@ def get_crop_bbox(img_h: int,
     """
     crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
     if crop_h <= 0 or crop_w <= 0:
-        raise ValueError(f'crop_size must be positive, got {crop_size}.')
+        raise ValueError(f"crop_size must be positive, got {crop_size}.")
     if img_h == crop_h and img_w == crop_w:
         return 0, img_h, 0, img_w
 
     def offset(margin: int) -> int:
         choices = max((margin + 1) // divisible, 1)
-        return int(torch.randint(0, choices, (1, ),
-                                 generator=generator)) * divisible
+        return int(torch.randint(0, choices, (1,), generator=generator)) * divisible
 
     off_h = offset(max(img_h - crop_h, 0))
     off_w = offset(max(img_w - crop_w, 0))
@@ -202,8 +208,7 @@ def crop(x: torch.Tensor, box: Box) -> torch.Tensor:
     return x[..., y1:y2, x1:x2]
 
 
-def slide_windows(height: int, width: int, crop_size: Sequence[int],
-                  stride: Sequence[int]) -> list[Box]:
+def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[Box]:
     """Overlapping windows covering an image, as mmseg's ``slide_inference``.
 
     The last window in each direction is shifted back to end at the border;
@@ -243,38 +248,34 @@ class _WindowSums:
     in window order, so any batching gives the same sums of the same
     logits."""
 
-    def __init__(self, batch_size: int, channels: int, height: int,
-                 width: int, device: torch.device) -> None:
+    def __init__(self, batch_size: int, channels: int, height: int, width: int, device: torch.device) -> None:
         self.batch_size = batch_size
-        self.sums = torch.zeros((batch_size, channels, height, width),
-                                dtype=torch.float32, device=device)
-        self.count = torch.zeros((batch_size, 1, height, width),
-                                 dtype=torch.float32, device=device)
+        self.sums = torch.zeros((batch_size, channels, height, width), dtype=torch.float32, device=device)
+        self.count = torch.zeros((batch_size, 1, height, width), dtype=torch.float32, device=device)
 
     def add(self, boxes: Sequence[Box], logits: torch.Tensor) -> None:
         """Add window logits held crop-major: rows ``i*B:(i+1)*B`` belong to
         ``boxes[i]``."""
         b = self.batch_size
         for i, (y1, y2, x1, x2) in enumerate(boxes):
-            self.sums[:, :, y1:y2, x1:x2] += logits[i * b:(i + 1) * b]
+            self.sums[:, :, y1:y2, x1:x2] += logits[i * b : (i + 1) * b]
             self.count[:, :, y1:y2, x1:x2] += 1
 
     def mean(self) -> torch.Tensor:
         if bool((self.count == 0).any()):
-            raise RuntimeError('Slide windows do not cover the whole image; '
-                               'check crop_size and stride.')
+            raise RuntimeError("Slide windows do not cover the whole image; check crop_size and stride.")
         return self.sums / self.count
 
 
-def _stitch(logits: torch.Tensor, boxes: Sequence[Box], batch_size: int,
-            height: int, width: int) -> torch.Tensor:
+def _stitch(
+    logits: torch.Tensor, boxes: Sequence[Box], batch_size: int, height: int, width: int
+) -> torch.Tensor:
     """Average window logits into a ``(B, C, height, width)`` map.
 
     ``logits`` holds the windows crop-major: rows ``i*B:(i+1)*B`` belong to
     ``boxes[i]``. Each pixel is divided by the number of windows covering it.
     """
-    sums = _WindowSums(batch_size, logits.shape[1], height, width,
-                       logits.device)
+    sums = _WindowSums(batch_size, logits.shape[1], height, width, logits.device)
     sums.add(boxes, logits)
     return sums.mean()
 
@@ -295,30 +296,35 @@ class HRDAHead(nn.Module):
         output_stride: Stride of the DAFormer output w.r.t. its input (4).
     """
 
-    def __init__(self,
-                 in_channels: Sequence[int],
-                 num_classes: int,
-                 channels: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18),
-                 dropout_ratio: float = 0.1,
-                 attention_classwise: bool = True,
-                 attention_embed_dim: int = 256,
-                 lr_scale: float = 0.5,
-                 output_stride: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 256,
+        dilations: Sequence[int] = (1, 6, 12, 18),
+        dropout_ratio: float = 0.1,
+        attention_classwise: bool = True,
+        attention_embed_dim: int = 256,
+        lr_scale: float = 0.5,
+        output_stride: int = 4,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.lr_scale = lr_scale
         self.os = output_stride
-        self.head = DAFormerHead(in_channels, num_classes, channels,
-                                 dilations, dropout_ratio, fusion='aspp')
+        self.head = DAFormerHead(in_channels, num_classes, channels, dilations, dropout_ratio, fusion="aspp")
         # MIC builds the attention head as a DAFormerHead whose ASPP fusion
         # is replaced by a 1x1 ConvModule (hrda_head.py).
         self.scale_attention = DAFormerHead(
-            in_channels, num_classes if attention_classwise else 1,
-            attention_embed_dim, dilations, dropout_ratio, fusion='conv')
+            in_channels,
+            num_classes if attention_classwise else 1,
+            attention_embed_dim,
+            dilations,
+            dropout_ratio,
+            fusion="conv",
+        )
 
-    def decode_hr(self, hr_input: Union[Features, Mapping[str, Any]],
-                  batch_size: int) -> torch.Tensor:
+    def decode_hr(self, hr_input: Features | Mapping[str, Any], batch_size: int) -> torch.Tensor:
         """Detail logits from whole-input features or from slide windows.
 
         Args:
@@ -332,20 +338,17 @@ class HRDAHead(nn.Module):
         """
         if not isinstance(hr_input, Mapping):
             return self.head(hr_input)
-        boxes = [_scale_box(b, self.os) for b in hr_input['boxes']]
+        boxes = [_scale_box(b, self.os) for b in hr_input["boxes"]]
         height = max(b[1] for b in boxes)
         width = max(b[3] for b in boxes)
-        if 'logits' in hr_input:
-            window_logits = hr_input['logits']
+        if "logits" in hr_input:
+            window_logits = hr_input["logits"]
         else:
-            window_logits = self.head(hr_input['features'])
+            window_logits = self.head(hr_input["features"])
         return _stitch(window_logits, boxes, batch_size, height, width)
 
     def forward(
-        self,
-        lr_features: Features,
-        hr_input: Union[Features, Mapping[str, Any]],
-        hr_crop_box: Optional[Box] = None
+        self, lr_features: Features, hr_input: Features | Mapping[str, Any], hr_crop_box: Box | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fuse context and detail predictions.
 
@@ -427,40 +430,40 @@ class HRDASegmentor(nn.Module):
         ignore_index: Label value without supervision.
     """
 
-    def __init__(self,
-                 backbone: nn.Module,
-                 num_classes: int,
-                 channels: int = 256,
-                 dilations: Sequence[int] = (1, 6, 12, 18),
-                 dropout_ratio: float = 0.1,
-                 loss: str = 'ce',
-                 scales: Sequence[float] = (1, 0.5),
-                 hr_crop_size: Optional[Sequence[int]] = (512, 512),
-                 hr_loss_weight: float = 0.1,
-                 attention_classwise: bool = True,
-                 attention_embed_dim: Optional[int] = None,
-                 crop_coord_divisible: int = 8,
-                 hr_slide_inference: bool = True,
-                 feature_scale: float = 0.5,
-                 test_cfg: Optional[Mapping[str, Any]] = None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        channels: int = 256,
+        dilations: Sequence[int] = (1, 6, 12, 18),
+        dropout_ratio: float = 0.1,
+        loss: str = "ce",
+        scales: Sequence[float] = (1, 0.5),
+        hr_crop_size: Sequence[int] | None = (512, 512),
+        hr_loss_weight: float = 0.1,
+        attention_classwise: bool = True,
+        attention_embed_dim: int | None = None,
+        crop_coord_divisible: int = 8,
+        hr_slide_inference: bool = True,
+        feature_scale: float = 0.5,
+        test_cfg: Mapping[str, Any] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         super().__init__()
         scales = sorted(float(s) for s in scales)
         if len(scales) != 2 or scales[1] != 1 or not 0 < scales[0] < 1:
-            raise ValueError(f'scales must be [1, r] with 0 < r < 1 (HRDA '
-                             f'supports exactly two scales), got {scales}.')
+            raise ValueError(
+                f"scales must be [1, r] with 0 < r < 1 (HRDA supports exactly two scales), got {scales}."
+            )
         if feature_scale not in scales:
-            raise ValueError(f'feature_scale must be one of scales {scales}, '
-                             f'got {feature_scale}.')
-        if not hasattr(backbone, 'out_channels'):
-            raise ValueError('backbone must expose `out_channels` (the '
-                             'channels of its four outputs).')
+            raise ValueError(f"feature_scale must be one of scales {scales}, got {feature_scale}.")
+        if not hasattr(backbone, "out_channels"):
+            raise ValueError("backbone must expose `out_channels` (the channels of its four outputs).")
         self.backbone = backbone
         self.num_classes = num_classes
         self.scales = scales
         self.lr_scale = scales[0]
-        self.hr_crop_size = None if hr_crop_size is None else \
-            tuple(int(v) for v in hr_crop_size)
+        self.hr_crop_size = None if hr_crop_size is None else tuple(int(v) for v in hr_crop_size)
         self.hr_loss_weight = float(hr_loss_weight)
         self.crop_coord_divisible = int(crop_coord_divisible)
         self.hr_slide_inference = bool(hr_slide_inference)
@@ -470,19 +473,23 @@ class HRDASegmentor(nn.Module):
         self.loss_fn = get_loss(loss)
         self.test_cfg = dict(DEFAULT_TEST_CFG)
         self.test_cfg.update(test_cfg or {})
-        if self.test_cfg['mode'] not in ('slide', 'whole'):
-            raise ValueError(f"test_cfg.mode must be 'slide' or 'whole', got "
-                             f"{self.test_cfg['mode']!r}.")
-        check_windows_per_batch(self.test_cfg['max_windows_per_batch'])
+        if self.test_cfg["mode"] not in ("slide", "whole"):
+            raise ValueError(f"test_cfg.mode must be 'slide' or 'whole', got {self.test_cfg['mode']!r}.")
+        check_windows_per_batch(self.test_cfg["max_windows_per_batch"])
         if self.hr_slide_inference and self.hr_crop_size is None:
-            raise ValueError('hr_slide_inference needs hr_crop_size (the '
-                             'detail window size).')
+            raise ValueError("hr_slide_inference needs hr_crop_size (the detail window size).")
         self.decode_head = HRDAHead(
-            list(backbone.out_channels), num_classes, channels, dilations,
-            dropout_ratio, attention_classwise,
-            attention_embed_dim or channels, lr_scale=self.lr_scale)
+            list(backbone.out_channels),
+            num_classes,
+            channels,
+            dilations,
+            dropout_ratio,
+            attention_classwise,
+            attention_embed_dim or channels,
+            lr_scale=self.lr_scale,
+        )
         #: Detail crop of the last ``forward_train`` call (full-res pixels).
-        self.last_train_crop_box: Optional[Box] = None
+        self.last_train_crop_box: Box | None = None
 
     # ------------------------------------------------------------------
     # Features
@@ -501,15 +508,13 @@ class HRDASegmentor(nn.Module):
         window), batched crop-major in one backbone pass."""
         assert self.hr_crop_size is not None
         stride = [v // 2 for v in self.hr_crop_size]
-        boxes = slide_windows(img.shape[2], img.shape[3], self.hr_crop_size,
-                              stride)
+        boxes = slide_windows(img.shape[2], img.shape[3], self.hr_crop_size, stride)
         windows = torch.cat([crop(img, b) for b in boxes], dim=0)
-        return {'features': self.extract_unscaled_feat(windows),
-                'boxes': boxes}
+        return {"features": self.extract_unscaled_feat(windows), "boxes": boxes}
 
-    def slide_detail_logits(self, img: torch.Tensor,
-                            max_windows_per_batch: Optional[int] = None
-                            ) -> dict[str, Any]:
+    def slide_detail_logits(
+        self, img: torch.Tensor, max_windows_per_batch: int | None = None
+    ) -> dict[str, Any]:
         """Segmentation-head logits of the overlapping ``hr_crop_size``
         windows (stride = half a window), crop-major, at most
         ``max_windows_per_batch`` windows per backbone + head pass (None:
@@ -517,36 +522,35 @@ class HRDASegmentor(nn.Module):
         :meth:`HRDAHead.decode_hr`."""
         assert self.hr_crop_size is not None
         stride = [v // 2 for v in self.hr_crop_size]
-        boxes = slide_windows(img.shape[2], img.shape[3], self.hr_crop_size,
-                              stride)
+        boxes = slide_windows(img.shape[2], img.shape[3], self.hr_crop_size, stride)
         windows = torch.cat([crop(img, b) for b in boxes], dim=0)
-        step = windows.shape[0] if max_windows_per_batch is None else \
-            max_windows_per_batch
-        logits = [self.decode_head.head(self.extract_unscaled_feat(
-            windows[start:start + step]))
-            for start in range(0, windows.shape[0], step)]
-        return {'logits': logits[0] if len(logits) == 1 else
-                torch.cat(logits, dim=0), 'boxes': boxes}
+        step = windows.shape[0] if max_windows_per_batch is None else max_windows_per_batch
+        logits = [
+            self.decode_head.head(self.extract_unscaled_feat(windows[start : start + step]))
+            for start in range(0, windows.shape[0], step)
+        ]
+        return {"logits": logits[0] if len(logits) == 1 else torch.cat(logits, dim=0), "boxes": boxes}
 
     # ------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------
-    def _decode_losses(self, logits: torch.Tensor, label: torch.Tensor,
-                       weight: Optional[torch.Tensor],
-                       factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_losses(
+        self, logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, factor: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = resize_to(logits, label.shape[-2:])
         loss = self.loss_fn(logits, label, weight, self.ignore_index)
         return loss * factor, pixel_accuracy(logits.detach(), label)
 
-    def forward_train(self,
-                      img: torch.Tensor,
-                      gt_semantic_seg: torch.Tensor,
-                      seg_weight: Optional[torch.Tensor] = None,
-                      return_feat: bool = False,
-                      return_logits: bool = False,
-                      crop_box: Optional[Box] = None,
-                      generator: Optional[torch.Generator] = None
-                      ) -> dict[str, Any]:
+    def forward_train(
+        self,
+        img: torch.Tensor,
+        gt_semantic_seg: torch.Tensor,
+        seg_weight: torch.Tensor | None = None,
+        return_feat: bool = False,
+        return_logits: bool = False,
+        crop_box: Box | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
         """Multi-resolution training forward with losses.
 
         Args:
@@ -572,17 +576,21 @@ class HRDASegmentor(nn.Module):
             gt_semantic_seg = gt_semantic_seg[:, None]
         lr_img = resize_by(img, self.lr_scale)
         hr_img = img
-        box: Optional[Box] = None
+        box: Box | None = None
         if self.hr_crop_size is not None:
-            if img.shape[2] < self.hr_crop_size[0] or \
-                    img.shape[3] < self.hr_crop_size[1]:
+            if img.shape[2] < self.hr_crop_size[0] or img.shape[3] < self.hr_crop_size[1]:
                 raise ValueError(
-                    f'Training crops {tuple(img.shape[2:])} are smaller than '
-                    f'hr_crop_size {self.hr_crop_size}; use larger crops or '
-                    f'a smaller model.hr_crop_size.')
-            box = crop_box if crop_box is not None else get_crop_bbox(
-                img.shape[2], img.shape[3], self.hr_crop_size,
-                self.crop_coord_divisible, generator)
+                    f"Training crops {tuple(img.shape[2:])} are smaller than "
+                    f"hr_crop_size {self.hr_crop_size}; use larger crops or "
+                    f"a smaller model.hr_crop_size."
+                )
+            box = (
+                crop_box
+                if crop_box is not None
+                else get_crop_bbox(
+                    img.shape[2], img.shape[3], self.hr_crop_size, self.crop_coord_divisible, generator
+                )
+            )
             hr_img = crop(img, box)
         self.last_train_crop_box = box
         lr_feats = self.extract_unscaled_feat(lr_img)
@@ -592,32 +600,26 @@ class HRDASegmentor(nn.Module):
 
         out: dict[str, Any] = {}
         if return_feat:
-            out['features'] = lr_feats if self.feature_scale == \
-                self.lr_scale else hr_feats
-        loss, acc = self._decode_losses(fused, gt_semantic_seg, seg_weight,
-                                        1 - self.hr_loss_weight)
-        out['decode.loss_seg'] = loss
-        out['decode.acc_seg'] = acc
+            out["features"] = lr_feats if self.feature_scale == self.lr_scale else hr_feats
+        loss, acc = self._decode_losses(fused, gt_semantic_seg, seg_weight, 1 - self.hr_loss_weight)
+        out["decode.loss_seg"] = loss
+        out["decode.acc_seg"] = acc
         if self.hr_loss_weight > 0:
             hr_label, hr_weight = gt_semantic_seg, seg_weight
             if box is not None:
                 hr_label = crop(gt_semantic_seg, box)
-                hr_weight = None if seg_weight is None else \
-                    crop(seg_weight, box)
-            loss, acc = self._decode_losses(hr_seg, hr_label, hr_weight,
-                                            self.hr_loss_weight)
-            out['decode.hr.loss_seg'] = loss
-            out['decode.hr.acc_seg'] = acc
+                hr_weight = None if seg_weight is None else crop(seg_weight, box)
+            loss, acc = self._decode_losses(hr_seg, hr_label, hr_weight, self.hr_loss_weight)
+            out["decode.hr.loss_seg"] = loss
+            out["decode.hr.acc_seg"] = acc
         if return_logits:
-            out['decode.logits'] = (fused, lr_seg, hr_seg)
+            out["decode.logits"] = (fused, lr_seg, hr_seg)
         return out
 
     # ------------------------------------------------------------------
     # Inference
     # ------------------------------------------------------------------
-    def encode_decode(self, img: torch.Tensor,
-                      max_windows_per_batch: Optional[int] = _FROM_CFG
-                      ) -> torch.Tensor:
+    def encode_decode(self, img: torch.Tensor, max_windows_per_batch: int | None = _FROM_CFG) -> torch.Tensor:
         """Fused logits of whole inputs, at the input resolution.
 
         The detail branch runs on the full-resolution input, by overlapping
@@ -632,13 +634,15 @@ class HRDASegmentor(nn.Module):
         """
         limit = self._windows_limit(max_windows_per_batch)
         if limit is not None and img.shape[0] > limit:
-            return torch.cat([self._encode_decode(img[start:start + limit],
-                                                  limit)
-                              for start in range(0, img.shape[0], limit)])
+            return torch.cat(
+                [
+                    self._encode_decode(img[start : start + limit], limit)
+                    for start in range(0, img.shape[0], limit)
+                ]
+            )
         return self._encode_decode(img, limit)
 
-    def _encode_decode(self, img: torch.Tensor,
-                       limit: Optional[int]) -> torch.Tensor:
+    def _encode_decode(self, img: torch.Tensor, limit: int | None) -> torch.Tensor:
         lr_feats = self.extract_unscaled_feat(resize_by(img, self.lr_scale))
         if self.hr_slide_inference:
             hr_input: Any = self.slide_detail_logits(img, limit)
@@ -656,45 +660,42 @@ class HRDASegmentor(nn.Module):
 
     # -- bounded slide inference ------------------------------------------
     @property
-    def max_windows_per_batch(self) -> Optional[int]:
+    def max_windows_per_batch(self) -> int | None:
         """``test_cfg.max_windows_per_batch`` (None: all at once)."""
-        return self.test_cfg.get('max_windows_per_batch')
+        return self.test_cfg.get("max_windows_per_batch")
 
-    def set_windows_per_batch(self, value: Optional[int]) -> None:
+    def set_windows_per_batch(self, value: int | None) -> None:
         """Set ``test_cfg.max_windows_per_batch`` of this model (a positive
         int, or None for MIC's all at once). Inference only: checkpoints
         save ``model.model_cfg``, which keeps the configured value."""
-        self.test_cfg['max_windows_per_batch'] = check_windows_per_batch(value)
+        self.test_cfg["max_windows_per_batch"] = check_windows_per_batch(value)
 
     @contextlib.contextmanager
-    def limit_windows_per_batch(self,
-                                value: Optional[int]) -> Iterator[None]:
+    def limit_windows_per_batch(self, value: int | None) -> Iterator[None]:
         """``max_windows_per_batch = value`` inside the block only (it
         changes ``test_cfg`` meanwhile: not for a model that other threads
         run at the same time)."""
-        saved = self.test_cfg.get('max_windows_per_batch')
+        saved = self.test_cfg.get("max_windows_per_batch")
         self.set_windows_per_batch(value)
         try:
             yield
         finally:
-            self.test_cfg['max_windows_per_batch'] = saved
+            self.test_cfg["max_windows_per_batch"] = saved
 
     def pass_image_pixels(self) -> int:
         """Pixels of the largest image of one backbone pass in slide
         inference: a ``test_cfg.crop_size`` window at the context scale, or
         a detail window (``hr_crop_size``; the whole window without
         ``hr_slide_inference``). Full recipe: 512 x 512 for both."""
-        h, w = (int(v) for v in self.test_cfg['crop_size'])
+        h, w = (int(v) for v in self.test_cfg["crop_size"])
         context = int(h * self.lr_scale) * int(w * self.lr_scale)
         if self.hr_slide_inference and self.hr_crop_size is not None:
-            detail = min(self.hr_crop_size[0], h) * \
-                min(self.hr_crop_size[1], w)
+            detail = min(self.hr_crop_size[0], h) * min(self.hr_crop_size[1], w)
         else:
             detail = h * w
         return max(context, detail, 1)
 
-    def device_windows_per_batch(
-            self, device: Union[str, torch.device, None]) -> Optional[int]:
+    def device_windows_per_batch(self, device: str | torch.device | None) -> int | None:
         """The model's own ``max_windows_per_batch`` when set, else
         :func:`default_windows_per_batch` of ``device`` for its passes
         (CPU: 1 for the full recipe, 64 for the default preset; CUDA:
@@ -703,15 +704,19 @@ class HRDASegmentor(nn.Module):
             return self.max_windows_per_batch
         return default_windows_per_batch(device, self.pass_image_pixels())
 
-    def _windows_limit(self, value: Any) -> Optional[int]:
+    def _windows_limit(self, value: Any) -> int | None:
         if value is _FROM_CFG:
             value = self.max_windows_per_batch
-        return check_windows_per_batch(value, 'max_windows_per_batch')
+        return check_windows_per_batch(value, "max_windows_per_batch")
 
-    def slide_batches(self, height: int, width: int, batch_size: int = 1,
-                      max_windows_per_batch: Optional[int] = _FROM_CFG,
-                      windows_per_forward: Optional[int] = None
-                      ) -> list[list[Box]]:
+    def slide_batches(
+        self,
+        height: int,
+        width: int,
+        batch_size: int = 1,
+        max_windows_per_batch: int | None = _FROM_CFG,
+        windows_per_forward: int | None = None,
+    ) -> list[list[Box]]:
         """The slide windows of an image in the groups run per forward.
 
         :func:`slide_windows` of ``test_cfg.crop_size``/``stride``, in that
@@ -719,10 +724,9 @@ class HRDASegmentor(nn.Module):
         else ``max_windows_per_batch // batch_size`` (at least one; None:
         all windows in one group), and at most ``windows_per_forward``.
         """
-        boxes = slide_windows(height, width, self.test_cfg['crop_size'],
-                              self.test_cfg['stride'])
+        boxes = slide_windows(height, width, self.test_cfg["crop_size"], self.test_cfg["stride"])
         limit = self._windows_limit(max_windows_per_batch)
-        if not self.test_cfg.get('batched_slide', False):
+        if not self.test_cfg.get("batched_slide", False):
             per_forward = 1
         elif limit is None:
             per_forward = len(boxes)
@@ -730,20 +734,18 @@ class HRDASegmentor(nn.Module):
             per_forward = max(1, limit // max(int(batch_size), 1))
         if windows_per_forward is not None:
             per_forward = max(1, min(per_forward, int(windows_per_forward)))
-        return [boxes[start:start + per_forward]
-                for start in range(0, len(boxes), per_forward)]
+        return [boxes[start : start + per_forward] for start in range(0, len(boxes), per_forward)]
 
     def slide_forward(
-            self,
-            height: int,
-            width: int,
-            windows_of: Callable[[Sequence[Box]], torch.Tensor],
-            consume: Callable[[Sequence[Box], torch.Tensor], None],
-            batch_size: int = 1,
-            max_windows_per_batch: Optional[int] = _FROM_CFG,
-            windows_per_forward: Optional[int] = None,
-            around_batch: Optional[Callable[[int, int],
-                                            ContextManager[Any]]] = None
+        self,
+        height: int,
+        width: int,
+        windows_of: Callable[[Sequence[Box]], torch.Tensor],
+        consume: Callable[[Sequence[Box], torch.Tensor], None],
+        batch_size: int = 1,
+        max_windows_per_batch: int | None = _FROM_CFG,
+        windows_per_forward: int | None = None,
+        around_batch: Callable[[int, int], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         """Run the slide windows of an image group by group.
 
@@ -767,32 +769,27 @@ class HRDASegmentor(nn.Module):
                 exited once ``consume`` returned (serving: its turn on the
                 device and its deadline check; raising there stops).
         """
-        groups = self.slide_batches(height, width, batch_size,
-                                    max_windows_per_batch,
-                                    windows_per_forward)
+        groups = self.slide_batches(height, width, batch_size, max_windows_per_batch, windows_per_forward)
         total = sum(len(group) for group in groups)
         start = 0
         for group in groups:
-            context = around_batch(start, total) if around_batch is not None \
-                else contextlib.nullcontext()
+            context = around_batch(start, total) if around_batch is not None else contextlib.nullcontext()
             with context:
                 windows = windows_of(group)
                 if max_windows_per_batch is _FROM_CFG:
                     logits = self.encode_decode(windows)
                 else:
-                    logits = self.encode_decode(windows,
-                                                max_windows_per_batch)
+                    logits = self.encode_decode(windows, max_windows_per_batch)
                 del windows
                 consume(group, logits)
                 del logits
             start += len(group)
 
     def slide_inference(
-            self,
-            img: torch.Tensor,
-            max_windows_per_batch: Optional[int] = _FROM_CFG,
-            around_batch: Optional[Callable[[int, int],
-                                            ContextManager[Any]]] = None
+        self,
+        img: torch.Tensor,
+        max_windows_per_batch: int | None = _FROM_CFG,
+        around_batch: Callable[[int, int], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> torch.Tensor:
         """Logits from overlapping ``test_cfg.crop_size`` windows.
 
@@ -802,33 +799,34 @@ class HRDASegmentor(nn.Module):
         logits are averaged. ``around_batch``: see :meth:`slide_forward`.
         """
         batch_size, _, height, width = img.shape
-        sums = _WindowSums(batch_size, self.num_classes, height, width,
-                           img.device)
+        sums = _WindowSums(batch_size, self.num_classes, height, width, img.device)
         self.slide_forward(
-            height, width,
+            height,
+            width,
             lambda boxes: torch.cat([crop(img, b) for b in boxes], dim=0),
-            sums.add, batch_size, max_windows_per_batch,
-            around_batch=around_batch)
+            sums.add,
+            batch_size,
+            max_windows_per_batch,
+            around_batch=around_batch,
+        )
         return sums.mean()
 
-    def inference(self, img: torch.Tensor,
-                  mode: Optional[str] = None) -> torch.Tensor:
+    def inference(self, img: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` at the input resolution.
 
         Args:
             img: ``(B, 3, H, W)`` normalised images.
             mode: ``'slide'`` or ``'whole'``; defaults to ``test_cfg.mode``.
         """
-        mode = mode or self.test_cfg['mode']
-        if mode == 'slide':
+        mode = mode or self.test_cfg["mode"]
+        if mode == "slide":
             return self.slide_inference(img)
-        if mode == 'whole':
+        if mode == "whole":
             return self.whole_inference(img)
         raise ValueError(f"mode must be 'slide' or 'whole', got {mode!r}.")
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Inference in the configured test mode (logits at input size)."""
         if img.dim() != 4 or img.shape[1] != 3:
-            raise ValueError(f'Expected a (B, 3, H, W) image batch, got shape '
-                             f'{tuple(img.shape)}.')
+            raise ValueError(f"Expected a (B, 3, H, W) image batch, got shape {tuple(img.shape)}.")
         return self.inference(img)

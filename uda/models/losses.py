@@ -12,16 +12,21 @@ The logit-constraint loss of the distilled student comes from VBLC
 are divided by their L2 norm over the class dimension plus ``eps = 1e-7``
 (no temperature) and then go through the same cross-entropy.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'IGNORE_INDEX', 'LOSSES', 'cross_entropy_loss', 'logit_constraint_loss',
-    'get_loss', 'pixel_accuracy'
+    "IGNORE_INDEX",
+    "LOSSES",
+    "cross_entropy_loss",
+    "logit_constraint_loss",
+    "get_loss",
+    "pixel_accuracy",
 ]
 
 #: Label value that marks pixels without supervision (Cityscapes trainIds).
@@ -30,31 +35,33 @@ IGNORE_INDEX = 255
 LossFn = Callable[..., torch.Tensor]
 
 
-def _check_inputs(logits: torch.Tensor, label: torch.Tensor,
-                  weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _check_inputs(logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Validate shapes and return the label as ``(B, H, W)`` int64."""
     if logits.dim() != 4:
-        raise ValueError(f'logits must be (B, C, H, W), got shape '
-                         f'{tuple(logits.shape)}.')
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}.")
     if label.dim() == 4:
         if label.shape[1] != 1:
-            raise ValueError(f'label must be (B, H, W) or (B, 1, H, W), got '
-                             f'shape {tuple(label.shape)}.')
+            raise ValueError(f"label must be (B, H, W) or (B, 1, H, W), got shape {tuple(label.shape)}.")
         label = label[:, 0]
     if label.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f'label shape {tuple(label.shape)} does not match '
-                         f'logits shape {tuple(logits.shape)} (resize the '
-                         f'logits to the label size first).')
+        raise ValueError(
+            f"label shape {tuple(label.shape)} does not match "
+            f"logits shape {tuple(logits.shape)} (resize the "
+            f"logits to the label size first)."
+        )
     if weight is not None and weight.numel() != label.numel():
-        raise ValueError(f'seg_weight must have one value per pixel '
-                         f'{tuple(label.shape)}, got {tuple(weight.shape)}.')
+        raise ValueError(
+            f"seg_weight must have one value per pixel {tuple(label.shape)}, got {tuple(weight.shape)}."
+        )
     return label.long()
 
 
-def cross_entropy_loss(logits: torch.Tensor,
-                       label: torch.Tensor,
-                       weight: Optional[torch.Tensor] = None,
-                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy_loss(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Pixel-wise softmax cross-entropy, mean over all pixels.
 
     Args:
@@ -70,18 +77,19 @@ def cross_entropy_loss(logits: torch.Tensor,
         Scalar loss: ``sum(weight * ce) / (B * H * W)``.
     """
     label = _check_inputs(logits, label, weight)
-    loss = F.cross_entropy(logits.float(), label, reduction='none',
-                           ignore_index=ignore_index)
+    loss = F.cross_entropy(logits.float(), label, reduction="none", ignore_index=ignore_index)
     if weight is not None:
         loss = loss * weight.reshape(loss.shape).float()
     return loss.mean()
 
 
-def logit_constraint_loss(logits: torch.Tensor,
-                          label: torch.Tensor,
-                          weight: Optional[torch.Tensor] = None,
-                          ignore_index: int = IGNORE_INDEX,
-                          eps: float = 1e-7) -> torch.Tensor:
+def logit_constraint_loss(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    eps: float = 1e-7,
+) -> torch.Tensor:
     """Cross-entropy on L2-normalised logits (VBLC's logit constraint).
 
     Args:
@@ -101,8 +109,8 @@ def logit_constraint_loss(logits: torch.Tensor,
 
 #: Loss names accepted by the model config's ``decode_head.loss``.
 LOSSES: dict[str, LossFn] = {
-    'ce': cross_entropy_loss,
-    'logit_constraint': logit_constraint_loss,
+    "ce": cross_entropy_loss,
+    "logit_constraint": logit_constraint_loss,
 }
 
 
@@ -116,8 +124,7 @@ def get_loss(name: str) -> LossFn:
         ValueError: For an unknown name (lists the valid ones).
     """
     if name not in LOSSES:
-        raise ValueError(f'Unknown decode-head loss {name!r}; valid: '
-                         f'{", ".join(LOSSES)}.')
+        raise ValueError(f"Unknown decode-head loss {name!r}; valid: {', '.join(LOSSES)}.")
     return LOSSES[name]
 
 

@@ -23,13 +23,14 @@ for key. Facts matched to that reference:
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``
 (fused kernels on GPU); an explicit softmax path is kept for checking it.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 from functools import partial
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,9 +41,17 @@ from .checkpoint_files import read_checkpoint
 from .recompute import checkpointed
 
 __all__ = [
-    'MixVisionTransformer', 'MIT_VARIANTS', 'create_mit',
-    'checkpoint_filter_fn', 'mit_nano', 'mit_b0', 'mit_b1', 'mit_b2',
-    'mit_b3', 'mit_b4', 'mit_b5'
+    "MixVisionTransformer",
+    "MIT_VARIANTS",
+    "create_mit",
+    "checkpoint_filter_fn",
+    "mit_nano",
+    "mit_b0",
+    "mit_b1",
+    "mit_b2",
+    "mit_b3",
+    "mit_b4",
+    "mit_b5",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -60,11 +69,9 @@ class DWConv(nn.Module):
 
     def __init__(self, dim: int = 768) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(
-            dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor, height: int,
-                width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, _, channels = x.shape
         x = x.transpose(1, 2).reshape(batch, channels, height, width)
         x = self.dwconv(x)
@@ -85,12 +92,14 @@ class Mlp(nn.Module):
         drop: Dropout after the activation and after ``fc2``.
     """
 
-    def __init__(self,
-                 in_features: int,
-                 hidden_features: int | None = None,
-                 out_features: int | None = None,
-                 act_layer: Callable[[], nn.Module] = nn.GELU,
-                 drop: float = 0.) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ) -> None:
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
@@ -100,8 +109,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, height: int,
-                width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
         x = self.dwconv(x, height, width)
         x = self.drop(self.act(x))
@@ -127,19 +135,20 @@ class Attention(nn.Module):
             the explicit softmax formulation (same result, more memory).
     """
 
-    def __init__(self,
-                 dim: int,
-                 num_heads: int = 8,
-                 qkv_bias: bool = False,
-                 qk_scale: float | None = None,
-                 attn_drop: float = 0.,
-                 proj_drop: float = 0.,
-                 sr_ratio: int = 1,
-                 fused_attn: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        sr_ratio: int = 1,
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(
-                f'dim {dim} must be divisible by num_heads {num_heads}.')
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}.")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -154,36 +163,32 @@ class Attention(nn.Module):
 
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(
-                dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             # Default eps (1e-5) here, unlike the blocks' 1e-6 (reference).
             self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, height: int,
-                width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, num_tokens, channels = x.shape
         # (B, N, C) -> (B, heads, N, head_dim)
-        q = self.q(x).reshape(batch, num_tokens, self.num_heads,
-                              self.head_dim).transpose(1, 2)
+        q = self.q(x).reshape(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         if self.sr_ratio > 1:
             if height < self.sr_ratio or width < self.sr_ratio:
                 raise ValueError(
-                    f'Feature map {height}x{width} is smaller than the '
-                    f'spatial-reduction ratio {self.sr_ratio}; the input '
-                    f'image is too small for MiT (use at least 32x32).')
+                    f"Feature map {height}x{width} is smaller than the "
+                    f"spatial-reduction ratio {self.sr_ratio}; the input "
+                    f"image is too small for MiT (use at least 32x32)."
+                )
             x_map = x.transpose(1, 2).reshape(batch, channels, height, width)
             x = self.norm(self.sr(x_map).flatten(2).transpose(1, 2))
         # (B, M, 2C) -> (2, B, heads, M, head_dim)
-        kv = self.kv(x).reshape(batch, -1, 2, self.num_heads,
-                                self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.kv(x).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
-                q, k, v,
-                dropout_p=self.attn_drop.p if self.training else 0.,
-                scale=self.scale)
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+            )
         else:
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -211,19 +216,21 @@ class Block(nn.Module):
         fused_attn: Attention through SDPA (see :class:`Attention`).
     """
 
-    def __init__(self,
-                 dim: int,
-                 num_heads: int,
-                 mlp_ratio: float = 4.,
-                 qkv_bias: bool = False,
-                 qk_scale: float | None = None,
-                 drop: float = 0.,
-                 attn_drop: float = 0.,
-                 drop_path: float = 0.,
-                 act_layer: Callable[[], nn.Module] = nn.GELU,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 sr_ratio: int = 1,
-                 fused_attn: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        sr_ratio: int = 1,
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
@@ -234,18 +241,13 @@ class Block(nn.Module):
             attn_drop=attn_drop,
             proj_drop=drop,
             sr_ratio=sr_ratio,
-            fused_attn=fused_attn)
-        self.drop_path = DropPath(
-            drop_path) if drop_path > 0. else nn.Identity()
+            fused_attn=fused_attn,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            drop=drop)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, height: int,
-                width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
         x = x + self.drop_path(self.mlp(self.norm2(x), height, width))
         return x
@@ -261,11 +263,9 @@ class OverlapPatchEmbed(nn.Module):
         embed_dim: Output channels.
     """
 
-    def __init__(self,
-                 patch_size: int | tuple[int, int] = 7,
-                 stride: int = 4,
-                 in_chans: int = 3,
-                 embed_dim: int = 768) -> None:
+    def __init__(
+        self, patch_size: int | tuple[int, int] = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768
+    ) -> None:
         super().__init__()
         patch_size = to_2tuple(patch_size)
         self.patch_size = patch_size
@@ -274,7 +274,8 @@ class OverlapPatchEmbed(nn.Module):
             embed_dim,
             kernel_size=patch_size,
             stride=stride,
-            padding=(patch_size[0] // 2, patch_size[1] // 2))
+            padding=(patch_size[0] // 2, patch_size[1] // 2),
+        )
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -314,32 +315,34 @@ class MixVisionTransformer(nn.Module):
         strides: Output strides ``[4, 8, 16, 32]``.
     """
 
-    def __init__(self,
-                 in_chans: int = 3,
-                 embed_dims: Sequence[int] = (64, 128, 256, 512),
-                 num_heads: Sequence[int] = (1, 2, 4, 8),
-                 mlp_ratios: Sequence[float] = (4, 4, 4, 4),
-                 qkv_bias: bool = True,
-                 qk_scale: float | None = None,
-                 drop_rate: float = 0.,
-                 attn_drop_rate: float = 0.,
-                 drop_path_rate: float = 0.1,
-                 norm_layer: Callable[[int], nn.Module] = partial(
-                     nn.LayerNorm, eps=1e-6),
-                 depths: Sequence[int] = (3, 4, 6, 3),
-                 sr_ratios: Sequence[int] = (8, 4, 2, 1),
-                 fused_attn: bool = True) -> None:
+    def __init__(
+        self,
+        in_chans: int = 3,
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        num_heads: Sequence[int] = (1, 2, 4, 8),
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
-        for name, values in (('embed_dims', embed_dims),
-                             ('num_heads', num_heads),
-                             ('mlp_ratios', mlp_ratios), ('depths', depths),
-                             ('sr_ratios', sr_ratios)):
+        for name, values in (
+            ("embed_dims", embed_dims),
+            ("num_heads", num_heads),
+            ("mlp_ratios", mlp_ratios),
+            ("depths", depths),
+            ("sr_ratios", sr_ratios),
+        ):
             if len(values) != 4:
-                raise ValueError(f'{name} must have 4 entries (one per '
-                                 f'stage), got {list(values)}.')
-        if not 0. <= drop_path_rate < 1.:
-            raise ValueError(
-                f'drop_path_rate must be in [0, 1), got {drop_path_rate}.')
+                raise ValueError(f"{name} must have 4 entries (one per stage), got {list(values)}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
         #: Recompute each block in backward instead of keeping its
@@ -354,37 +357,42 @@ class MixVisionTransformer(nn.Module):
         for stage in range(4):
             is_first = stage == 0
             self.add_module(
-                f'patch_embed{stage + 1}',
+                f"patch_embed{stage + 1}",
                 OverlapPatchEmbed(
                     patch_size=7 if is_first else 3,
                     stride=4 if is_first else 2,
                     in_chans=in_dims[stage],
-                    embed_dim=embed_dims[stage]))
+                    embed_dim=embed_dims[stage],
+                ),
+            )
 
         # Stochastic-depth rate of every block, in forward order (on CPU
         # explicitly so the model can be built under torch.device('meta')).
-        dpr = torch.linspace(
-            0, drop_path_rate, sum(depths), device='cpu').tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         block_start = 0
         for stage in range(4):
             self.add_module(
-                f'block{stage + 1}',
-                nn.ModuleList([
-                    Block(
-                        dim=embed_dims[stage],
-                        num_heads=num_heads[stage],
-                        mlp_ratio=mlp_ratios[stage],
-                        qkv_bias=qkv_bias,
-                        qk_scale=qk_scale,
-                        drop=drop_rate,
-                        attn_drop=attn_drop_rate,
-                        drop_path=dpr[block_start + i],
-                        norm_layer=norm_layer,
-                        sr_ratio=sr_ratios[stage],
-                        fused_attn=fused_attn)
-                    for i in range(depths[stage])
-                ]))
-            self.add_module(f'norm{stage + 1}', norm_layer(embed_dims[stage]))
+                f"block{stage + 1}",
+                nn.ModuleList(
+                    [
+                        Block(
+                            dim=embed_dims[stage],
+                            num_heads=num_heads[stage],
+                            mlp_ratio=mlp_ratios[stage],
+                            qkv_bias=qkv_bias,
+                            qk_scale=qk_scale,
+                            drop=drop_rate,
+                            attn_drop=attn_drop_rate,
+                            drop_path=dpr[block_start + i],
+                            norm_layer=norm_layer,
+                            sr_ratio=sr_ratios[stage],
+                            fused_attn=fused_attn,
+                        )
+                        for i in range(depths[stage])
+                    ]
+                ),
+            )
+            self.add_module(f"norm{stage + 1}", norm_layer(embed_dims[stage]))
             block_start += depths[stage]
 
         self.apply(self._init_weights)
@@ -393,16 +401,15 @@ class MixVisionTransformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         """Reference init: trunc-normal Linear, fan-out normal conv."""
         if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=.02)
+            trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            fan_out = (module.kernel_size[0] * module.kernel_size[1] *
-                       module.out_channels) // module.groups
-            nn.init.normal_(module.weight, 0., math.sqrt(2.0 / fan_out))
+            fan_out = (module.kernel_size[0] * module.kernel_size[1] * module.out_channels) // module.groups
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -427,29 +434,25 @@ class MixVisionTransformer(nn.Module):
             Four maps ``(B, out_channels[i], ~H / strides[i], ~W / strides[i])``.
         """
         if x.ndim != 4:
-            raise ValueError(
-                f'MiT expects a (B, C, H, W) tensor, got shape '
-                f'{tuple(x.shape)}.')
+            raise ValueError(f"MiT expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}.")
         batch = x.shape[0]
         outs = []
         for stage in range(1, 5):
-            x, height, width = getattr(self, f'patch_embed{stage}')(x)
-            for block in getattr(self, f'block{stage}'):
-                if self.use_checkpoint and self.training and \
-                        torch.is_grad_enabled():
+            x, height, width = getattr(self, f"patch_embed{stage}")(x)
+            for block in getattr(self, f"block{stage}"):
+                if self.use_checkpoint and self.training and torch.is_grad_enabled():
                     x = checkpointed(block, x, height, width)
                 else:
                     x = block(x, height, width)
-            x = getattr(self, f'norm{stage}')(x)
-            x = x.reshape(batch, height, width, -1).permute(0, 3, 1,
-                                                            2).contiguous()
+            x = getattr(self, f"norm{stage}")(x)
+            x = x.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
             outs.append(x)
         return outs
 
 
 def checkpoint_filter_fn(
-        state_dict: Mapping[str, torch.Tensor],
-        model: MixVisionTransformer) -> dict[str, torch.Tensor]:
+    state_dict: Mapping[str, torch.Tensor], model: MixVisionTransformer
+) -> dict[str, torch.Tensor]:
     """Adapt a foreign MiT checkpoint to ``model``'s keys.
 
     Handles SegFormer's ImageNet files (``mit_b*.pth``: flat dict whose
@@ -470,16 +473,15 @@ def checkpoint_filter_fn(
         ValueError: When a kept tensor's shape differs from the model's
             (typically a checkpoint of another MiT variant).
     """
-    if any(k.startswith('backbone.') for k in state_dict):
-        prefix_dropped = [k for k in state_dict if not k.startswith('backbone.')]
+    if any(k.startswith("backbone.") for k in state_dict):
+        prefix_dropped = [k for k in state_dict if not k.startswith("backbone.")]
         if prefix_dropped:
             _logger.warning(
-                'checkpoint_filter_fn: dropped %d non-backbone keys: %s',
-                len(prefix_dropped), _summarise_keys(prefix_dropped))
-        state_dict = {
-            k[len('backbone.'):]: v
-            for k, v in state_dict.items() if k.startswith('backbone.')
-        }
+                "checkpoint_filter_fn: dropped %d non-backbone keys: %s",
+                len(prefix_dropped),
+                _summarise_keys(prefix_dropped),
+            )
+        state_dict = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
 
     model_state = model.state_dict()
     filtered: dict[str, torch.Tensor] = {}
@@ -490,85 +492,77 @@ def checkpoint_filter_fn(
             dropped.append(key)
             continue
         if tuple(value.shape) != tuple(model_state[key].shape):
-            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs '
-                              f'model {tuple(model_state[key].shape)}')
+            mismatched.append(
+                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
+            )
             continue
         filtered[key] = value
     if mismatched:
         raise ValueError(
-            f'{len(mismatched)} checkpoint tensors have shapes that do not '
-            f'fit this MiT (is it a checkpoint of another variant?): '
-            + '; '.join(mismatched[:5]))
+            f"{len(mismatched)} checkpoint tensors have shapes that do not "
+            f"fit this MiT (is it a checkpoint of another variant?): " + "; ".join(mismatched[:5])
+        )
     if dropped:
         _logger.warning(
-            'checkpoint_filter_fn: dropped %d keys the MiT encoder does not '
-            'have: %s', len(dropped), _summarise_keys(dropped))
+            "checkpoint_filter_fn: dropped %d keys the MiT encoder does not have: %s",
+            len(dropped),
+            _summarise_keys(dropped),
+        )
     return filtered
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 10) -> str:
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... (+{len(keys) - limit} more)'
-                    if len(keys) > limit else '')
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _load_pretrained(model: MixVisionTransformer, path: str) -> None:
     """Load ImageNet (or backbone) weights into ``model``, strictly."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f'MiT pretrained weights not found: {path!r}. Download '
-            f'SegFormer\'s ImageNet file (e.g. mit_b5.pth) or pass '
-            f'pretrained=None.')
+            f"MiT pretrained weights not found: {path!r}. Download "
+            f"SegFormer's ImageNet file (e.g. mit_b5.pth) or pass "
+            f"pretrained=None."
+        )
     checkpoint = read_checkpoint(path)  # one sentence for a damaged file
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'MiT checkpoint {path!r} holds a '
-                         f'{type(checkpoint).__name__}, not a state dict.')
-    for container in ('state_dict', 'model'):
-        if container in checkpoint and isinstance(checkpoint[container],
-                                                  Mapping):
+        raise ValueError(f"MiT checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict.")
+    for container in ("state_dict", "model"):
+        if container in checkpoint and isinstance(checkpoint[container], Mapping):
             checkpoint = checkpoint[container]
             break
     state_dict = checkpoint_filter_fn(checkpoint, model)
     missing = [k for k in model.state_dict() if k not in state_dict]
     if missing:
         raise ValueError(
-            f'MiT checkpoint {path!r} lacks {len(missing)} encoder weights '
-            f'({_summarise_keys(missing)}); is it a MiT checkpoint?')
+            f"MiT checkpoint {path!r} lacks {len(missing)} encoder weights "
+            f"({_summarise_keys(missing)}); is it a MiT checkpoint?"
+        )
     model.load_state_dict(state_dict, strict=True)
-    _logger.info('Loaded MiT weights from %s (%d tensors).', path,
-                 len(state_dict))
+    _logger.info("Loaded MiT weights from %s (%d tensors).", path, len(state_dict))
 
 
 # Architecture of each variant (SegFormer Table 6 / MIC presets). All use
 # qkv_bias=True and LayerNorm eps 1e-6 in blocks, mlp ratio 4, sr 8/4/2/1.
 _MIT_ARCHS: dict[str, dict] = {
     # Ours, not in the paper: tiny encoder for the CPU embedded default.
-    'mit_nano': dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 1, 2, 4],
-                     depths=[1, 1, 1, 1]),
-    'mit_b0': dict(embed_dims=[32, 64, 160, 256], num_heads=[1, 2, 5, 8],
-                   depths=[2, 2, 2, 2]),
-    'mit_b1': dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                   depths=[2, 2, 2, 2]),
-    'mit_b2': dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                   depths=[3, 4, 6, 3]),
-    'mit_b3': dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                   depths=[3, 4, 18, 3]),
-    'mit_b4': dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                   depths=[3, 8, 27, 3]),
-    'mit_b5': dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8],
-                   depths=[3, 6, 40, 3]),
+    "mit_nano": dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], depths=[1, 1, 1, 1]),
+    "mit_b0": dict(embed_dims=[32, 64, 160, 256], num_heads=[1, 2, 5, 8], depths=[2, 2, 2, 2]),
+    "mit_b1": dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], depths=[2, 2, 2, 2]),
+    "mit_b2": dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], depths=[3, 4, 6, 3]),
+    "mit_b3": dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], depths=[3, 4, 18, 3]),
+    "mit_b4": dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], depths=[3, 8, 27, 3]),
+    "mit_b5": dict(embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], depths=[3, 6, 40, 3]),
 }
 
 
-def _create(name: str,
-            pretrained: str | None = None,
-            **kwargs) -> MixVisionTransformer:
-    arch = dict(_MIT_ARCHS[name], mlp_ratios=[4, 4, 4, 4],
-                sr_ratios=[8, 4, 2, 1], qkv_bias=True)
+def _create(name: str, pretrained: str | None = None, **kwargs) -> MixVisionTransformer:
+    arch = dict(_MIT_ARCHS[name], mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1], qkv_bias=True)
     clash = sorted(set(arch) & set(kwargs))
     if clash:
-        raise ValueError(f'{name} fixes {clash}; build MixVisionTransformer '
-                         f'directly for a custom architecture.')
+        raise ValueError(
+            f"{name} fixes {clash}; build MixVisionTransformer directly for a custom architecture."
+        )
     model = MixVisionTransformer(**arch, **kwargs)
     if pretrained is not None:
         _load_pretrained(model, pretrained)
@@ -577,47 +571,47 @@ def _create(name: str,
 
 def mit_nano(**kwargs) -> MixVisionTransformer:
     """Tiny MiT (dims 16-128, one block per stage) for CPU smoke runs."""
-    return _create('mit_nano', **kwargs)
+    return _create("mit_nano", **kwargs)
 
 
 def mit_b0(**kwargs) -> MixVisionTransformer:
     """MiT-B0 (3.3M parameters)."""
-    return _create('mit_b0', **kwargs)
+    return _create("mit_b0", **kwargs)
 
 
 def mit_b1(**kwargs) -> MixVisionTransformer:
     """MiT-B1 (13.2M parameters)."""
-    return _create('mit_b1', **kwargs)
+    return _create("mit_b1", **kwargs)
 
 
 def mit_b2(**kwargs) -> MixVisionTransformer:
     """MiT-B2 (24.2M parameters)."""
-    return _create('mit_b2', **kwargs)
+    return _create("mit_b2", **kwargs)
 
 
 def mit_b3(**kwargs) -> MixVisionTransformer:
     """MiT-B3 (44.1M parameters)."""
-    return _create('mit_b3', **kwargs)
+    return _create("mit_b3", **kwargs)
 
 
 def mit_b4(**kwargs) -> MixVisionTransformer:
     """MiT-B4 (60.8M parameters)."""
-    return _create('mit_b4', **kwargs)
+    return _create("mit_b4", **kwargs)
 
 
 def mit_b5(**kwargs) -> MixVisionTransformer:
     """MiT-B5 (81.4M parameters), the DAFormer/HRDA/MIC backbone."""
-    return _create('mit_b5', **kwargs)
+    return _create("mit_b5", **kwargs)
 
 
 MIT_VARIANTS: dict[str, Callable[..., MixVisionTransformer]] = {
-    'mit_nano': mit_nano,
-    'mit_b0': mit_b0,
-    'mit_b1': mit_b1,
-    'mit_b2': mit_b2,
-    'mit_b3': mit_b3,
-    'mit_b4': mit_b4,
-    'mit_b5': mit_b5,
+    "mit_nano": mit_nano,
+    "mit_b0": mit_b0,
+    "mit_b1": mit_b1,
+    "mit_b2": mit_b2,
+    "mit_b3": mit_b3,
+    "mit_b4": mit_b4,
+    "mit_b5": mit_b5,
 }
 
 
@@ -639,6 +633,5 @@ def create_mit(name: str, **kwargs) -> MixVisionTransformer:
         ValueError: For an unknown ``name``.
     """
     if name not in MIT_VARIANTS:
-        raise ValueError(f'Unknown MiT variant {name!r}; valid names: '
-                         f'{", ".join(MIT_VARIANTS)}.')
+        raise ValueError(f"Unknown MiT variant {name!r}; valid names: {', '.join(MIT_VARIANTS)}.")
     return MIT_VARIANTS[name](**kwargs)

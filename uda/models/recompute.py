@@ -7,6 +7,7 @@ step, so the recomputation puts the block's buffers back as the forward
 left them. Gradients, outputs and buffers then equal those without
 checkpointing.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-__all__ = ['checkpointed']
+__all__ = ["checkpointed"]
 
 
 def checkpointed(block: nn.Module, *inputs: Any) -> Any:
@@ -26,8 +27,7 @@ def checkpointed(block: nn.Module, *inputs: Any) -> Any:
         runs[0] += 1
         if runs[0] == 1:
             return block(*args)
-        saved = [(buffer, buffer.detach().clone())
-                 for buffer in block.buffers()]
+        saved = [(buffer, buffer.detach().clone()) for buffer in block.buffers()]
         try:
             return block(*args)
         finally:
@@ -35,5 +35,4 @@ def checkpointed(block: nn.Module, *inputs: Any) -> Any:
                 for buffer, value in saved:
                     buffer.copy_(value)
 
-    return torch.utils.checkpoint.checkpoint(run, *inputs,
-                                             use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)

@@ -16,27 +16,35 @@ tensors are paired by key *name*, not by position, and integer buffers
 (BatchNorm ``num_batches_tracked``, index tables) are copied from one
 ingredient instead of being averaged.
 """
+
 from __future__ import annotations
 
 import math
-from typing import (Any, Callable, Dict, List, Mapping, NamedTuple, Optional,
-                    Sequence, Tuple, Union)
+from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from uda.errors import UserError
 
 __all__ = [
-    'SoupError', 'TensorSpec', 'StateDict', 'Ingredient', 'parse_weights',
-    'normalize_weights', 'uniform_weights', 'state_dict_spec',
-    'check_compatible', 'mix_state_dicts'
+    "SoupError",
+    "TensorSpec",
+    "StateDict",
+    "Ingredient",
+    "parse_weights",
+    "normalize_weights",
+    "uniform_weights",
+    "state_dict_spec",
+    "check_compatible",
+    "mix_state_dicts",
 ]
 
 StateDict = Mapping[str, torch.Tensor]
 #: An ingredient: a state dict, or a zero-argument callable returning one
 #: (e.g. ``lambda: torch.load(path, weights_only=True, mmap=True)``), so that
 #: :func:`mix_state_dicts` can load ingredients one at a time.
-Ingredient = Union[StateDict, Callable[[], StateDict]]
+Ingredient = StateDict | Callable[[], StateDict]
 
 
 class SoupError(UserError, ValueError):
@@ -46,8 +54,7 @@ class SoupError(UserError, ValueError):
 # --------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------
-def normalize_weights(weights: Sequence[float],
-                      num_ingredients: Optional[int] = None) -> List[float]:
+def normalize_weights(weights: Sequence[float], num_ingredients: int | None = None) -> list[float]:
     """Validates mixing weights and scales them to sum to 1.
 
     Args:
@@ -67,29 +74,26 @@ def normalize_weights(weights: Sequence[float],
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise SoupError(
-                f'weight {position} ({value!r}) is not a number') from None
+            raise SoupError(f"weight {position} ({value!r}) is not a number") from None
         if not math.isfinite(value):
-            raise SoupError(f'weight {position} is {value}; weights must be '
-                            'finite numbers')
+            raise SoupError(f"weight {position} is {value}; weights must be finite numbers")
         if value < 0:
-            raise SoupError(f'weight {position} is negative ({value:g}); '
-                            'weights must be >= 0')
+            raise SoupError(f"weight {position} is negative ({value:g}); weights must be >= 0")
         values[position - 1] = value
     if num_ingredients is not None and len(values) != num_ingredients:
         raise SoupError(
-            f'got {len(values)} weight(s) for {num_ingredients} '
-            f'ingredient(s); give exactly one weight per ingredient')
+            f"got {len(values)} weight(s) for {num_ingredients} "
+            f"ingredient(s); give exactly one weight per ingredient"
+        )
     if not values:
-        raise SoupError('no weights given')
+        raise SoupError("no weights given")
     total = math.fsum(values)
     if total <= 0:
-        raise SoupError('all weights are zero; at least one weight must be '
-                        'positive')
+        raise SoupError("all weights are zero; at least one weight must be positive")
     return [value / total for value in values]
 
 
-def parse_weights(text: str, num_ingredients: int) -> List[float]:
+def parse_weights(text: str, num_ingredients: int) -> list[float]:
     """Parses comma-separated mixing weights and normalises them to sum 1.
 
     Args:
@@ -105,35 +109,38 @@ def parse_weights(text: str, num_ingredients: int) -> List[float]:
             zeros, or a count different from ``num_ingredients``.
     """
     if not isinstance(text, str):
-        raise SoupError(f'weights must be a string like "3,3,4", got '
-                        f'{type(text).__name__}')
+        raise SoupError(f'weights must be a string like "3,3,4", got {type(text).__name__}')
     if not text.strip():
-        raise SoupError(f'no weights given; pass one weight per ingredient '
-                        f'({num_ingredients}), e.g. '
-                        f'"{",".join(["1"] * max(num_ingredients, 1))}"')
+        raise SoupError(
+            f"no weights given; pass one weight per ingredient "
+            f"({num_ingredients}), e.g. "
+            f'"{",".join(["1"] * max(num_ingredients, 1))}"'
+        )
     values = []
-    for position, item in enumerate(text.split(','), start=1):
+    for position, item in enumerate(text.split(","), start=1):
         item = item.strip()
         if not item:
-            raise SoupError(f'weight {position} is empty in {text!r}; use '
-                            'comma-separated numbers like "3,3,4"')
+            raise SoupError(
+                f'weight {position} is empty in {text!r}; use comma-separated numbers like "3,3,4"'
+            )
         try:
             value = float(item)
         except ValueError:
-            raise SoupError(f'weight {position} ({item!r}) in {text!r} is not '
-                            'a number; use comma-separated numbers like '
-                            '"3,3,4"') from None
+            raise SoupError(
+                f"weight {position} ({item!r}) in {text!r} is not "
+                "a number; use comma-separated numbers like "
+                '"3,3,4"'
+            ) from None
         if not math.isfinite(value):
-            raise SoupError(f'weight {position} ({item!r}) in {text!r} is not '
-                            'a finite number')
+            raise SoupError(f"weight {position} ({item!r}) in {text!r} is not a finite number")
         values.append(value)
     return normalize_weights(values, num_ingredients)
 
 
-def uniform_weights(n: int) -> List[float]:
+def uniform_weights(n: int) -> list[float]:
     """``n`` equal weights summing to 1 (the uniform soup)."""
     if n < 1:
-        raise SoupError(f'need at least one ingredient, got {n}')
+        raise SoupError(f"need at least one ingredient, got {n}")
     return [1.0 / n] * n
 
 
@@ -143,12 +150,12 @@ def uniform_weights(n: int) -> List[float]:
 class TensorSpec(NamedTuple):
     """Shape and dtype of one state-dict entry (dtype as ``'float32'``)."""
 
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: str
 
 
-def _dtype_name(dtype: Union[torch.dtype, str]) -> str:
-    return str(dtype).replace('torch.', '')
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _as_spec(value: Any, key: str, label: str) -> TensorSpec:
@@ -158,13 +165,13 @@ def _as_spec(value: Any, key: str, label: str) -> TensorSpec:
         shape, dtype = value
         return TensorSpec(tuple(int(s) for s in shape), _dtype_name(dtype))
     raise SoupError(
-        f'{label}: entry {key!r} is a {type(value).__name__}, not a tensor; '
+        f"{label}: entry {key!r} is a {type(value).__name__}, not a tensor; "
         'pass the model state dict (e.g. checkpoint["state_dict"]) or a '
-        'spec from state_dict_spec()')
+        "spec from state_dict_spec()"
+    )
 
 
-def state_dict_spec(state_dict: Mapping[str, Any],
-                    label: str = 'ingredient') -> Dict[str, TensorSpec]:
+def state_dict_spec(state_dict: Mapping[str, Any], label: str = "ingredient") -> dict[str, TensorSpec]:
     """Key → (shape, dtype) of a state dict, in its key order.
 
     JSON-friendly (``{key: [list(shape), dtype]}`` round-trips through
@@ -176,71 +183,72 @@ def state_dict_spec(state_dict: Mapping[str, Any],
         label: How to name this state dict in error messages.
     """
     if not isinstance(state_dict, Mapping):
-        raise SoupError(f'{label} is a {type(state_dict).__name__}, not a '
-                        'state dict (a mapping of names to tensors)')
-    return {
-        key: _as_spec(value, key, label)
-        for key, value in state_dict.items()
-    }
+        raise SoupError(
+            f"{label} is a {type(state_dict).__name__}, not a state dict (a mapping of names to tensors)"
+        )
+    return {key: _as_spec(value, key, label) for key, value in state_dict.items()}
 
 
-def _label(index: int, names: Optional[Sequence[str]]) -> str:
+def _label(index: int, names: Sequence[str] | None) -> str:
     if names is not None and index < len(names):
-        return f'ingredient {index} ({names[index]})'
-    return f'ingredient {index}'
+        return f"ingredient {index} ({names[index]})"
+    return f"ingredient {index}"
 
 
 def _fmt(spec: TensorSpec) -> str:
-    return f'shape {tuple(spec.shape)} {spec.dtype}'
+    return f"shape {tuple(spec.shape)} {spec.dtype}"
 
 
-def _mismatches(reference: Dict[str, TensorSpec],
-                candidate: Dict[str, TensorSpec], ref_label: str) -> List[str]:
+def _mismatches(
+    reference: dict[str, TensorSpec], candidate: dict[str, TensorSpec], ref_label: str
+) -> list[str]:
     """Every difference, in a fixed order: reference keys first, then extras."""
     problems = []
     for key, ref in reference.items():
         got = candidate.get(key)
         if got is None:
-            problems.append(f'key {key!r} ({_fmt(ref)} in {ref_label}) is '
-                            'missing')
+            problems.append(f"key {key!r} ({_fmt(ref)} in {ref_label}) is missing")
         elif tuple(got.shape) != tuple(ref.shape):
-            problems.append(f'key {key!r} has shape {tuple(got.shape)}, but '
-                            f'{tuple(ref.shape)} in {ref_label}')
+            problems.append(
+                f"key {key!r} has shape {tuple(got.shape)}, but {tuple(ref.shape)} in {ref_label}"
+            )
         elif got.dtype != ref.dtype:
-            problems.append(f'key {key!r} has dtype {got.dtype}, but '
-                            f'{ref.dtype} in {ref_label}')
+            problems.append(f"key {key!r} has dtype {got.dtype}, but {ref.dtype} in {ref_label}")
     for key, got in candidate.items():
         if key not in reference:
-            problems.append(f'key {key!r} ({_fmt(got)}) is not in {ref_label}')
+            problems.append(f"key {key!r} ({_fmt(got)}) is not in {ref_label}")
     return problems
 
 
-def _raise_if_incompatible(reference: Dict[str, TensorSpec],
-                           candidate: Dict[str, TensorSpec], index: int,
-                           names: Optional[Sequence[str]]) -> None:
-    problems = _mismatches(reference, candidate, 'ingredient 0')
+def _raise_if_incompatible(
+    reference: dict[str, TensorSpec],
+    candidate: dict[str, TensorSpec],
+    index: int,
+    names: Sequence[str] | None,
+) -> None:
+    problems = _mismatches(reference, candidate, "ingredient 0")
     if problems:
-        more = (f' (and {len(problems) - 1} more difference(s))'
-                if len(problems) > 1 else '')
+        more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
         raise SoupError(
-            f'{_label(index, names)} does not match {_label(0, names)}: '
-            f'{problems[0]}{more}. All ingredients must be checkpoints of the '
-            'same architecture.')
+            f"{_label(index, names)} does not match {_label(0, names)}: "
+            f"{problems[0]}{more}. All ingredients must be checkpoints of the "
+            "same architecture."
+        )
 
 
-def _materialise(ingredient: Ingredient, index: int,
-                 names: Optional[Sequence[str]]) -> Mapping[str, Any]:
+def _materialise(ingredient: Ingredient, index: int, names: Sequence[str] | None) -> Mapping[str, Any]:
     state_dict = ingredient() if callable(ingredient) else ingredient
     if not isinstance(state_dict, Mapping):
         raise SoupError(
-            f'{_label(index, names)} is a {type(state_dict).__name__}, not a '
-            'state dict (a mapping of names to tensors)')
+            f"{_label(index, names)} is a {type(state_dict).__name__}, not a "
+            "state dict (a mapping of names to tensors)"
+        )
     return state_dict
 
 
 def check_compatible(
-        ingredients: Sequence[Union[Ingredient, Mapping[str, Any]]],
-        names: Optional[Sequence[str]] = None) -> Dict[str, TensorSpec]:
+    ingredients: Sequence[Ingredient | Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, TensorSpec]:
     """Checks that all ingredients have the same keys, shapes and dtypes.
 
     Args:
@@ -259,11 +267,10 @@ def check_compatible(
             else the first extra key.
     """
     if not ingredients:
-        raise SoupError('no ingredients given')
-    reference: Optional[Dict[str, TensorSpec]] = None
+        raise SoupError("no ingredients given")
+    reference: dict[str, TensorSpec] | None = None
     for index, ingredient in enumerate(ingredients):
-        spec = state_dict_spec(_materialise(ingredient, index, names),
-                               _label(index, names))
+        spec = state_dict_spec(_materialise(ingredient, index, names), _label(index, names))
         if reference is None:
             reference = spec
         else:
@@ -274,9 +281,12 @@ def check_compatible(
 # --------------------------------------------------------------------------
 # Mixing
 # --------------------------------------------------------------------------
-def _accumulate(state_dict: Mapping[str, torch.Tensor], weight: float,
-                running_sum: Dict[str, torch.Tensor],
-                kept: Dict[str, torch.Tensor]) -> None:
+def _accumulate(
+    state_dict: Mapping[str, torch.Tensor],
+    weight: float,
+    running_sum: dict[str, torch.Tensor],
+    kept: dict[str, torch.Tensor],
+) -> None:
     """Adds ``weight * state_dict`` to the running sums (a function, so that no
     local variable keeps a tensor of the ingredient alive afterwards)."""
     for key, tensor in state_dict.items():
@@ -285,8 +295,7 @@ def _accumulate(state_dict: Mapping[str, torch.Tensor], weight: float,
             if key not in kept:
                 kept[key] = tensor.clone()
             continue
-        accumulate_dtype = (torch.float64
-                            if tensor.dtype == torch.float64 else torch.float32)
+        accumulate_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
         total = running_sum.get(key)
         if total is None:
             # A fresh tensor: never aliases the loaded ingredient.
@@ -296,10 +305,9 @@ def _accumulate(state_dict: Mapping[str, torch.Tensor], weight: float,
 
 
 @torch.no_grad()
-def mix_state_dicts(ingredients: Sequence[Ingredient],
-                    weights: Sequence[float],
-                    names: Optional[Sequence[str]] = None
-                    ) -> Dict[str, torch.Tensor]:
+def mix_state_dicts(
+    ingredients: Sequence[Ingredient], weights: Sequence[float], names: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Weighted average of state dicts, loading one ingredient at a time.
 
     Streaming: a running sum holds the floating tensors and each ingredient is
@@ -342,11 +350,11 @@ def mix_state_dicts(ingredients: Sequence[Ingredient],
         first contributing ingredient.
     """
     if not ingredients:
-        raise SoupError('no ingredients given')
+        raise SoupError("no ingredients given")
     weights = normalize_weights(weights, len(ingredients))
-    reference: Optional[Dict[str, TensorSpec]] = None
-    running_sum: Dict[str, torch.Tensor] = {}
-    kept: Dict[str, torch.Tensor] = {}  # non-floating entries
+    reference: dict[str, TensorSpec] | None = None
+    running_sum: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}  # non-floating entries
     for index, (ingredient, weight) in enumerate(zip(ingredients, weights)):
         state_dict = _materialise(ingredient, index, names)
         spec = state_dict_spec(state_dict, _label(index, names))
@@ -360,7 +368,7 @@ def mix_state_dicts(ingredients: Sequence[Ingredient],
         # ingredients are alive at once and the peak grows by one model.
         del state_dict
 
-    mixed: Dict[str, torch.Tensor] = {}
+    mixed: dict[str, torch.Tensor] = {}
     for key, spec in reference.items():
         if key in kept:
             mixed[key] = kept.pop(key)

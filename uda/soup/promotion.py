@@ -23,18 +23,20 @@ The candidate is loaded and run once before the lock is taken
 (:func:`uda.registry.verify_loadable`), so the lock is held for a few
 requests only, and ``serving`` never points at a model that does not load.
 """
+
 from __future__ import annotations
 
 import datetime
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 from uda.errors import UserError
 
-SERVING_ALIAS = 'serving'
-LOCK_SUFFIX = '.promotion-lock'
+SERVING_ALIAS = "serving"
+LOCK_SUFFIX = ".promotion-lock"
 #: A lock older than this was left by a killed run (a move takes seconds).
 STALE_LOCK_S = 60.0
 #: How long a promotion waits for another one to finish.
@@ -48,9 +50,10 @@ class PromotionError(UserError):
 @dataclass
 class Promotion:
     """What a promotion did."""
+
     promoted: bool
     reason: str
-    serving_before: Optional[str]
+    serving_before: str | None
 
 
 def _client():
@@ -59,14 +62,14 @@ def _client():
     return mlflow.MlflowClient()
 
 
-def current_serving(model_name: str) -> Optional[Any]:
+def current_serving(model_name: str) -> Any | None:
     """The version ``serving`` points at now, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
         aliases = _client().get_registered_model(model_name).aliases or {}
     except MlflowException as err:
-        if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
     if SERVING_ALIAS not in aliases:
@@ -75,13 +78,13 @@ def current_serving(model_name: str) -> Optional[Any]:
 
 
 def lock_name(model_name: str) -> str:
-    return f'{model_name}{LOCK_SUFFIX}'
+    return f"{model_name}{LOCK_SUFFIX}"
 
 
 @contextmanager
-def promotion_lock(model_name: str, holder: str,
-                   wait_s: float = WAIT_FOR_LOCK_S,
-                   stale_s: float = STALE_LOCK_S) -> Iterator[None]:
+def promotion_lock(
+    model_name: str, holder: str, wait_s: float = WAIT_FOR_LOCK_S, stale_s: float = STALE_LOCK_S
+) -> Iterator[None]:
     """Holds ``<model_name>.promotion-lock`` (a registered model) while inside.
 
     A lock is stale when the same holder and acquisition time have been seen
@@ -106,26 +109,31 @@ def promotion_lock(model_name: str, holder: str,
     first_seen: dict[tuple, float] = {}
     while True:
         state = _try_create(client, name, model_name, holder, stale_s)
-        if state == 'ours':
+        if state == "ours":
             break
         if state is not None:  # another run holds it
             seen_at = first_seen.setdefault(state, time.monotonic())
             if time.monotonic() - seen_at > stale_s:
                 if _lock_state(client, name) == state:
-                    print(f'Breaking the promotion lock of run {state[0]}, unchanged for '
-                          f'{stale_s:.0f} s (its run was killed).', flush=True)
+                    print(
+                        f"Breaking the promotion lock of run {state[0]}, unchanged for "
+                        f"{stale_s:.0f} s (its run was killed).",
+                        flush=True,
+                    )
                     _delete_quietly(client, name)
                 continue
             if time.monotonic() > deadline:
                 raise PromotionError(
-                    f'{model_name}@{SERVING_ALIAS} is being moved by run {state[0]}; waited '
-                    f'{wait_s:.0f} s. This run\'s soup is registered but not promoted: point '
-                    f'serving at it by hand once that run is done (MlflowClient().'
-                    f'set_registered_model_alias), or delete the registered model {name!r} '
-                    'if that run is gone.')
+                    f"{model_name}@{SERVING_ALIAS} is being moved by run {state[0]}; waited "
+                    f"{wait_s:.0f} s. This run's soup is registered but not promoted: point "
+                    f"serving at it by hand once that run is done (MlflowClient()."
+                    f"set_registered_model_alias), or delete the registered model {name!r} "
+                    "if that run is gone."
+                )
             if not said:
-                print(f'Waiting for run {state[0]} to finish moving '
-                      f'{model_name}@{SERVING_ALIAS}.', flush=True)
+                print(
+                    f"Waiting for run {state[0]} to finish moving {model_name}@{SERVING_ALIAS}.", flush=True
+                )
                 said = True
         time.sleep(0.2)
     try:
@@ -142,50 +150,52 @@ def _delete_quietly(client, name: str) -> None:
     try:
         client.delete_registered_model(name)
     except MlflowException as err:
-        if err.error_code != 'RESOURCE_DOES_NOT_EXIST':
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
 
 
-def _lock_state(client, name: str) -> Optional[tuple]:
+def _lock_state(client, name: str) -> tuple | None:
     """``(holder, acquired_at)`` of the lock, or None when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
         held = client.get_registered_model(name)
     except MlflowException as err:
-        if err.error_code == 'RESOURCE_DOES_NOT_EXIST':
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return held.tags.get('holder', ''), held.tags.get('acquired_at', '')
+    return held.tags.get("holder", ""), held.tags.get("acquired_at", "")
 
 
-def _try_create(client, name: str, model_name: str, holder: str,
-                stale_s: float) -> Optional[Any]:
+def _try_create(client, name: str, model_name: str, holder: str, stale_s: float) -> Any | None:
     """``'ours'``, the other holder's ``(holder, acquired_at)``, or None
     (released meanwhile: try again)."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.create_registered_model(
-            name, tags={'holder': holder, 'acquired_at': f'{time.time():.3f}'},
-            description=f'Held for a moment while run {holder} moves '
-                        f'{model_name}@{SERVING_ALIAS}. Left here only if that run was '
-                        f'killed; the next promotion breaks it after {stale_s:.0f} s.')
-        return 'ours'
+            name,
+            tags={"holder": holder, "acquired_at": f"{time.time():.3f}"},
+            description=f"Held for a moment while run {holder} moves "
+            f"{model_name}@{SERVING_ALIAS}. Left here only if that run was "
+            f"killed; the next promotion breaks it after {stale_s:.0f} s.",
+        )
+        return "ours"
     except MlflowException as err:
         # The store answers a taken name with RESOURCE_ALREADY_EXISTS, or
         # with RESOURCE_DOES_NOT_EXIST when the lock went away between its
         # failed insert and its read of the existing model.
-        if err.error_code not in ('RESOURCE_ALREADY_EXISTS', 'RESOURCE_DOES_NOT_EXIST'):
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             raise
     state = _lock_state(client, name)
     if state is not None and state[0] == holder:
-        return 'ours'
+        return "ours"
     return state
 
 
-def decide(mode: str, soup_report: float, compared: Optional[Any],
-           compared_report: Optional[float]) -> tuple[bool, str]:
+def decide(
+    mode: str, soup_report: float, compared: Any | None, compared_report: float | None
+) -> tuple[bool, str]:
     """The promotion rule, before any lock: ``(promote, reason)``.
 
     Args:
@@ -194,21 +204,31 @@ def decide(mode: str, soup_report: float, compared: Optional[Any],
         compared: The version serving when the soup was scored (or None).
         compared_report: Its mIoU on the report split (``if-better`` only).
     """
-    if mode == 'false':
-        return False, 'promote=false'
-    if mode == 'if-better' and compared is not None:
+    if mode == "false":
+        return False, "promote=false"
+    if mode == "if-better" and compared is not None:
         if soup_report > compared_report:
-            return True, (f'report mIoU {soup_report:.4f} > {compared_report:.4f} of '
-                          f'version {compared.version}')
-        return False, (f'report mIoU {soup_report:.4f} does not beat {compared_report:.4f} '
-                       f'of serving version {compared.version}')
+            return True, (
+                f"report mIoU {soup_report:.4f} > {compared_report:.4f} of version {compared.version}"
+            )
+        return False, (
+            f"report mIoU {soup_report:.4f} does not beat {compared_report:.4f} "
+            f"of serving version {compared.version}"
+        )
     if compared is None:
-        return True, 'no version was serving'
-    return True, f'promote={mode}'
+        return True, "no version was serving"
+    return True, f"promote={mode}"
 
 
-def promote(model_name: str, version: str, run_id: str, mode: str, soup_report: float,
-            compared: Optional[Any], compared_report: Optional[float]) -> Promotion:
+def promote(
+    model_name: str,
+    version: str,
+    run_id: str,
+    mode: str,
+    soup_report: float,
+    compared: Any | None,
+    compared_report: float | None,
+) -> Promotion:
     """Applies :func:`decide`, then moves ``serving`` under the lock and records the move.
 
     Logs the tags ``soup.promoted``, ``soup.promote_reason`` and
@@ -228,17 +248,24 @@ def promote(model_name: str, version: str, run_id: str, mode: str, soup_report: 
             now = current_serving(model_name)
             before = None if now is None else str(now.version)
             was = None if compared is None else str(compared.version)
-            if mode == 'if-better' and before != was:
+            if mode == "if-better" and before != was:
                 promoted = False
-                reason = (f'serving moved from version {was or "none"} to {before or "none"} '
-                          f'(run {source_run_id(now) if now else "?"}) while this soup was scored: '
-                          'not compared with it; run the soup again to compare')
+                reason = (
+                    f"serving moved from version {was or 'none'} to {before or 'none'} "
+                    f"(run {source_run_id(now) if now else '?'}) while this soup was scored: "
+                    "not compared with it; run the soup again to compare"
+                )
             elif before != str(version):
                 set_alias(model_name, SERVING_ALIAS, version)
                 if now is not None:
                     _record_replaced(model_name, now, version, run_id)
-    mlflow.set_tags({'soup.promoted': str(promoted).lower(), 'soup.promote_reason': reason,
-                     'soup.serving_before': before or 'none'})
+    mlflow.set_tags(
+        {
+            "soup.promoted": str(promoted).lower(),
+            "soup.promote_reason": reason,
+            "soup.serving_before": before or "none",
+        }
+    )
     return Promotion(promoted=promoted, reason=reason, serving_before=before)
 
 
@@ -247,20 +274,20 @@ def _record_replaced(model_name: str, replaced: Any, version: str, run_id: str) 
     from mlflow.exceptions import MlflowException
 
     client = _client()
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-    note = f'version {version} (run {run_id}) at {when}'
-    client.set_model_version_tag(model_name, str(replaced.version), 'serving.replaced_by', note)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    note = f"version {version} (run {run_id}) at {when}"
+    client.set_model_version_tag(model_name, str(replaced.version), "serving.replaced_by", note)
     from uda.registry import source_run_id
 
     source_run = source_run_id(replaced)
     if source_run and source_run != run_id:
         try:
-            client.set_tag(source_run, 'serving.replaced_by', note)
+            client.set_tag(source_run, "serving.replaced_by", note)
         except MlflowException:
             pass  # that run was deleted: the version's tag still says it
 
 
-def superseded_note(model_name: str, version: str) -> Optional[str]:
+def superseded_note(model_name: str, version: str) -> str | None:
     """When ``serving`` no longer points at ``version``: which version of
     which run holds it now (None when it still points there)."""
     now = current_serving(model_name)
@@ -268,4 +295,4 @@ def superseded_note(model_name: str, version: str) -> Optional[str]:
         return None
     from uda.registry import source_run_id
 
-    return f'version {now.version} (run {source_run_id(now)})'
+    return f"version {now.version} (run {source_run_id(now)})"

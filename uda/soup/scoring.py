@@ -22,13 +22,14 @@ Memory: a cached image takes ``3 * H * W * 4`` bytes at the test scale
 (24 MiB for a 1920x1080 ACDC frame, i.e. about 10 GiB for all 406 val
 images; 110 KiB for the embedded default's 256x144 frames).
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -42,8 +43,12 @@ from uda.metrics import ConditionTable, PerConditionMetrics
 from .mixing import SoupError
 
 __all__ = [
-    'DEFAULT_MAX_BATCH_PIXELS', 'split_tune_report', 'stratified_subset',
-    'ImageBatch', 'ImageCache', 'SoupScorer'
+    "DEFAULT_MAX_BATCH_PIXELS",
+    "split_tune_report",
+    "stratified_subset",
+    "ImageBatch",
+    "ImageCache",
+    "SoupScorer",
 ]
 
 #: Pixels per inference batch when no batch size is given: one 1920x1080
@@ -58,21 +63,18 @@ DEFAULT_MAX_BATCH_PIXELS = 1920 * 1080
 def _stable_key(sample: Sample) -> str:
     """An order that depends on the file only (not on the listing order, the
     seed or the other files), so a split is the same on every machine."""
-    return hashlib.sha1(f'{sample.condition}/{sample.sequence}/'
-                        f'{sample.name}'.encode()).hexdigest()
+    return hashlib.sha1(f"{sample.condition}/{sample.sequence}/{sample.name}".encode()).hexdigest()
 
 
-def _by_condition(samples: Sequence[Sample]) -> 'OrderedDict[str, List[Sample]]':
-    groups: 'OrderedDict[str, List[Sample]]' = OrderedDict()
+def _by_condition(samples: Sequence[Sample]) -> OrderedDict[str, list[Sample]]:
+    groups: OrderedDict[str, list[Sample]] = OrderedDict()
     order = {c: i for i, c in enumerate(ACDC_CONDITIONS)}
-    for sample in sorted(samples, key=lambda s: (order.get(s.condition, 99),
-                                                 s.condition)):
+    for sample in sorted(samples, key=lambda s: (order.get(s.condition, 99), s.condition)):
         groups.setdefault(sample.condition, []).append(sample)
     return groups
 
 
-def split_tune_report(samples: Sequence[Sample], tune_fraction: float
-                      ) -> Tuple[List[Sample], List[Sample]]:
+def split_tune_report(samples: Sequence[Sample], tune_fraction: float) -> tuple[list[Sample], list[Sample]]:
     """Deterministic tuning/report split of labelled target images.
 
     Stratified by condition: within each condition the images are ordered by
@@ -93,11 +95,11 @@ def split_tune_report(samples: Sequence[Sample], tune_fraction: float
             (each split needs one).
     """
     if not 0.0 < float(tune_fraction) < 1.0:
-        raise SoupError(f'soup.tune_fraction must lie strictly between 0 and '
-                        f'1, got {tune_fraction}')
+        raise SoupError(f"soup.tune_fraction must lie strictly between 0 and 1, got {tune_fraction}")
     if len(samples) < 2:
-        raise SoupError(f'the tuning and report splits need at least 2 '
-                        f'labelled target val images, found {len(samples)}')
+        raise SoupError(
+            f"the tuning and report splits need at least 2 labelled target val images, found {len(samples)}"
+        )
     tune: set = set()
     for group in _by_condition(samples).values():
         ordered = sorted(group, key=_stable_key)
@@ -108,11 +110,10 @@ def split_tune_report(samples: Sequence[Sample], tune_fraction: float
         tune.add(min(samples, key=_stable_key).image_path)
     if len(tune) == len(samples):
         tune.discard(max(samples, key=_stable_key).image_path)
-    return ([s for s in samples if s.image_path in tune],
-            [s for s in samples if s.image_path not in tune])
+    return ([s for s in samples if s.image_path in tune], [s for s in samples if s.image_path not in tune])
 
 
-def stratified_subset(samples: Sequence[Sample], count: int) -> List[Sample]:
+def stratified_subset(samples: Sequence[Sample], count: int) -> list[Sample]:
     """``count`` samples spread evenly over the conditions, deterministically.
 
     Used to pick unlabelled target-train images for the label-free objective.
@@ -123,9 +124,8 @@ def stratified_subset(samples: Sequence[Sample], count: int) -> List[Sample]:
         samples: Candidate samples.
         count: How many to keep (all if larger than ``len(samples)``).
     """
-    queues = [sorted(g, key=_stable_key)
-              for g in _by_condition(samples).values()]
-    chosen: List[Sample] = []
+    queues = [sorted(g, key=_stable_key) for g in _by_condition(samples).values()]
+    chosen: list[Sample] = []
     while len(chosen) < min(count, len(samples)):
         for queue in queues:
             if queue and len(chosen) < count:
@@ -152,9 +152,9 @@ class ImageBatch:
 
     subset: str
     images: torch.Tensor
-    labels: Optional[torch.Tensor]
-    conditions: Tuple[str, ...]
-    names: Tuple[str, ...]
+    labels: torch.Tensor | None
+    conditions: tuple[str, ...]
+    names: tuple[str, ...]
 
 
 class ImageCache:
@@ -172,75 +172,74 @@ class ImageCache:
         backend: :class:`~uda.data.TestPipeline` backend.
     """
 
-    def __init__(self,
-                 subsets: Mapping[str, Sequence[Sample]],
-                 img_scale: Optional[Sequence[int]],
-                 device: torch.device | str = 'cpu',
-                 batch_size: Optional[int] = None,
-                 max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
-                 backend: str = 'auto') -> None:
+    def __init__(
+        self,
+        subsets: Mapping[str, Sequence[Sample]],
+        img_scale: Sequence[int] | None,
+        device: torch.device | str = "cpu",
+        batch_size: int | None = None,
+        max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS,
+        backend: str = "auto",
+    ) -> None:
         from uda.data.dataset import SegmentationDataset
         from uda.data.pipelines import TestPipeline
 
         if batch_size is not None and batch_size < 1:
-            raise SoupError(f'batch_size must be >= 1, got {batch_size}')
+            raise SoupError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.batches: List[ImageBatch] = []
-        self.conditions: List[str] = []
-        self.sizes: Dict[str, int] = {}
-        pipeline = TestPipeline(tuple(img_scale) if img_scale else None,
-                                backend=backend)
+        self.batches: list[ImageBatch] = []
+        self.conditions: list[str] = []
+        self.sizes: dict[str, int] = {}
+        pipeline = TestPipeline(tuple(img_scale) if img_scale else None, backend=backend)
         for name, samples in subsets.items():
             if not samples:
-                raise SoupError(f'subset {name!r} has no images')
+                raise SoupError(f"subset {name!r} has no images")
             dataset = SegmentationDataset(samples, pipeline)
-            groups: 'OrderedDict[tuple, list]' = OrderedDict()
+            groups: OrderedDict[tuple, list] = OrderedDict()
             for index in range(len(dataset)):
                 item = dataset[index]
-                gt = item.get('gt')
-                key = (tuple(item['img'].shape),
-                       None if gt is None else tuple(gt.shape))
-                groups.setdefault(key, []).append(
-                    (item, dataset.samples[index]))
+                gt = item.get("gt")
+                key = (tuple(item["img"].shape), None if gt is None else tuple(gt.shape))
+                groups.setdefault(key, []).append((item, dataset.samples[index]))
             for (img_shape, _), items in groups.items():
-                per_batch = batch_size or max(
-                    1, max_batch_pixels // (img_shape[1] * img_shape[2]))
+                per_batch = batch_size or max(1, max_batch_pixels // (img_shape[1] * img_shape[2]))
                 for start in range(0, len(items), per_batch):
-                    self.batches.append(
-                        self._batch(name, items[start:start + per_batch]))
+                    self.batches.append(self._batch(name, items[start : start + per_batch]))
             self.sizes[name] = len(samples)
             for sample in samples:
                 if sample.condition not in self.conditions:
                     self.conditions.append(sample.condition)
 
     def _batch(self, subset: str, items: list) -> ImageBatch:
-        images = torch.stack([item['img'] for item, _ in items])
+        images = torch.stack([item["img"] for item, _ in items])
         labels = None
-        if all('gt' in item for item, _ in items):
+        if all("gt" in item for item, _ in items):
             # uint8 keeps 4x less memory than int64 (values 0..18 and 255).
-            labels = torch.stack([item['gt'] for item, _ in items]).to(
-                torch.uint8)
+            labels = torch.stack([item["gt"] for item, _ in items]).to(torch.uint8)
             labels = labels.to(self.device)
-        return ImageBatch(subset=subset,
-                          images=images.to(self.device),
-                          labels=labels,
-                          conditions=tuple(s.condition for _, s in items),
-                          names=tuple(s.name for _, s in items))
+        return ImageBatch(
+            subset=subset,
+            images=images.to(self.device),
+            labels=labels,
+            conditions=tuple(s.condition for _, s in items),
+            names=tuple(s.name for _, s in items),
+        )
 
     @property
-    def subsets(self) -> List[str]:
+    def subsets(self) -> list[str]:
         return list(self.sizes)
 
-    def batches_of(self, subset: str) -> List[ImageBatch]:
+    def batches_of(self, subset: str) -> list[ImageBatch]:
         if subset not in self.sizes:
-            raise KeyError(f'no subset {subset!r}; have {self.subsets}')
+            raise KeyError(f"no subset {subset!r}; have {self.subsets}")
         return [b for b in self.batches if b.subset == subset]
 
     def nbytes(self) -> int:
         """Bytes held by the cached tensors."""
-        return sum(b.images.element_size() * b.images.nelement() +
-                   (0 if b.labels is None else b.labels.nelement())
-                   for b in self.batches)
+        return sum(
+            b.images.element_size() * b.images.nelement() + (0 if b.labels is None else b.labels.nelement())
+            for b in self.batches
+        )
 
 
 # --------------------------------------------------------------------------
@@ -256,8 +255,7 @@ class SoupScorer:
         num_classes: Number of classes of the label maps.
     """
 
-    def __init__(self, model: nn.Module, cache: ImageCache,
-                 num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, model: nn.Module, cache: ImageCache, num_classes: int = NUM_CLASSES) -> None:
         self.model = model.eval()
         self.cache = cache
         self.num_classes = num_classes
@@ -268,8 +266,7 @@ class SoupScorer:
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.inference_mode()
-    def predict(self, batch: ImageBatch,
-                model: Optional[nn.Module] = None) -> torch.Tensor:
+    def predict(self, batch: ImageBatch, model: nn.Module | None = None) -> torch.Tensor:
         """``(B, H, W)`` int64 class ids at the label size (or the input size
         for unlabelled images), in the model's test mode.
 
@@ -279,10 +276,8 @@ class SoupScorer:
         model = self.model if model is None else model
         cpu_threads.rebalance()
         logits = model.inference(batch.images)
-        if batch.labels is not None and \
-                tuple(logits.shape[-2:]) != tuple(batch.labels.shape[-2:]):
-            logits = F.interpolate(logits, size=batch.labels.shape[-2:],
-                                   mode='bilinear', align_corners=False)
+        if batch.labels is not None and tuple(logits.shape[-2:]) != tuple(batch.labels.shape[-2:]):
+            logits = F.interpolate(logits, size=batch.labels.shape[-2:], mode="bilinear", align_corners=False)
         return logits.argmax(dim=1)
 
     @torch.inference_mode()
@@ -291,15 +286,16 @@ class SoupScorer:
         of its test-mode logits), computed once and kept on the device."""
         for batch in self.cache.batches_of(subset):
             batch.labels = self.predict(
-                ImageBatch(batch.subset, batch.images, None, batch.conditions,
-                           batch.names), model=teacher).to(torch.uint8)
+                ImageBatch(batch.subset, batch.images, None, batch.conditions, batch.names), model=teacher
+            ).to(torch.uint8)
 
     @torch.inference_mode()
-    def evaluate(self,
-                 subsets: Iterable[str],
-                 model: Optional[nn.Module] = None,
-                 union: Optional[Mapping[str, Sequence[str]]] = None
-                 ) -> Dict[str, ConditionTable]:
+    def evaluate(
+        self,
+        subsets: Iterable[str],
+        model: nn.Module | None = None,
+        union: Mapping[str, Sequence[str]] | None = None,
+    ) -> dict[str, ConditionTable]:
         """mIoU (overall and per condition) of the model on some subsets.
 
         Args:
@@ -317,24 +313,29 @@ class SoupScorer:
         """
         subsets = list(subsets)
         accumulators = {
-            name: PerConditionMetrics(self.cache.conditions, self.num_classes,
-                                      IGNORE_INDEX, self.cache.device,
-                                      _class_names(self.num_classes))
+            name: PerConditionMetrics(
+                self.cache.conditions,
+                self.num_classes,
+                IGNORE_INDEX,
+                self.cache.device,
+                _class_names(self.num_classes),
+            )
             for name in subsets
         }
         for name in subsets:
             for batch in self.cache.batches_of(name):
                 if batch.labels is None:
-                    raise SoupError(f'subset {name!r} has no labels to score '
-                                    'against')
-                accumulators[name].update(self.predict(batch, model),
-                                          batch.labels, batch.conditions)
+                    raise SoupError(f"subset {name!r} has no labels to score against")
+                accumulators[name].update(self.predict(batch, model), batch.labels, batch.conditions)
         results = {name: acc.compute() for name, acc in accumulators.items()}
         for name, parts in (union or {}).items():
-            total = PerConditionMetrics(self.cache.conditions,
-                                        self.num_classes, IGNORE_INDEX,
-                                        self.cache.device,
-                                        _class_names(self.num_classes))
+            total = PerConditionMetrics(
+                self.cache.conditions,
+                self.num_classes,
+                IGNORE_INDEX,
+                self.cache.device,
+                _class_names(self.num_classes),
+            )
             for part in parts:
                 total.merge(accumulators[part])
             results[name] = total.compute()
@@ -342,5 +343,4 @@ class SoupScorer:
 
 
 def _class_names(num_classes: int) -> Sequence[str]:
-    return CLASSES if num_classes == len(CLASSES) else tuple(
-        str(i) for i in range(num_classes))
+    return CLASSES if num_classes == len(CLASSES) else tuple(str(i) for i in range(num_classes))

@@ -5,6 +5,7 @@ mIoU of the mixed model on a tuning split, see :mod:`uda.soup.scoring`), so
 they are independent of MLflow and of the model. Optuna and matplotlib are
 imported only inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,15 +15,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from .mixing import SoupError, uniform_weights
 
 __all__ = [
-    'GreedyStep', 'GreedyResult', 'greedy_soup', 'SearchResult',
-    'optuna_search', 'study_storage', 'weights_from_unit_cube',
-    'save_study_plots', 'HEARTBEAT_S', 'GRACE_S', 'SURPLUS_ATTR',
-    'RUN_ID_ATTR'
+    "GreedyStep",
+    "GreedyResult",
+    "greedy_soup",
+    "SearchResult",
+    "optuna_search",
+    "study_storage",
+    "weights_from_unit_cube",
+    "save_study_plots",
+    "HEARTBEAT_S",
+    "GRACE_S",
+    "SURPLUS_ATTR",
+    "RUN_ID_ATTR",
 ]
 
 
@@ -41,7 +51,7 @@ class GreedyStep:
     """
 
     candidate: int
-    soup: List[int]
+    soup: list[int]
     score: float
     accepted: bool
 
@@ -60,14 +70,13 @@ class GreedyResult:
         history: Every candidate tried, in order.
     """
 
-    indices: List[int]
-    weights: List[float]
+    indices: list[int]
+    weights: list[float]
     score: float
-    history: List[GreedyStep] = field(default_factory=list)
+    history: list[GreedyStep] = field(default_factory=list)
 
 
-def greedy_soup(ingredient_scores: Sequence[float],
-                evaluate: Callable[[List[int]], float]) -> GreedyResult:
+def greedy_soup(ingredient_scores: Sequence[float], evaluate: Callable[[list[int]], float]) -> GreedyResult:
     """Greedy soup (Wortsman et al. 2022, Recipe 1).
 
     As in mlfoundations/model-soups ``main.py``: sort the ingredients by their
@@ -88,19 +97,18 @@ def greedy_soup(ingredient_scores: Sequence[float],
     """
     scores = [float(s) for s in ingredient_scores]
     if not scores:
-        raise SoupError('greedy soup needs at least one ingredient score')
+        raise SoupError("greedy soup needs at least one ingredient score")
     if not all(math.isfinite(s) for s in scores):
-        raise SoupError(f'ingredient scores must be finite, got {scores}')
+        raise SoupError(f"ingredient scores must be finite, got {scores}")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     chosen = [order[0]]
     best = scores[order[0]]
-    history: List[GreedyStep] = []
+    history: list[GreedyStep] = []
     for candidate in order[1:]:
         trial = chosen + [candidate]
         score = float(evaluate(list(trial)))
         if not math.isfinite(score):
-            raise SoupError(f'evaluate({trial}) returned {score}; the '
-                            'objective must be a finite number')
+            raise SoupError(f"evaluate({trial}) returned {score}; the objective must be a finite number")
         accepted = score > best
         history.append(GreedyStep(candidate, trial, score, accepted))
         if accepted:
@@ -116,10 +124,10 @@ def greedy_soup(ingredient_scores: Sequence[float],
 #: Value of every unit-cube coordinate that maps to the uniform soup
 #: (``-log(1 - u) = 1``); enqueued as the first trial.
 _UNIFORM_UNIT = 1.0 - math.exp(-1.0)
-_PARAM = 'ingredient_{}'
+_PARAM = "ingredient_{}"
 
 
-def weights_from_unit_cube(units: Sequence[float]) -> List[float]:
+def weights_from_unit_cube(units: Sequence[float]) -> list[float]:
     """Maps ``n`` numbers in [0, 1] to a point of the weight simplex.
 
     ``w_i = e_i / sum(e)`` with ``e_i = -log(1 - u_i)``: for independent
@@ -130,7 +138,7 @@ def weights_from_unit_cube(units: Sequence[float]) -> List[float]:
     """
     units = [min(max(float(u), 0.0), 1.0 - 1e-12) for u in units]
     if not units:
-        raise SoupError('no coordinates given')
+        raise SoupError("no coordinates given")
     if max(units) == min(units):
         return uniform_weights(len(units))
     spacings = [-math.log1p(-u) for u in units]
@@ -159,14 +167,14 @@ class SearchResult:
         study: The ``optuna.Study`` (for plots and inspection).
     """
 
-    weights: List[float]
+    weights: list[float]
     score: float
     trial_number: int
     uniform_score: float
     n_trials: int
     study_name: str
-    storage: Optional[str]
-    evaluated: List[int] = field(default_factory=list)
+    storage: str | None
+    evaluated: list[int] = field(default_factory=list)
     running_elsewhere: int = 0
     study: Any = field(repr=False, compare=False, default=None)
 
@@ -181,9 +189,9 @@ GRACE_S = 30
 _POLL_S = 0.5
 _MIN_WAIT_S = 60.0
 #: User attribute of a trial asked beyond the budget in a race (never evaluated).
-SURPLUS_ATTR = 'uda.surplus'
+SURPLUS_ATTR = "uda.surplus"
 #: User attribute linking a trial to the MLflow run that logged it.
-RUN_ID_ATTR = 'mlflow_run_id'
+RUN_ID_ATTR = "mlflow_run_id"
 
 
 class _SurplusTrial(Exception):
@@ -194,14 +202,13 @@ class _QuietSurplus(logging.Filter):
     """Drops Optuna's "Trial N failed" warnings (with a traceback) for the
     surplus trials: the search reports them in one line of its own."""
 
-    def __init__(self, numbers: List[int]) -> None:
+    def __init__(self, numbers: list[int]) -> None:
         super().__init__()
         self._numbers = numbers
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(message.startswith(f'Trial {k} failed ')
-                       for k in self._numbers)
+        return not any(message.startswith(f"Trial {k} failed ") for k in self._numbers)
 
 
 def _trial_seeded(factory: Callable[[int], Any], seed: int):
@@ -219,7 +226,7 @@ def _trial_seeded(factory: Callable[[int], Any], seed: int):
 
     class TrialSeededSampler(optuna.samplers.BaseSampler):
         def __init__(self) -> None:
-            self._number: Optional[int] = None
+            self._number: int | None = None
             self._inner: Any = None
 
         def _for(self, trial) -> Any:
@@ -235,10 +242,8 @@ def _trial_seeded(factory: Callable[[int], Any], seed: int):
         def sample_relative(self, study, trial, search_space):
             return self._for(trial).sample_relative(study, trial, search_space)
 
-        def sample_independent(self, study, trial, param_name,
-                               param_distribution):
-            return self._for(trial).sample_independent(
-                study, trial, param_name, param_distribution)
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
         def before_trial(self, study, trial) -> None:
             self._for(trial).before_trial(study, trial)
@@ -255,26 +260,23 @@ def _trial_seeded(factory: Callable[[int], Any], seed: int):
 def _make_sampler(sampler: str, seed: int, trials: int):
     import optuna
 
-    if sampler == 'tpe':
+    if sampler == "tpe":
         # Optuna's default of 10 random start-up trials would leave no TPE
         # trials at all in a small budget; use at most half of the budget.
         startup = max(1, min(10, trials // 2))
         return _trial_seeded(
-            lambda s: optuna.samplers.TPESampler(
-                seed=s, multivariate=True, n_startup_trials=startup), seed)
-    if sampler == 'qmc':
+            lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=startup), seed
+        )
+    if sampler == "qmc":
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Scrambled Sobol': seeded, and does not start at the u = 0 corner.
             # Its point index comes from the study, not the process.
-            return optuna.samplers.QMCSampler(qmc_type='sobol',
-                                              scramble=True,
-                                              seed=seed)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
     raise SoupError(f"unknown sampler {sampler!r}; use 'tpe' or 'qmc'")
 
 
-def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S,
-                  grace_s: int = GRACE_S) -> Any:
+def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
     """The Optuna ``RDBStorage`` the search uses for an RDB URL.
 
     With heartbeats: a running trial records one every ``heartbeat_s``
@@ -286,28 +288,27 @@ def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S,
 
     # SQLite: concurrent runs wait for each other's writes instead of failing
     # with "database is locked" after the driver's default 5 s.
-    engine = {'connect_args': {'timeout': 60}} \
-        if url.startswith('sqlite') else {}
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter('ignore',
-                                      optuna.exceptions.ExperimentalWarning)
-                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=heartbeat_s,
                     grace_period=grace_s,
-                    heartbeat_stale_trial_callback=retry)
+                    heartbeat_stale_trial_callback=retry,
+                )
         except Exception as error:
             # Two runs creating the schema of a new database at the same
             # moment: one fails on Optuna's version row; the tables exist
             # now, so opening again works.
-            if 'UNIQUE constraint' not in str(error) and \
-                    'already exists' not in str(error) or attempt == 4:
+            if "UNIQUE constraint" not in str(error) and "already exists" not in str(error) or attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
-    raise AssertionError('unreachable')
+    raise AssertionError("unreachable")
 
 
 #: How long a run that found the study waits for its creator to finish setting it up.
@@ -321,48 +322,46 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
 
     try:
         # A URL gets heartbeats; None (in memory) or a storage object as is.
-        backend = study_storage(storage) if isinstance(storage, str) \
-            else storage
+        backend = study_storage(storage) if isinstance(storage, str) else storage
         try:
-            study = optuna.create_study(storage=backend,
-                                        study_name=study_name,
-                                        sampler=sampler_obj,
-                                        direction='maximize')
+            study = optuna.create_study(
+                storage=backend, study_name=study_name, sampler=sampler_obj, direction="maximize"
+            )
             created = True
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=study_name, storage=backend,
-                                      sampler=sampler_obj)
+            study = optuna.load_study(study_name=study_name, storage=backend, sampler=sampler_obj)
             created = False
     except Exception as error:  # sqlalchemy / optuna raise many types here
-        raise SoupError(f'cannot open Optuna study {study_name!r} in storage '
-                        f'{_shown_storage(storage)!r}: {error}. Use a URL such '
-                        "as 'sqlite:///path/optuna.db'.") from error
+        raise SoupError(
+            f"cannot open Optuna study {study_name!r} in storage "
+            f"{_shown_storage(storage)!r}: {error}. Use a URL such "
+            "as 'sqlite:///path/optuna.db'."
+        ) from error
     if created:
         # The uniform trial first and num_ingredients last: a run that loads
         # the study waits for that attribute, so it never asks before the
         # uniform soup is queued as trial 0.
-        study.enqueue_trial({_PARAM.format(i): _UNIFORM_UNIT
-                             for i in range(n)})
-        study.set_user_attr('parametrisation', 'w = e / sum(e), '
-                            'e_i = -log(1 - ingredient_i)')
-        study.set_user_attr('num_ingredients', n)
+        study.enqueue_trial({_PARAM.format(i): _UNIFORM_UNIT for i in range(n)})
+        study.set_user_attr("parametrisation", "w = e / sum(e), e_i = -log(1 - ingredient_i)")
+        study.set_user_attr("num_ingredients", n)
     else:
         waited_until = time.monotonic() + _CREATOR_WAIT_S
-        while 'num_ingredients' not in study.user_attrs and time.monotonic() < waited_until:
+        while "num_ingredients" not in study.user_attrs and time.monotonic() < waited_until:
             time.sleep(0.1)
-        stored_n = study.user_attrs.get('num_ingredients')
+        stored_n = study.user_attrs.get("num_ingredients")
         if stored_n is not None and stored_n != n:
             raise SoupError(
-                f'Optuna study {study_name!r} in {_shown_storage(storage)!r} '
-                f'searches weights of {stored_n} ingredients, but {n} were '
-                'given; use another study_name')
+                f"Optuna study {study_name!r} in {_shown_storage(storage)!r} "
+                f"searches weights of {stored_n} ingredients, but {n} were "
+                "given; use another study_name"
+            )
     return study
 
 
-def _shown_storage(storage: Any) -> Optional[str]:
+def _shown_storage(storage: Any) -> str | None:
     """The storage's URL as runs and messages show it: without its password."""
     if storage is not None and not isinstance(storage, str):
-        storage = str(getattr(storage, 'url', storage))
+        storage = str(getattr(storage, "url", storage))
     return None if storage is None else redact_url(storage)
 
 
@@ -373,7 +372,7 @@ def redact_url(url: str) -> str:
     ``study_storage`` (libpq reads ``PGPASSWORD`` or ``~/.pgpass``); what this
     project logs or prints itself never holds one either way.
     """
-    if '@' not in url or '://' not in url:
+    if "@" not in url or "://" not in url:
         return url
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -389,22 +388,22 @@ def _fail_stale_trials(study) -> None:
     import optuna
 
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
 
-def optuna_search(n: int,
-                  evaluate: Callable[[List[float]], float],
-                  trials: int,
-                  seed: int = 0,
-                  storage: Any = None,
-                  study_name: str = 'soup-weights',
-                  sampler: str = 'tpe',
-                  on_trial: Optional[Callable[[int, List[float], float],
-                                              Optional[str]]] = None,
-                  notify: Optional[Callable[[str], None]] = None,
-                  wait_timeout_s: Optional[float] = None
-                  ) -> SearchResult:
+def optuna_search(
+    n: int,
+    evaluate: Callable[[list[float]], float],
+    trials: int,
+    seed: int = 0,
+    storage: Any = None,
+    study_name: str = "soup-weights",
+    sampler: str = "tpe",
+    on_trial: Callable[[int, list[float], float], str | None] | None = None,
+    notify: Callable[[str], None] | None = None,
+    wait_timeout_s: float | None = None,
+) -> SearchResult:
     """Searches mixing weights that maximise ``evaluate`` with Optuna.
 
     **Parametrisation.** Each trial suggests ``n`` floats ``u_i`` in [0, 1]
@@ -482,10 +481,11 @@ def optuna_search(n: int,
             with no completed trial at the end.
     """
     if n < 2:
-        raise SoupError(f'a weight search needs at least 2 ingredients, got '
-                        f'{n}; a single checkpoint needs no soup')
+        raise SoupError(
+            f"a weight search needs at least 2 ingredients, got {n}; a single checkpoint needs no soup"
+        )
     if trials <= 0:
-        raise SoupError(f'trials must be a positive number, got {trials}')
+        raise SoupError(f"trials must be a positive number, got {trials}")
     import optuna
 
     TrialState = optuna.trial.TrialState
@@ -493,31 +493,33 @@ def optuna_search(n: int,
     sampler_obj = _make_sampler(sampler, seed, trials)
     study = _open_study(storage, study_name, sampler_obj, n)
     say = notify or (lambda message: None)
-    evaluated: List[int] = []
-    surplus: List[int] = []
-    current: List[Optional[int]] = [None]
+    evaluated: list[int] = []
+    surplus: list[int] = []
+    current: list[int | None] = [None]
 
     def objective(trial) -> float:
         current[0] = trial.number
         # Exact total under races: the trials numbered below this one are
         # fixed once it exists, so at most `trials` of them pass this test.
-        before = sum(1 for t in study.get_trials(deepcopy=False)
-                     if t.number < trial.number and t.state in counted)
+        before = sum(
+            1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state in counted
+        )
         if before >= trials:
             surplus.append(trial.number)
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise _SurplusTrial(
-                f'trial {trial.number} not evaluated: the study already '
-                f'counts {before} trials (trials={trials}), another process '
-                'asked at the same moment')
-        units = [trial.suggest_float(_PARAM.format(i), 0.0, 1.0)
-                 for i in range(n)]
+                f"trial {trial.number} not evaluated: the study already "
+                f"counts {before} trials (trials={trials}), another process "
+                "asked at the same moment"
+            )
+        units = [trial.suggest_float(_PARAM.format(i), 0.0, 1.0) for i in range(n)]
         weights = weights_from_unit_cube(units)
-        trial.set_user_attr('weights', weights)
+        trial.set_user_attr("weights", weights)
         score = float(evaluate(list(weights)))
         if not math.isfinite(score):
-            raise SoupError(f'the objective returned {score} for weights '
-                            f'{weights}; it must be a finite number')
+            raise SoupError(
+                f"the objective returned {score} for weights {weights}; it must be a finite number"
+            )
         if on_trial is not None:
             run_id = on_trial(trial.number, list(weights), score)
             if isinstance(run_id, str):
@@ -525,7 +527,7 @@ def optuna_search(n: int,
         evaluated.append(trial.number)
         return score
 
-    waiting_since: Optional[float] = None
+    waiting_since: float | None = None
     limit = 0.0
     running_elsewhere = 0
     while True:
@@ -536,23 +538,27 @@ def optuna_search(n: int,
             waiting_since = None
             current[0] = None
             quiet = _QuietSurplus(surplus)
-            optimize_log = logging.getLogger('optuna.study._optimize')
+            optimize_log = logging.getLogger("optuna.study._optimize")
             optimize_log.addFilter(quiet)
             try:
-                study.optimize(objective, n_trials=1, catch=(_SurplusTrial, ))
+                study.optimize(objective, n_trials=1, catch=(_SurplusTrial,))
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Another process declared this one dead (no heartbeat for
                 # GRACE_S): it does not count, its slot is run again.
                 if current[0] in evaluated:
                     evaluated.remove(current[0])
-                say(f'Trial {current[0]} was failed by another process '
-                    '(missed heartbeats) and does not count.')
+                say(
+                    f"Trial {current[0]} was failed by another process "
+                    "(missed heartbeats) and does not count."
+                )
             finally:
                 optimize_log.removeFilter(quiet)
             if surplus and surplus[-1] == current[0]:
-                say(f'Trial {current[0]} was asked at the same moment as '
-                    'another process took the last trial of the budget: not '
-                    f'evaluated (state FAIL, user attribute {SURPLUS_ATTR}).')
+                say(
+                    f"Trial {current[0]} was asked at the same moment as "
+                    "another process took the last trial of the budget: not "
+                    f"evaluated (state FAIL, user attribute {SURPLUS_ATTR})."
+                )
             continue
         running = states.count(TrialState.RUNNING)
         if not running:
@@ -560,54 +566,59 @@ def optuna_search(n: int,
         now = time.monotonic()
         if waiting_since is None:
             waiting_since = now
-            limit = wait_timeout_s if wait_timeout_s is not None else \
-                _default_wait(study)
-            say(f'All {trials} trials of the study are taken; waiting up to '
-                f'{limit:.0f} s for {running} trial(s) running in other '
-                'processes.')
+            limit = wait_timeout_s if wait_timeout_s is not None else _default_wait(study)
+            say(
+                f"All {trials} trials of the study are taken; waiting up to "
+                f"{limit:.0f} s for {running} trial(s) running in other "
+                "processes."
+            )
         elif now - waiting_since > limit:
             running_elsewhere = running
-            say(f'Stopped waiting: {running} trial(s) still running in other '
-                'processes are not part of this result.')
+            say(
+                f"Stopped waiting: {running} trial(s) still running in other "
+                "processes are not part of this result."
+            )
             break
         time.sleep(_POLL_S)
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, ))
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
-        raise SoupError(f'Optuna study {study_name!r} has no completed trial '
-                        f'({running_elsewhere} still running elsewhere)')
+        raise SoupError(
+            f"Optuna study {study_name!r} has no completed trial "
+            f"({running_elsewhere} still running elsewhere)"
+        )
     best = max(done, key=lambda t: (t.value, -t.number))  # earliest on ties
-    uniform_scores = [
-        t.value for t in done
-        if t.user_attrs.get('weights') == uniform_weights(n)
-    ]
+    uniform_scores = [t.value for t in done if t.user_attrs.get("weights") == uniform_weights(n)]
     return SearchResult(
-        weights=list(best.user_attrs['weights']),
+        weights=list(best.user_attrs["weights"]),
         score=float(best.value),
         trial_number=best.number,
-        uniform_score=(float(uniform_scores[0])
-                       if uniform_scores else math.nan),
+        uniform_score=(float(uniform_scores[0]) if uniform_scores else math.nan),
         n_trials=len(done),
         study_name=study.study_name,
         storage=_shown_storage(storage),
         evaluated=evaluated,
         running_elsewhere=running_elsewhere,
-        study=study)
+        study=study,
+    )
 
 
 def _default_wait(study) -> float:
     """At least a minute, or five times the longest completed trial."""
     import optuna
 
-    longest = max((
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in study.get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, ))
-        if t.datetime_complete and t.datetime_start), default=0.0)
+    longest = max(
+        (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.datetime_complete and t.datetime_start
+        ),
+        default=0.0,
+    )
     return max(_MIN_WAIT_S, 5.0 * longest)
 
 
-def save_study_plots(study, out_dir: Union[str, Path]) -> List[Path]:
+def save_study_plots(study, out_dir: str | Path) -> list[Path]:
     """Saves Optuna's optimisation-history and parameter-importance plots.
 
     Uses ``optuna.visualization.matplotlib`` on the Agg backend (selected only
@@ -624,37 +635,37 @@ def save_study_plots(study, out_dir: Union[str, Path]) -> List[Path]:
         ``optuna_importance.png``).
     """
     import matplotlib
-    if 'matplotlib.pyplot' not in sys.modules:
-        matplotlib.use('Agg')
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    num_complete = len(study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, )))
-    plots = [('optuna_history.png', optuna_plots.plot_optimization_history,
-              1), ('optuna_importance.png',
-                   optuna_plots.plot_param_importances, 2)]
+    num_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    plots = [
+        ("optuna_history.png", optuna_plots.plot_optimization_history, 1),
+        ("optuna_importance.png", optuna_plots.plot_param_importances, 2),
+    ]
     written = []
     for file_name, plot, min_trials in plots:
         if num_complete < min_trials:
-            warnings.warn(f'{file_name}: skipped, needs {min_trials} '
-                          f'completed trial(s), the study has {num_complete}')
+            warnings.warn(
+                f"{file_name}: skipped, needs {min_trials} completed trial(s), the study has {num_complete}"
+            )
             continue
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter('ignore',
-                                      optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 axes = plot(study)
         except (RuntimeError, ValueError, ZeroDivisionError) as error:
-            warnings.warn(f'{file_name}: skipped, Optuna could not draw it: '
-                          f'{error}')
+            warnings.warn(f"{file_name}: skipped, Optuna could not draw it: {error}")
             continue
         figure = axes.figure
         path = out_dir / file_name
-        figure.savefig(path, dpi=100, bbox_inches='tight')
+        figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         written.append(path)
     return written

@@ -6,23 +6,60 @@
 * :mod:`.teacher` - EMA teacher (MIC) and frozen teacher (distillation).
 * :mod:`.feature_distance` - ImageNet feature distance on thing classes.
 """
-from .augment import (DACSAugmentation, MixedBatch, StrongAugParams,
-                      color_jitter, gaussian_blur, get_class_masks, one_mix,
-                      pseudo_label_and_weight)
+
+from .augment import (
+    DACSAugmentation,
+    MixedBatch,
+    StrongAugParams,
+    color_jitter,
+    gaussian_blur,
+    get_class_masks,
+    one_mix,
+    pseudo_label_and_weight,
+)
 from .feature_distance import ImageNetFeatureDistance, downscale_label_ratio
-from .masking import (MASK_MODES, BlockMaskGenerator, build_mask_generator,
-                      mask_mode_uses_aug, select_masked_batch)
-from .optim import (PolyWarmupLR, build_lr_scheduler, build_optimizer,
-                    build_param_groups, current_lrs, poly_warmup_lr)
-from .teacher import (EMATeacher, FrozenTeacher, Teacher, ema_alpha,
-                      unwrap_model)
+from .masking import (
+    MASK_MODES,
+    BlockMaskGenerator,
+    build_mask_generator,
+    mask_mode_uses_aug,
+    select_masked_batch,
+)
+from .optim import (
+    PolyWarmupLR,
+    build_lr_scheduler,
+    build_optimizer,
+    build_param_groups,
+    current_lrs,
+    poly_warmup_lr,
+)
+from .teacher import EMATeacher, FrozenTeacher, Teacher, ema_alpha, unwrap_model
 
 __all__ = [
-    'DACSAugmentation', 'MixedBatch', 'StrongAugParams', 'color_jitter',
-    'gaussian_blur', 'get_class_masks', 'one_mix', 'pseudo_label_and_weight',
-    'ImageNetFeatureDistance', 'downscale_label_ratio', 'MASK_MODES',
-    'BlockMaskGenerator', 'build_mask_generator', 'mask_mode_uses_aug',
-    'select_masked_batch', 'PolyWarmupLR', 'build_lr_scheduler',
-    'build_optimizer', 'build_param_groups', 'current_lrs', 'poly_warmup_lr',
-    'EMATeacher', 'FrozenTeacher', 'Teacher', 'ema_alpha', 'unwrap_model'
+    "DACSAugmentation",
+    "MixedBatch",
+    "StrongAugParams",
+    "color_jitter",
+    "gaussian_blur",
+    "get_class_masks",
+    "one_mix",
+    "pseudo_label_and_weight",
+    "ImageNetFeatureDistance",
+    "downscale_label_ratio",
+    "MASK_MODES",
+    "BlockMaskGenerator",
+    "build_mask_generator",
+    "mask_mode_uses_aug",
+    "select_masked_batch",
+    "PolyWarmupLR",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "build_param_groups",
+    "current_lrs",
+    "poly_warmup_lr",
+    "EMATeacher",
+    "FrozenTeacher",
+    "Teacher",
+    "ema_alpha",
+    "unwrap_model",
 ]

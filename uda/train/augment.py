@@ -33,20 +33,32 @@ that a step can be reproduced. What MIC does, and what this module does:
 Per-image random factors (jitter factors and order, blur sigma) are drawn for
 each image, as MIC does for the mixed batch (it transforms image by image).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'get_class_masks', 'generate_class_mask', 'one_mix', 'denorm', 'renorm',
-    'rgb_to_hsv', 'hsv_to_rgb', 'color_jitter', 'blur_kernel_size',
-    'gaussian_blur', 'StrongAugParams', 'DACSAugmentation', 'MixedBatch',
-    'pseudo_label_and_weight'
+    "get_class_masks",
+    "generate_class_mask",
+    "one_mix",
+    "denorm",
+    "renorm",
+    "rgb_to_hsv",
+    "hsv_to_rgb",
+    "color_jitter",
+    "blur_kernel_size",
+    "gaussian_blur",
+    "StrongAugParams",
+    "DACSAugmentation",
+    "MixedBatch",
+    "pseudo_label_and_weight",
 ]
 
 #: Blur sigma range of MIC's ``gaussian_blur`` (dacs_transforms.py).
@@ -55,36 +67,31 @@ BLUR_SIGMA_RANGE = (0.15, 1.15)
 _HSV_EPS = 1e-6
 
 
-def _rng_device(generator: Optional[torch.Generator]) -> torch.device:
+def _rng_device(generator: torch.Generator | None) -> torch.device:
     """Where ``generator`` draws (CPU when it is None: the global RNG)."""
-    return generator.device if generator is not None else torch.device('cpu')
+    return generator.device if generator is not None else torch.device("cpu")
 
 
-def _uniform(low: float, high: float, generator: Optional[torch.Generator],
-             size: int = 1) -> torch.Tensor:
+def _uniform(low: float, high: float, generator: torch.Generator | None, size: int = 1) -> torch.Tensor:
     """``size`` draws of ``U(low, high)`` as a CPU float64 tensor."""
-    draws = torch.rand(size, generator=generator, dtype=torch.float64,
-                       device=_rng_device(generator))
+    draws = torch.rand(size, generator=generator, dtype=torch.float64, device=_rng_device(generator))
     return low + (high - low) * draws.cpu()
 
 
-def _randperm(num: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randperm(num, generator=generator,
-                          device=_rng_device(generator)).cpu()
+def _randperm(num: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randperm(num, generator=generator, device=_rng_device(generator)).cpu()
 
 
-def _labels_b1hw(labels: torch.Tensor, name: str = 'labels') -> torch.Tensor:
+def _labels_b1hw(labels: torch.Tensor, name: str = "labels") -> torch.Tensor:
     if labels.dim() == 3:
         return labels[:, None]
     if labels.dim() == 4 and labels.shape[1] == 1:
         return labels
-    raise ValueError(f'{name} must have shape (B, H, W) or (B, 1, H, W), got '
-                     f'{tuple(labels.shape)}.')
+    raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(labels.shape)}.")
 
 
 # ----------------------------------------------------------------- ClassMix
-def generate_class_mask(label: torch.Tensor,
-                        classes: torch.Tensor) -> torch.Tensor:
+def generate_class_mask(label: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Binary mask of the pixels of ``label`` whose value is in ``classes``.
 
     Args:
@@ -99,9 +106,7 @@ def generate_class_mask(label: torch.Tensor,
     return torch.isin(label, classes.to(label.device)).long()
 
 
-def get_class_masks(labels: torch.Tensor,
-                    generator: Optional[torch.Generator] = None
-                    ) -> torch.Tensor:
+def get_class_masks(labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """ClassMix masks, one per source image (DACS/MIC ``get_class_masks``).
 
     The candidates are the distinct values of the whole batch (ignore 255
@@ -120,14 +125,12 @@ def get_class_masks(labels: torch.Tensor,
     num = classes.numel()
     masks = []
     for label in labels:
-        choice = _randperm(num, generator)[:(num + 1) // 2]
-        masks.append(generate_class_mask(label, classes[choice.to(
-            classes.device)]))
+        choice = _randperm(num, generator)[: (num + 1) // 2]
+        masks.append(generate_class_mask(label, classes[choice.to(classes.device)]))
     return torch.stack(masks)
 
 
-def one_mix(mask: torch.Tensor, source: torch.Tensor,
-            target: torch.Tensor) -> torch.Tensor:
+def one_mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Paste ``source`` into ``target`` where ``mask`` is 1.
 
     Same values as DACS' ``mask * source + (1 - mask) * target`` for a binary
@@ -139,8 +142,10 @@ def one_mix(mask: torch.Tensor, source: torch.Tensor,
         target: Same shape as ``source``.
     """
     if source.shape != target.shape:
-        raise ValueError(f'source and target must have the same shape, got '
-                         f'{tuple(source.shape)} and {tuple(target.shape)}.')
+        raise ValueError(
+            f"source and target must have the same shape, got "
+            f"{tuple(source.shape)} and {tuple(target.shape)}."
+        )
     keep = mask.bool()
     if source.dim() == 3:
         keep = keep[:, 0]
@@ -149,18 +154,15 @@ def one_mix(mask: torch.Tensor, source: torch.Tensor,
 
 # ------------------------------------------------------------ colour jitter
 def _mean_std(values: Any, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32,
-                           device=like.device).view(1, -1, 1, 1)
+    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
 
 
-def denorm(img: torch.Tensor, mean: Sequence[float],
-           std: Sequence[float]) -> torch.Tensor:
+def denorm(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalised image -> [0, 1] RGB (MIC ``denorm``: (x·std+mean)/255)."""
     return (img.float() * _mean_std(std, img) + _mean_std(mean, img)) / 255.0
 
 
-def renorm(img: torch.Tensor, mean: Sequence[float],
-           std: Sequence[float]) -> torch.Tensor:
+def renorm(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """[0, 1] RGB -> normalised image (MIC ``renorm_``)."""
     return (img * 255.0 - _mean_std(mean, img)) / _mean_std(std, img)
 
@@ -178,9 +180,7 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     safe_delta = torch.where(delta == 0, torch.ones_like(delta), delta)
     dist = maxc.unsqueeze(-3) - rgb  # distance of each channel to the max
     rc, gc, bc = dist.unbind(-3)
-    candidates = torch.stack(
-        [bc - gc, 2.0 * safe_delta + rc - bc, 4.0 * safe_delta + gc - rc],
-        dim=-3)
+    candidates = torch.stack([bc - gc, 2.0 * safe_delta + rc - bc, 4.0 * safe_delta + gc - rc], dim=-3)
     hue = candidates.gather(-3, max_idx.unsqueeze(-3)).squeeze(-3)
     hue = ((hue / safe_delta) / 6.0) % 1.0
     return torch.stack([2 * math.pi * hue, sat, maxc], dim=-3)
@@ -196,24 +196,42 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     q = val * (1 - frac * sat)
     t = val * (1 - (1 - frac) * sat)
     # (r, g, b) per hue sector 0..5
-    table = torch.stack([val, q, p, p, t, val,   # r
-                         t, val, val, q, p, p,   # g
-                         p, p, t, val, val, q],  # b
-                        dim=-3)
+    table = torch.stack(
+        [
+            val,
+            q,
+            p,
+            p,
+            t,
+            val,  # r
+            t,
+            val,
+            val,
+            q,
+            p,
+            p,  # g
+            p,
+            p,
+            t,
+            val,
+            val,
+            q,
+        ],  # b
+        dim=-3,
+    )
     sector = sector.long().unsqueeze(-3)
     index = torch.cat([sector, sector + 6, sector + 12], dim=-3)
     return table.gather(-3, index)
 
 
-def _jitter_one(img: torch.Tensor, brightness: float, contrast: float,
-                saturation: float, hue: float,
-                order: Sequence[int]) -> torch.Tensor:
+def _jitter_one(
+    img: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float, order: Sequence[int]
+) -> torch.Tensor:
     """kornia-0.5.8 colour jitter of a ``(3, H, W)`` image in [0, 1]."""
 
     def adjust_saturation(x: torch.Tensor) -> torch.Tensor:
         h, s, v = rgb_to_hsv(x).unbind(-3)
-        return hsv_to_rgb(torch.stack([h, (s * saturation).clamp(0, 1), v],
-                                      dim=-3))
+        return hsv_to_rgb(torch.stack([h, (s * saturation).clamp(0, 1), v], dim=-3))
 
     def adjust_hue(x: torch.Tensor) -> torch.Tensor:
         h, s, v = rgb_to_hsv(x).unbind(-3)
@@ -222,7 +240,7 @@ def _jitter_one(img: torch.Tensor, brightness: float, contrast: float,
 
     steps = [
         lambda x: (x + brightness).clamp(0, 1),  # additive, as kornia 0.5
-        lambda x: (x * contrast).clamp(0, 1),    # multiplicative, no mean
+        lambda x: (x * contrast).clamp(0, 1),  # multiplicative, no mean
         adjust_saturation,
         adjust_hue,
     ]
@@ -231,11 +249,13 @@ def _jitter_one(img: torch.Tensor, brightness: float, contrast: float,
     return img
 
 
-def color_jitter(img: torch.Tensor,
-                 mean: Sequence[float],
-                 std: Sequence[float],
-                 strength: float = 0.2,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def color_jitter(
+    img: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    strength: float = 0.2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Colour-jitter normalised images, one random draw per image.
 
     The caller decides *whether* to jitter (see :class:`DACSAugmentation`);
@@ -253,27 +273,24 @@ def color_jitter(img: torch.Tensor,
         Jittered, re-normalised images (float32).
     """
     if not 0 <= strength <= 0.5:
-        raise ValueError(f'color_jitter_strength must be in [0, 0.5] (kornia '
-                         f'bounds the hue shift to half a turn), got '
-                         f'{strength}.')
+        raise ValueError(
+            f"color_jitter_strength must be in [0, 0.5] (kornia "
+            f"bounds the hue shift to half a turn), got "
+            f"{strength}."
+        )
     if img.dim() != 4 or img.shape[1] != 3:
-        raise ValueError(f'Expected (B, 3, H, W) images, got '
-                         f'{tuple(img.shape)}.')
+        raise ValueError(f"Expected (B, 3, H, W) images, got {tuple(img.shape)}.")
     unit = denorm(img, mean, std)
     out = []
     for one in unit:
         # kornia ranges: brightness [max(0,1-s), min(2,1+s)] - 1, contrast and
         # saturation [max(0, 1-s), 1+s], hue [-s, s] (turns).
-        brightness = float(_uniform(max(0.0, 1 - strength),
-                                    min(2.0, 1 + strength), generator)) - 1
-        contrast = float(_uniform(max(0.0, 1 - strength), 1 + strength,
-                                  generator))
+        brightness = float(_uniform(max(0.0, 1 - strength), min(2.0, 1 + strength), generator)) - 1
+        contrast = float(_uniform(max(0.0, 1 - strength), 1 + strength, generator))
         hue = float(_uniform(-strength, strength, generator))
-        saturation = float(_uniform(max(0.0, 1 - strength), 1 + strength,
-                                    generator))
+        saturation = float(_uniform(max(0.0, 1 - strength), 1 + strength, generator))
         order = _randperm(4, generator).tolist()
-        out.append(_jitter_one(one, brightness, contrast, saturation, hue,
-                               order))
+        out.append(_jitter_one(one, brightness, contrast, saturation, hue, order))
     return renorm(torch.stack(out), mean, std)
 
 
@@ -292,9 +309,7 @@ def _gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
-def gaussian_blur(img: torch.Tensor,
-                  sigma: float,
-                  kernel_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+def gaussian_blur(img: torch.Tensor, sigma: float, kernel_size: Sequence[int] | None = None) -> torch.Tensor:
     """Separable Gaussian blur, reflect padding (kornia ``GaussianBlur2d``).
 
     Args:
@@ -318,7 +333,7 @@ def gaussian_blur(img: torch.Tensor,
         kernel = kernel.view(shape).expand(channels, -1, -1, -1)
         before, after = (size - 1) // 2, size // 2
         pad = (0, 0, before, after) if dim == 2 else (before, after, 0, 0)
-        x = F.conv2d(F.pad(x, pad, mode='reflect'), kernel, groups=channels)
+        x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel, groups=channels)
     return x
 
 
@@ -331,6 +346,7 @@ class StrongAugParams:
         color_jitter: Jitter this step (``u > color_jitter_probability``).
         blur: Blur this step (``u > 0.5`` with blur enabled).
     """
+
     color_jitter: bool
     blur: bool
 
@@ -346,6 +362,7 @@ class MixedBatch(NamedTuple):
             pseudo-label weight elsewhere.
         mask: ``(B, 1, H, W)`` ClassMix masks (1 = source).
     """
+
     img: torch.Tensor
     label: torch.Tensor
     weight: torch.Tensor
@@ -369,21 +386,20 @@ class DACSAugmentation:
         >>> mixed = aug.mix(src_img, src_lbl, trg_img, plabel, pweight, gen)
     """
 
-    def __init__(self,
-                 mean: Sequence[float],
-                 std: Sequence[float],
-                 color_jitter_strength: float = 0.2,
-                 color_jitter_probability: float = 0.2,
-                 blur: bool = True) -> None:
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        color_jitter_strength: float = 0.2,
+        color_jitter_probability: float = 0.2,
+        blur: bool = True,
+    ) -> None:
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f'mean and std need 3 values (RGB), got {mean} '
-                             f'and {std}.')
+            raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}.")
         if not 0 <= color_jitter_probability <= 1:
-            raise ValueError(f'color_jitter_probability must be in [0, 1], '
-                             f'got {color_jitter_probability}.')
+            raise ValueError(f"color_jitter_probability must be in [0, 1], got {color_jitter_probability}.")
         if not 0 <= color_jitter_strength <= 0.5:
-            raise ValueError(f'color_jitter_strength must be in [0, 0.5], got '
-                             f'{color_jitter_strength}.')
+            raise ValueError(f"color_jitter_strength must be in [0, 0.5], got {color_jitter_strength}.")
         self.mean = [float(v) for v in mean]
         self.std = [float(v) for v in std]
         self.color_jitter_strength = float(color_jitter_strength)
@@ -391,27 +407,34 @@ class DACSAugmentation:
         self.blur = bool(blur)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> 'DACSAugmentation':
+    def from_config(cls, cfg: Mapping[str, Any]) -> DACSAugmentation:
         """Build from a full preset (``uda`` and ``data.img_norm_cfg``)."""
-        uda, norm = cfg['uda'], cfg['data']['img_norm_cfg']
-        if uda.get('mix', 'class') != 'class':
-            raise ValueError(f"uda.mix must be 'class' (ClassMix, the only "
-                             f"mode MIC supports), got {uda['mix']!r}.")
-        return cls(norm['mean'], norm['std'], uda['color_jitter_strength'],
-                   uda['color_jitter_probability'], uda['blur'])
+        uda, norm = cfg["uda"], cfg["data"]["img_norm_cfg"]
+        if uda.get("mix", "class") != "class":
+            raise ValueError(
+                f"uda.mix must be 'class' (ClassMix, the only mode MIC supports), got {uda['mix']!r}."
+            )
+        return cls(
+            norm["mean"],
+            norm["std"],
+            uda["color_jitter_strength"],
+            uda["color_jitter_probability"],
+            uda["blur"],
+        )
 
-    def sample_params(self, generator: Optional[torch.Generator] = None
-                      ) -> StrongAugParams:
+    def sample_params(self, generator: torch.Generator | None = None) -> StrongAugParams:
         """Draw this step's jitter/blur decisions (shared by the batch)."""
         jitter_u, blur_u = _uniform(0, 1, generator, 2).tolist()
         return StrongAugParams(
-            color_jitter=jitter_u > self.color_jitter_probability,
-            blur=self.blur and blur_u > 0.5)
+            color_jitter=jitter_u > self.color_jitter_probability, blur=self.blur and blur_u > 0.5
+        )
 
-    def augment(self,
-                img: torch.Tensor,
-                params: Optional[StrongAugParams] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def augment(
+        self,
+        img: torch.Tensor,
+        params: StrongAugParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Colour jitter then blur, as decided by ``params`` (drawn if None).
 
         Labels are never touched by these photometric steps. Used on the
@@ -427,25 +450,22 @@ class DACSAugmentation:
             params = self.sample_params(generator)
         out = img
         if params.color_jitter:
-            out = color_jitter(out, self.mean, self.std,
-                               self.color_jitter_strength,
-                               generator).to(img.dtype)
+            out = color_jitter(out, self.mean, self.std, self.color_jitter_strength, generator).to(img.dtype)
         if params.blur:
             sigmas = _uniform(*BLUR_SIGMA_RANGE, generator, img.shape[0])
-            out = torch.cat([
-                gaussian_blur(out[i:i + 1], float(sigma))
-                for i, sigma in enumerate(sigmas)
-            ])
+            out = torch.cat([gaussian_blur(out[i : i + 1], float(sigma)) for i, sigma in enumerate(sigmas)])
         return out
 
-    def mix(self,
-            source_img: torch.Tensor,
-            source_label: torch.Tensor,
-            target_img: torch.Tensor,
-            pseudo_label: torch.Tensor,
-            pseudo_weight: torch.Tensor,
-            generator: Optional[torch.Generator] = None,
-            params: Optional[StrongAugParams] = None) -> MixedBatch:
+    def mix(
+        self,
+        source_img: torch.Tensor,
+        source_label: torch.Tensor,
+        target_img: torch.Tensor,
+        pseudo_label: torch.Tensor,
+        pseudo_weight: torch.Tensor,
+        generator: torch.Generator | None = None,
+        params: StrongAugParams | None = None,
+    ) -> MixedBatch:
         """ClassMix source into target, then jitter and blur (DACS step).
 
         Args:
@@ -461,15 +481,19 @@ class DACSAugmentation:
             A :class:`MixedBatch`.
         """
         if source_img.shape != target_img.shape:
-            raise ValueError(f'source and target images must have the same '
-                             f'shape, got {tuple(source_img.shape)} and '
-                             f'{tuple(target_img.shape)}.')
-        source_label = _labels_b1hw(source_label, 'source_label')
-        pseudo_label = _labels_b1hw(pseudo_label, 'pseudo_label')
+            raise ValueError(
+                f"source and target images must have the same "
+                f"shape, got {tuple(source_img.shape)} and "
+                f"{tuple(target_img.shape)}."
+            )
+        source_label = _labels_b1hw(source_label, "source_label")
+        pseudo_label = _labels_b1hw(pseudo_label, "pseudo_label")
         if pseudo_weight.shape != pseudo_label[:, 0].shape:
-            raise ValueError(f'pseudo_weight must have shape (B, H, W) = '
-                             f'{tuple(pseudo_label[:, 0].shape)}, got '
-                             f'{tuple(pseudo_weight.shape)}.')
+            raise ValueError(
+                f"pseudo_weight must have shape (B, H, W) = "
+                f"{tuple(pseudo_label[:, 0].shape)}, got "
+                f"{tuple(pseudo_weight.shape)}."
+            )
         if params is None:
             params = self.sample_params(generator)
         masks = get_class_masks(source_label, generator)
@@ -481,10 +505,9 @@ class DACSAugmentation:
 
 
 # ------------------------------------------------------------ pseudo-labels
-def pseudo_label_and_weight(logits: torch.Tensor,
-                            threshold: float = 0.968,
-                            reduction: str = 'batch'
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_label_and_weight(
+    logits: torch.Tensor, threshold: float = 0.968, reduction: str = "batch"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels and their confidence weight (DACS/MIC).
 
     Args:
@@ -499,13 +522,12 @@ def pseudo_label_and_weight(logits: torch.Tensor,
         ``(labels, weight)``: ``(B, H, W)`` int64 argmax labels and a
         ``(B, H, W)`` float32 weight map (constant per image/batch).
     """
-    if reduction not in ('batch', 'image'):
-        raise ValueError(f"reduction must be 'batch' or 'image', got "
-                         f"{reduction!r}.")
+    if reduction not in ("batch", "image"):
+        raise ValueError(f"reduction must be 'batch' or 'image', got {reduction!r}.")
     probs = torch.softmax(logits.detach().float(), dim=1)
     confidence, labels = probs.max(dim=1)
     confident = confidence >= threshold
-    if reduction == 'batch':
+    if reduction == "batch":
         fraction = confident.sum() / confident.numel()
         weight = fraction.expand_as(confidence).float()
     else:

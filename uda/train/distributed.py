@@ -9,19 +9,20 @@ MLflow; it decides (resume state, teacher weights) and hands its decision to
 the other ranks with :meth:`DistContext.broadcast`, so a user error seen by
 rank 0 stops every rank with the same message.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from uda.errors import UserError
 
-__all__ = ['DistContext', 'init_distributed', 'configure_threads']
+__all__ = ["DistContext", "init_distributed", "configure_threads"]
 
 # Rank 0 registers checkpoints (minutes on a remote store) while the other
 # ranks wait inside the next collective; NCCL's default 10 min is too short.
@@ -39,11 +40,12 @@ class DistContext:
         local_world_size: Processes on this machine.
         device: This process's device.
     """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    device: torch.device = torch.device('cpu')
+    device: torch.device = torch.device("cpu")
 
     @property
     def distributed(self) -> bool:
@@ -77,9 +79,8 @@ class DistContext:
         if not self.distributed or not values:
             return dict(values)
         keys = sorted(values)
-        device = self.device if self.device.type == 'cuda' else 'cpu'
-        packed = torch.tensor([float(values[k]) for k in keys],
-                              dtype=torch.float64, device=device)
+        device = self.device if self.device.type == "cuda" else "cpu"
+        packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         packed /= self.world_size
         return dict(zip(keys, packed.tolist()))
@@ -99,11 +100,10 @@ def configure_threads(local_world_size: int = 1) -> int:
     Returns:
         The number of threads set.
     """
-    if os.environ.get('OMP_NUM_THREADS'):
-        threads = max(1, int(os.environ['OMP_NUM_THREADS']))
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(
-            os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
@@ -122,32 +122,32 @@ def init_distributed(device: str) -> DistContext:
     Raises:
         UserError: torchrun with more processes than GPUs.
     """
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(device=torch.device(device))
-    rank = int(os.environ['RANK'])
-    local_rank = int(os.environ.get('LOCAL_RANK', rank))
-    local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch_device = torch.device(device)
-    if torch_device.type == 'cuda':
+    if torch_device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(
-                f'torchrun started {local_world_size} processes on this '
-                f'machine but it has {torch.cuda.device_count()} GPU(s); use '
-                f'--nproc_per_node={torch.cuda.device_count()} or fewer.')
-        torch_device = torch.device('cuda', local_rank)
+                f"torchrun started {local_world_size} processes on this "
+                f"machine but it has {torch.cuda.device_count()} GPU(s); use "
+                f"--nproc_per_node={torch.cuda.device_count()} or fewer."
+            )
+        torch_device = torch.device("cuda", local_rank)
         torch.cuda.set_device(torch_device)
-        backend = 'nccl'
+        backend = "nccl"
     else:
-        backend = 'gloo'
+        backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=_COLLECTIVE_TIMEOUT,
-                                **({'device_id': torch_device}
-                                   if backend == 'nccl' else {}))
-    return DistContext(rank, world_size, local_rank, local_world_size,
-                       torch_device)
+        dist.init_process_group(
+            backend, timeout=_COLLECTIVE_TIMEOUT, **({"device_id": torch_device} if backend == "nccl" else {})
+        )
+    return DistContext(rank, world_size, local_rank, local_world_size, torch_device)
 
 
-def main_process_only(ctx: Optional[DistContext]) -> bool:
+def main_process_only(ctx: DistContext | None) -> bool:
     """True when ``ctx`` is None (no distribution) or rank 0."""
     return ctx is None or ctx.is_main

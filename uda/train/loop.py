@@ -49,12 +49,14 @@ Loss names follow MIC: ``src.decode.loss_seg``, ``src.decode.hr.loss_seg``,
 ``masked.decode.loss_seg`` …; ``loss`` is the sum of every key that
 contains ``loss``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,16 +71,24 @@ from .augment import DACSAugmentation, pseudo_label_and_weight
 from .data import STREAM_STEP, iteration_seed, seed_everything
 from .distributed import DistContext
 from .feature_distance import ImageNetFeatureDistance
-from .masking import (build_mask_generator, mask_mode_uses_aug,
-                      masked_pseudo_weight, select_masked_batch)
+from .masking import build_mask_generator, mask_mode_uses_aug, masked_pseudo_weight, select_masked_batch
 from .optim import build_lr_scheduler, build_optimizer, current_lrs
 from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
 
-__all__ = ['TrainConfigError', 'check_schedule', 'check_runtime', 'TrainForward',
-           'StepOutput', 'UDATrainer', 'LogAccumulator', 'evaluate',
-           'FitHooks', 'fit']
+__all__ = [
+    "TrainConfigError",
+    "check_schedule",
+    "check_runtime",
+    "TrainForward",
+    "StepOutput",
+    "UDATrainer",
+    "LogAccumulator",
+    "evaluate",
+    "FitHooks",
+    "fit",
+]
 
-TeacherArg = Union[str, nn.Module, None]
+TeacherArg = str | nn.Module | None
 
 
 class TrainConfigError(UserError, ValueError):
@@ -87,11 +97,10 @@ class TrainConfigError(UserError, ValueError):
 
 def _positive_int(cfg: Mapping[str, Any], dotted: str) -> int:
     node: Any = cfg
-    for part in dotted.split('.'):
+    for part in dotted.split("."):
         node = node[part]
     if isinstance(node, bool) or not isinstance(node, int) or node < 1:
-        raise TrainConfigError(f'{dotted} must be a positive integer, got '
-                               f'{node!r}.')
+        raise TrainConfigError(f"{dotted} must be a positive integer, got {node!r}.")
     return node
 
 
@@ -104,35 +113,37 @@ def check_schedule(cfg: Mapping[str, Any]) -> None:
     ``data.workers_per_gpu`` and ``runner.precision`` /
     ``runner.channels_last``.
     """
-    for key in ('runner.max_iters', 'checkpoint_config.interval',
-                'evaluation.interval', 'log_config.interval',
-                'log_config.img_interval', 'data.samples_per_gpu'):
+    for key in (
+        "runner.max_iters",
+        "checkpoint_config.interval",
+        "evaluation.interval",
+        "log_config.interval",
+        "log_config.img_interval",
+        "data.samples_per_gpu",
+    ):
         _positive_int(cfg, key)
     check_runtime(cfg)
-    workers = cfg['data'].get('workers_per_gpu', 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or \
-            workers < 0:
-        raise TrainConfigError(f'data.workers_per_gpu must be >= 0, got '
-                               f'{workers!r}.')
+    workers = cfg["data"].get("workers_per_gpu", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise TrainConfigError(f"data.workers_per_gpu must be >= 0, got {workers!r}.")
 
 
 def check_runtime(cfg: Mapping[str, Any]) -> tuple[str, bool]:
     """``runner.precision`` and ``runner.channels_last`` (and
     ``runner.activation_checkpointing``), validated."""
-    runner = cfg['runner']
-    recompute = runner.get('activation_checkpointing', False)
+    runner = cfg["runner"]
+    recompute = runner.get("activation_checkpointing", False)
     if not isinstance(recompute, bool):
-        raise TrainConfigError(f'runner.activation_checkpointing must be true '
-                               f'or false, got {recompute!r}.')
-    precision = runner.get('precision', 'fp32')
+        raise TrainConfigError(f"runner.activation_checkpointing must be true or false, got {recompute!r}.")
+    precision = runner.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise TrainConfigError(
             f"runner.precision must be one of {', '.join(PRECISIONS)} (bf16: "
-            f"autocast forward passes, fp32 weights), got {precision!r}.")
-    channels_last = runner.get('channels_last', False)
+            f"autocast forward passes, fp32 weights), got {precision!r}."
+        )
+    channels_last = runner.get("channels_last", False)
     if not isinstance(channels_last, bool):
-        raise TrainConfigError(f'runner.channels_last must be true or false, '
-                               f'got {channels_last!r}.')
+        raise TrainConfigError(f"runner.channels_last must be true or false, got {channels_last!r}.")
     return precision, channels_last
 
 
@@ -150,9 +161,9 @@ class TrainForward(nn.Module):
 
 def _sum_losses(losses: Mapping[str, Any]) -> torch.Tensor:
     """MIC's ``_parse_losses`` total: every entry whose key contains 'loss'."""
-    terms = [v for k, v in losses.items() if 'loss' in k]
+    terms = [v for k, v in losses.items() if "loss" in k]
     if not terms:
-        raise ValueError(f'No loss in {sorted(losses)}.')
+        raise ValueError(f"No loss in {sorted(losses)}.")
     total = terms[0]
     for term in terms[1:]:
         total = total + term
@@ -160,8 +171,9 @@ def _sum_losses(losses: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _detached(losses: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    return {f'{prefix}{k}': v.detach().float() for k, v in losses.items()
-            if torch.is_tensor(v) and v.dim() == 0}
+    return {
+        f"{prefix}{k}": v.detach().float() for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0
+    }
 
 
 @dataclass
@@ -177,13 +189,15 @@ class StepOutput:
             ``pseudo_label``, ``mixed_img``, ``mixed_label``, ``mixed_pred``,
             ``masked_img``, ``masked_label``.
     """
+
     log_vars: dict[str, torch.Tensor]
-    debug: Optional[dict[str, torch.Tensor]] = None
+    debug: dict[str, torch.Tensor] | None = None
 
 
 def _prediction(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    logits = F.interpolate(logits[:1].detach().float(), size=tuple(size),
-                           mode='bilinear', align_corners=False)
+    logits = F.interpolate(
+        logits[:1].detach().float(), size=tuple(size), mode="bilinear", align_corners=False
+    )
     return logits.argmax(1)[0].cpu()
 
 
@@ -210,74 +224,77 @@ class UDATrainer:
         >>> float(out.log_vars['loss'])
     """
 
-    def __init__(self, model: nn.Module, cfg: Mapping[str, Any],
-                 teacher: TeacherArg = 'ema', seed: int = 0,
-                 ctx: Optional[DistContext] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Mapping[str, Any],
+        teacher: TeacherArg = "ema",
+        seed: int = 0,
+        ctx: DistContext | None = None,
+    ) -> None:
         self.ctx = ctx or DistContext()
         self.device = self.ctx.device
         self.cfg = cfg
         self.seed = int(seed)
-        uda = cfg['uda']
+        uda = cfg["uda"]
         self.precision, self.channels_last = check_runtime(cfg)
         # Before the feature-distance copy and the EMA teacher are made: they
         # run without gradients, where the backbones never recompute.
-        if cfg['runner'].get('activation_checkpointing', False):
-            backbone = getattr(model, 'backbone', None)
-            if not hasattr(backbone, 'use_checkpoint'):
+        if cfg["runner"].get("activation_checkpointing", False):
+            backbone = getattr(model, "backbone", None)
+            if not hasattr(backbone, "use_checkpoint"):
                 raise TrainConfigError(
-                    f'runner.activation_checkpointing: the backbone '
-                    f'{type(backbone).__name__} cannot recompute its blocks.')
+                    f"runner.activation_checkpointing: the backbone "
+                    f"{type(backbone).__name__} cannot recompute its blocks."
+                )
             backbone.use_checkpoint = True
         self.model = self._to_device(model)
         self.model.train()
-        self.max_iters = _positive_int(cfg, 'runner.max_iters')
+        self.max_iters = _positive_int(cfg, "runner.max_iters")
 
-        lambda_ = float(uda.get('imnet_feature_dist_lambda', 0.0))
-        self.feature_distance: Optional[ImageNetFeatureDistance] = None
+        lambda_ = float(uda.get("imnet_feature_dist_lambda", 0.0))
+        self.feature_distance: ImageNetFeatureDistance | None = None
         if lambda_ > 0:
             self.feature_distance = ImageNetFeatureDistance.from_segmentor(
-                self.model, lambda_=lambda_,
-                classes=uda.get('imnet_feature_dist_classes'),
-                scale_min_ratio=float(
-                    uda.get('imnet_feature_dist_scale_min_ratio', 0.75)),
+                self.model,
+                lambda_=lambda_,
+                classes=uda.get("imnet_feature_dist_classes"),
+                scale_min_ratio=float(uda.get("imnet_feature_dist_scale_min_ratio", 0.75)),
             ).to(self.device)
 
-        threshold = float(uda['pseudo_threshold'])
-        self.teacher: Optional[Teacher]
+        threshold = float(uda["pseudo_threshold"])
+        self.teacher: Teacher | None
         if teacher is None:
             self.teacher = None
         elif isinstance(teacher, str):
-            if teacher != 'ema':
-                raise ValueError(f"teacher must be 'ema', a segmentor or "
-                                 f"None, got {teacher!r}.")
-            self.teacher = EMATeacher(self.model, float(uda['alpha']),
-                                      threshold).to(self.device)
+            if teacher != "ema":
+                raise ValueError(f"teacher must be 'ema', a segmentor or None, got {teacher!r}.")
+            self.teacher = EMATeacher(self.model, float(uda["alpha"]), threshold).to(self.device)
         else:
             self.teacher = FrozenTeacher(self._to_device(teacher), threshold)
-        for key in ('mask_alpha', 'mask_pseudo_threshold'):
-            if str(uda.get(key, 'same')) != 'same':
+        for key in ("mask_alpha", "mask_pseudo_threshold"):
+            if str(uda.get(key, "same")) != "same":
                 raise TrainConfigError(
                     f"uda.{key} must be 'same' (MIC's cs2acdc setting: the "
                     f"masked loss reuses the teacher's pseudo-labels), got "
-                    f"{uda[key]!r}.")
+                    f"{uda[key]!r}."
+                )
         try:
             self.augmentation = DACSAugmentation.from_config(cfg)
-            self.mask_mode = str(uda['mask_mode'])
+            self.mask_mode = str(uda["mask_mode"])
             self.mask_uses_aug = mask_mode_uses_aug(self.mask_mode)
-            self.mask_generator = build_mask_generator(
-                uda.get('mask_generator'))
+            self.mask_generator = build_mask_generator(uda.get("mask_generator"))
         except ValueError as err:
             raise TrainConfigError(str(err)) from None
-        self.mask_lambda = float(uda.get('mask_lambda', 1.0))
+        self.mask_lambda = float(uda.get("mask_lambda", 1.0))
         if self.mask_lambda <= 0:
             self.mask_generator = None
 
         self.forward_module: nn.Module = TrainForward(self.model)
         if self.ctx.distributed:
             self.forward_module = nn.parallel.DistributedDataParallel(
-                self.forward_module,
-                device_ids=[self.device.index]
-                if self.device.type == 'cuda' else None)
+                self.forward_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         try:
             self.optimizer = build_optimizer(self.model, cfg)
             self.scheduler = build_lr_scheduler(self.optimizer, cfg)
@@ -290,8 +307,8 @@ class UDATrainer:
     def mode(self) -> str:
         """``'mic'``, ``'distill'`` or ``'source_only'``."""
         if self.teacher is None:
-            return 'source_only'
-        return 'mic' if isinstance(self.teacher, EMATeacher) else 'distill'
+            return "source_only"
+        return "mic" if isinstance(self.teacher, EMATeacher) else "distill"
 
     def _to_device(self, module: nn.Module) -> nn.Module:
         if self.channels_last:
@@ -309,13 +326,11 @@ class UDATrainer:
         return autocast(self.device, self.precision)
 
     def _reseed(self, iteration: int) -> None:
-        step_seed = iteration_seed(self.seed, self.ctx.rank, iteration,
-                                   STREAM_STEP)
+        step_seed = iteration_seed(self.seed, self.ctx.rank, iteration, STREAM_STEP)
         seed_everything(step_seed)
         self.generator.manual_seed(step_seed)
 
-    def train_step(self, batch: Mapping[str, Any], iteration: int,
-                   debug: bool = False) -> StepOutput:
+    def train_step(self, batch: Mapping[str, Any], iteration: int, debug: bool = False) -> StepOutput:
         """Run iteration ``iteration`` (0-based) on ``batch``.
 
         Args:
@@ -332,96 +347,98 @@ class UDATrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.teacher, EMATeacher):
             self.teacher.update(self.model, iteration)
-        img = self._input(batch['img'])
-        gt = batch['gt'].to(dev, non_blocking=True).long()
+        img = self._input(batch["img"])
+        gt = batch["gt"].to(dev, non_blocking=True).long()
         log_vars: dict[str, torch.Tensor] = {}
         shown: dict[str, torch.Tensor] = {}
 
         # 1. supervised source loss (+ ImageNet feature distance)
         with self.autocast():
             source = self.forward_module(
-                img, gt, return_feat=self.feature_distance is not None,
-                return_logits=debug, generator=gen)
-            features = source.pop('features', None)
-            logits = source.pop('decode.logits', None)
+                img, gt, return_feat=self.feature_distance is not None, return_logits=debug, generator=gen
+            )
+            features = source.pop("features", None)
+            logits = source.pop("decode.logits", None)
             source_loss = _sum_losses(source)
             if self.feature_distance is not None:
                 fd_loss, fd_value = self.feature_distance(img, gt, features)
                 source_loss = source_loss + fd_loss
-        log_vars.update(_detached(source, 'src.'))
+        log_vars.update(_detached(source, "src."))
         if self.feature_distance is not None:
-            log_vars['src.loss_imnet_feat_dist'] = fd_value.float()
+            log_vars["src.loss_imnet_feat_dist"] = fd_value.float()
         source_loss.backward()
         del features
         if debug:
-            shown.update(source_img=img[0].detach().cpu(),
-                         source_gt=gt[0].cpu(),
-                         source_pred=_prediction(logits[0], gt.shape[-2:]))
+            shown.update(
+                source_img=img[0].detach().cpu(),
+                source_gt=gt[0].cpu(),
+                source_pred=_prediction(logits[0], gt.shape[-2:]),
+            )
         del logits
 
         if self.teacher is not None:
-            target_img = self._input(batch['target_img'])
+            target_img = self._input(batch["target_img"])
             # 2. pseudo-labels of the target crops
             with self.autocast():
                 teacher_logits = self.teacher(target_img).float()
             pseudo_label, pseudo_weight = pseudo_label_and_weight(
-                teacher_logits, self.teacher.pseudo_threshold,
-                self.teacher.weight_reduction)
+                teacher_logits, self.teacher.pseudo_threshold, self.teacher.weight_reduction
+            )
             confidence = torch.softmax(teacher_logits.float(), 1).amax(1)
-            log_vars['pseudo.confident_fraction'] = pseudo_weight.mean()
-            log_vars['pseudo.mean_confidence'] = confidence.mean()
+            log_vars["pseudo.confident_fraction"] = pseudo_weight.mean()
+            log_vars["pseudo.mean_confidence"] = confidence.mean()
             del teacher_logits, confidence
 
             # 3. ClassMix + jitter + blur, weighted loss
-            mixed = self.augmentation.mix(img, gt, target_img, pseudo_label,
-                                          pseudo_weight, generator=gen)
+            mixed = self.augmentation.mix(img, gt, target_img, pseudo_label, pseudo_weight, generator=gen)
             with self.autocast():
-                mix = self.forward_module(self._input(mixed.img), mixed.label,
-                                          seg_weight=mixed.weight,
-                                          return_logits=debug, generator=gen)
-            mix_logits = mix.pop('decode.logits', None)
+                mix = self.forward_module(
+                    self._input(mixed.img),
+                    mixed.label,
+                    seg_weight=mixed.weight,
+                    return_logits=debug,
+                    generator=gen,
+                )
+            mix_logits = mix.pop("decode.logits", None)
             _sum_losses(mix).backward()
-            log_vars.update(_detached(mix, 'mix.'))
+            log_vars.update(_detached(mix, "mix."))
             if debug:
                 shown.update(
                     target_img=target_img[0].detach().cpu(),
                     pseudo_label=pseudo_label[0].cpu(),
                     mixed_img=mixed.img[0].detach().cpu(),
                     mixed_label=mixed.label[0, 0].cpu(),
-                    mixed_pred=_prediction(mix_logits[0], gt.shape[-2:]))
+                    mixed_pred=_prediction(mix_logits[0], gt.shape[-2:]),
+                )
             # The masked loss's target weight: the mixed one for the
             # distillation (original CKD, ckd_single.py), the unmixed one for
             # MIC (dacs.py). Rebinding frees whichever is not needed.
-            pseudo_weight = masked_pseudo_weight(self.mode, pseudo_weight,
-                                                 mixed.weight)
+            pseudo_weight = masked_pseudo_weight(self.mode, pseudo_weight, mixed.weight)
             del mix_logits, mixed
 
             # 4. MIC masked image consistency
             if self.mask_generator is not None:
                 masked_img, masked_label, masked_weight = select_masked_batch(
-                    self.mask_mode, img, gt, target_img, pseudo_label,
-                    pseudo_weight)
+                    self.mask_mode, img, gt, target_img, pseudo_label, pseudo_weight
+                )
                 if self.mask_uses_aug:
-                    masked_img = self.augmentation.augment(masked_img,
-                                                           generator=gen)
+                    masked_img = self.augmentation.augment(masked_img, generator=gen)
                 masked_img = self.mask_generator.mask_image(masked_img, gen)
                 with self.autocast():
-                    masked = self.forward_module(self._input(masked_img),
-                                                 masked_label,
-                                                 seg_weight=masked_weight,
-                                                 generator=gen)
-                masked['decode.loss_seg'] = masked['decode.loss_seg'] * \
-                    self.mask_lambda
+                    masked = self.forward_module(
+                        self._input(masked_img), masked_label, seg_weight=masked_weight, generator=gen
+                    )
+                masked["decode.loss_seg"] = masked["decode.loss_seg"] * self.mask_lambda
                 _sum_losses(masked).backward()
-                log_vars.update(_detached(masked, 'masked.'))
+                log_vars.update(_detached(masked, "masked."))
                 if debug:
-                    shown.update(masked_img=masked_img[-1].detach().cpu(),
-                                 masked_label=masked_label[-1, 0].cpu())
+                    shown.update(
+                        masked_img=masked_img[-1].detach().cpu(), masked_label=masked_label[-1, 0].cpu()
+                    )
 
         self.optimizer.step()
         self.scheduler.step()
-        log_vars['loss'] = _sum_losses(
-            {k: v for k, v in log_vars.items() if 'loss' in k})
+        log_vars["loss"] = _sum_losses({k: v for k, v in log_vars.items() if "loss" in k})
         return StepOutput(log_vars, shown if debug else None)
 
     # ------------------------------------------------------------------
@@ -436,6 +453,7 @@ class UDATrainer:
         if not self.ctx.distributed:
             return
         import torch.distributed as dist
+
         for buffer in unwrap_model(self.model).buffers():
             dist.broadcast(buffer, src=0)
 
@@ -450,27 +468,25 @@ class UDATrainer:
         the optimizer and scheduler states and, for MIC, the EMA teacher.
         """
         state: dict[str, Any] = {
-            'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
         }
         if isinstance(self.teacher, EMATeacher):
-            state['ema'] = {k: v.detach().cpu() for k, v in
-                            self.teacher.model.state_dict().items()}
+            state["ema"] = {k: v.detach().cpu() for k, v in self.teacher.model.state_dict().items()}
         return state
 
-    def load_resume_state(self, state: Mapping[str, Any],
-                          model_state: Optional[Mapping[str, torch.Tensor]]
-                          = None) -> None:
+    def load_resume_state(
+        self, state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Restore :meth:`resume_state` (and the model weights if given)."""
         if model_state is not None:
             unwrap_model(self.model).load_state_dict(dict(model_state))
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if isinstance(self.teacher, EMATeacher):
-            if 'ema' not in state:
-                raise TrainConfigError('The resume state has no EMA teacher '
-                                       'weights (it was not a MIC run).')
-            self.teacher.model.load_state_dict(state['ema'])
+            if "ema" not in state:
+                raise TrainConfigError("The resume state has no EMA teacher weights (it was not a MIC run).")
+            self.teacher.model.load_state_dict(state["ema"])
 
 
 class LogAccumulator:
@@ -484,8 +500,7 @@ class LogAccumulator:
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
         for key, value in values.items():
             value = value.detach().double()
-            self.sums[key] = self.sums[key] + value if key in self.sums \
-                else value
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
     def means(self) -> dict[str, float]:
@@ -496,10 +511,13 @@ class LogAccumulator:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]],
-             device: Union[str, torch.device],
-             conditions: Sequence[str], mode: Optional[str] = None
-             ) -> ConditionTable:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    device: str | torch.device,
+    conditions: Sequence[str],
+    mode: str | None = None,
+) -> ConditionTable:
     """mIoU of ``model`` on labelled target images, overall and per condition.
 
     Predictions are made in the preset's test mode (``mode`` None: the
@@ -522,12 +540,11 @@ def evaluate(model: nn.Module, loader: Iterable[Mapping[str, Any]],
     try:
         for item in loader:
             cpu_threads.rebalance()
-            img = item['img'][None].to(device)
-            gt = item['gt'].to(device)
+            img = item["img"][None].to(device)
+            gt = item["gt"].to(device)
             logits = model.inference(img, mode)
-            logits = F.interpolate(logits, size=tuple(gt.shape[-2:]),
-                                   mode='bilinear', align_corners=False)
-            metrics.update(logits.argmax(1)[0], gt, item['condition'])
+            logits = F.interpolate(logits, size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)
+            metrics.update(logits.argmax(1)[0], gt, item["condition"])
     finally:
         model.train(was_training)
     return metrics.all_reduce().compute()
@@ -543,12 +560,18 @@ class FitHooks:
         wants_debug: ``iteration_done -> bool``: return the debug images of
             that iteration.
     """
-    after_step: Optional[Callable[[int, StepOutput, float], None]] = None
-    wants_debug: Optional[Callable[[int], bool]] = None
+
+    after_step: Callable[[int, StepOutput, float], None] | None = None
+    wants_debug: Callable[[int], bool] | None = None
 
 
-def fit(trainer: UDATrainer, batches: Iterable[Mapping[str, Any]],
-        start: int, stop: int, hooks: Optional[FitHooks] = None) -> int:
+def fit(
+    trainer: UDATrainer,
+    batches: Iterable[Mapping[str, Any]],
+    start: int,
+    stop: int,
+    hooks: FitHooks | None = None,
+) -> int:
     """Train iterations ``start .. stop - 1`` on the matching batches.
 
     Args:
@@ -568,9 +591,8 @@ def fit(trainer: UDATrainer, batches: Iterable[Mapping[str, Any]],
     for batch in batches:
         if iteration >= stop:
             break
-        if batch.get('iteration', iteration) != iteration:
-            raise RuntimeError(f'Batch of iteration {batch["iteration"]} '
-                               f'arrived at iteration {iteration}.')
+        if batch.get("iteration", iteration) != iteration:
+            raise RuntimeError(f"Batch of iteration {batch['iteration']} arrived at iteration {iteration}.")
         cpu_threads.rebalance()  # other jobs may have started or ended
         debug = bool(hooks.wants_debug and hooks.wants_debug(iteration + 1))
         out = trainer.train_step(batch, iteration, debug=debug)

@@ -36,21 +36,26 @@ pasted, the confidence weight elsewhere), as the original CKD
 pseudo weight with the mixed one before calling the MIC module). The pseudo
 *label* stays the unmixed teacher label in both.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'MASK_MODES', 'BlockMaskGenerator', 'build_mask_generator',
-    'mask_mode_uses_aug', 'masked_pseudo_weight', 'select_masked_batch'
+    "MASK_MODES",
+    "BlockMaskGenerator",
+    "build_mask_generator",
+    "mask_mode_uses_aug",
+    "masked_pseudo_weight",
+    "select_masked_batch",
 ]
 
 #: Every ``uda.mask_mode`` MIC accepts.
-MASK_MODES = ('separate', 'separatesrc', 'separatetrg', 'separateaug',
-              'separatesrcaug', 'separatetrgaug')
+MASK_MODES = ("separate", "separatesrc", "separatetrg", "separateaug", "separatesrcaug", "separatetrgaug")
 
 
 class BlockMaskGenerator:
@@ -61,26 +66,19 @@ class BlockMaskGenerator:
         mask_block_size: Block side in pixels (64 at 1024 px crops).
     """
 
-    def __init__(self, mask_ratio: float = 0.7,
-                 mask_block_size: int = 64) -> None:
+    def __init__(self, mask_ratio: float = 0.7, mask_block_size: int = 64) -> None:
         if isinstance(mask_ratio, bool) or not 0 <= mask_ratio < 1:
-            raise ValueError(f'mask_ratio must be in [0, 1), got '
-                             f'{mask_ratio!r}.')
-        if isinstance(mask_block_size, bool) or not isinstance(
-                mask_block_size, int) or mask_block_size < 1:
-            raise ValueError(f'mask_block_size must be a positive integer, '
-                             f'got {mask_block_size!r}.')
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}.")
+        if isinstance(mask_block_size, bool) or not isinstance(mask_block_size, int) or mask_block_size < 1:
+            raise ValueError(f"mask_block_size must be a positive integer, got {mask_block_size!r}.")
         self.mask_ratio = float(mask_ratio)
         self.mask_block_size = mask_block_size
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(mask_ratio={self.mask_ratio}, '
-                f'mask_block_size={self.mask_block_size})')
+        return f"{type(self).__name__}(mask_ratio={self.mask_ratio}, mask_block_size={self.mask_block_size})"
 
     @torch.no_grad()
-    def generate_mask(self, imgs: torch.Tensor,
-                      generator: Optional[torch.Generator] = None
-                      ) -> torch.Tensor:
+    def generate_mask(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A ``(B, 1, H, W)`` mask of ``imgs`` (1 = keep), in their dtype.
 
         Args:
@@ -90,54 +88,57 @@ class BlockMaskGenerator:
         """
         batch, _, height, width = imgs.shape
         # Python's round (banker's rounding), as MIC.
-        grid = (batch, 1, max(round(height / self.mask_block_size), 1),
-                max(round(width / self.mask_block_size), 1))
+        grid = (
+            batch,
+            1,
+            max(round(height / self.mask_block_size), 1),
+            max(round(width / self.mask_block_size), 1),
+        )
         device = generator.device if generator is not None else imgs.device
         draws = torch.rand(grid, generator=generator, device=device)
         keep = (draws > self.mask_ratio).float()
-        keep = F.interpolate(keep, size=(height, width), mode='nearest')
+        keep = F.interpolate(keep, size=(height, width), mode="nearest")
         return keep.to(device=imgs.device, dtype=imgs.dtype)
 
     @torch.no_grad()
-    def mask_image(self, imgs: torch.Tensor,
-                   generator: Optional[torch.Generator] = None
-                   ) -> torch.Tensor:
+    def mask_image(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``imgs`` with the masked-out blocks set to 0."""
         return imgs * self.generate_mask(imgs, generator)
 
 
-def build_mask_generator(
-        cfg: Optional[Mapping[str, Any]]) -> Optional[BlockMaskGenerator]:
+def build_mask_generator(cfg: Mapping[str, Any] | None) -> BlockMaskGenerator | None:
     """Build from ``uda.mask_generator`` (``{type: block, mask_ratio,
     mask_block_size}``); None gives None (no masking)."""
     if cfg is None:
         return None
     cfg = dict(cfg)
-    kind = cfg.pop('type', 'block')
-    if kind != 'block':
-        raise ValueError(f"uda.mask_generator.type must be 'block' (the only "
-                         f"generator MIC has), got {kind!r}.")
-    unknown = set(cfg) - {'mask_ratio', 'mask_block_size'}
+    kind = cfg.pop("type", "block")
+    if kind != "block":
+        raise ValueError(
+            f"uda.mask_generator.type must be 'block' (the only generator MIC has), got {kind!r}."
+        )
+    unknown = set(cfg) - {"mask_ratio", "mask_block_size"}
     if unknown:
-        raise ValueError(f'Unknown uda.mask_generator keys {sorted(unknown)};'
-                         f' valid: type, mask_ratio, mask_block_size.')
+        raise ValueError(
+            f"Unknown uda.mask_generator keys {sorted(unknown)}; valid: type, mask_ratio, mask_block_size."
+        )
     return BlockMaskGenerator(**cfg)
 
 
 def _check_mode(mask_mode: str) -> None:
     if mask_mode not in MASK_MODES:
-        raise ValueError(f'uda.mask_mode must be one of '
-                         f'{", ".join(MASK_MODES)}, got {mask_mode!r}.')
+        raise ValueError(f"uda.mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}.")
 
 
 def mask_mode_uses_aug(mask_mode: str) -> bool:
     """Whether ``mask_mode`` colour-augments the images before masking."""
     _check_mode(mask_mode)
-    return mask_mode.endswith('aug')
+    return mask_mode.endswith("aug")
 
 
-def masked_pseudo_weight(teacher_mode: str, pseudo_weight: torch.Tensor,
-                         mixed_weight: torch.Tensor) -> torch.Tensor:
+def masked_pseudo_weight(
+    teacher_mode: str, pseudo_weight: torch.Tensor, mixed_weight: torch.Tensor
+) -> torch.Tensor:
     """The target weight the masked (MIC) loss trains with.
 
     Args:
@@ -156,12 +157,11 @@ def masked_pseudo_weight(teacher_mode: str, pseudo_weight: torch.Tensor,
         ``self.mic(...)``. ``pseudo_weight`` for ``'mic'``: lhoyer/MIC
         ``dacs.py`` passes the unmixed weight.
     """
-    if teacher_mode == 'distill':
+    if teacher_mode == "distill":
         return mixed_weight
-    if teacher_mode == 'mic':
+    if teacher_mode == "mic":
         return pseudo_weight
-    raise ValueError(f"teacher_mode must be 'mic' or 'distill', got "
-                     f"{teacher_mode!r}.")
+    raise ValueError(f"teacher_mode must be 'mic' or 'distill', got {teacher_mode!r}.")
 
 
 def select_masked_batch(
@@ -171,7 +171,7 @@ def select_masked_batch(
     target_img: torch.Tensor,
     pseudo_label: torch.Tensor,
     pseudo_weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The images, labels and weights MIC trains on, before masking.
 
     Args:
@@ -190,12 +190,11 @@ def select_masked_batch(
     if source_label.dim() == 3:
         source_label = source_label[:, None]
     source_label = source_label.long()
-    if mask_mode in ('separate', 'separateaug'):
+    if mask_mode in ("separate", "separateaug"):
         img = torch.stack([source_img[0], target_img[0]])
         label = torch.stack([source_label[0], pseudo_label[0][None].long()])
-        weight = torch.stack(
-            [torch.ones_like(pseudo_weight[0]), pseudo_weight[0]])
+        weight = torch.stack([torch.ones_like(pseudo_weight[0]), pseudo_weight[0]])
         return img, label, weight
-    if mask_mode in ('separatesrc', 'separatesrcaug'):
+    if mask_mode in ("separatesrc", "separatesrcaug"):
         return source_img, source_label, None
     return target_img, pseudo_label[:, None].long(), pseudo_weight

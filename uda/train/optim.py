@@ -28,9 +28,11 @@ iteration ``i`` (0-based) every group gets::
 
 with ``base`` the group's initial lr (``lr × lr_mult``).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -39,14 +41,18 @@ from torch.optim.lr_scheduler import LRScheduler
 from .teacher import unwrap_model
 
 __all__ = [
-    'custom_keys_from_cfg', 'match_custom_key', 'build_param_groups',
-    'build_optimizer', 'poly_warmup_lr', 'PolyWarmupLR',
-    'build_lr_scheduler', 'current_lrs'
+    "custom_keys_from_cfg",
+    "match_custom_key",
+    "build_param_groups",
+    "build_optimizer",
+    "poly_warmup_lr",
+    "PolyWarmupLR",
+    "build_lr_scheduler",
+    "current_lrs",
 ]
 
 
-def custom_keys_from_cfg(
-        optimizer_cfg: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def custom_keys_from_cfg(optimizer_cfg: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """mmcv ``custom_keys`` from the preset's flat ``optimizer`` section.
 
     ``head_lr_mult``, ``pos_block_decay_mult`` and ``norm_decay_mult`` are the
@@ -54,19 +60,13 @@ def custom_keys_from_cfg(
     types).
     """
     return {
-        'head': {'lr_mult': float(optimizer_cfg.get('head_lr_mult', 1.0))},
-        'pos_block': {
-            'decay_mult': float(optimizer_cfg.get('pos_block_decay_mult',
-                                                  1.0))
-        },
-        'norm': {
-            'decay_mult': float(optimizer_cfg.get('norm_decay_mult', 1.0))
-        },
+        "head": {"lr_mult": float(optimizer_cfg.get("head_lr_mult", 1.0))},
+        "pos_block": {"decay_mult": float(optimizer_cfg.get("pos_block_decay_mult", 1.0))},
+        "norm": {"decay_mult": float(optimizer_cfg.get("norm_decay_mult", 1.0))},
     }
 
 
-def match_custom_key(name: str,
-                     custom_keys: Mapping[str, Any]) -> Optional[str]:
+def match_custom_key(name: str, custom_keys: Mapping[str, Any]) -> str | None:
     """The custom key mmcv applies to parameter ``name`` (None if none).
 
     Keys are tried longest first, then alphabetically; the first key that
@@ -78,10 +78,9 @@ def match_custom_key(name: str,
     return None
 
 
-def build_param_groups(model: nn.Module,
-                       optimizer_cfg: Mapping[str, Any],
-                       custom_keys: Optional[Mapping[str, Any]] = None
-                       ) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module, optimizer_cfg: Mapping[str, Any], custom_keys: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Parameter groups with mmcv ``custom_keys`` semantics.
 
     Args:
@@ -99,8 +98,8 @@ def build_param_groups(model: nn.Module,
         custom key that produced the pair, or ``'default'``). Frozen
         parameters (``requires_grad=False``) are left out.
     """
-    base_lr = float(optimizer_cfg['lr'])
-    base_wd = float(optimizer_cfg.get('weight_decay', 0.0))
+    base_lr = float(optimizer_cfg["lr"])
+    base_wd = float(optimizer_cfg.get("weight_decay", 0.0))
     if custom_keys is None:
         custom_keys = custom_keys_from_cfg(optimizer_cfg)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
@@ -111,23 +110,27 @@ def build_param_groups(model: nn.Module,
         seen.add(id(param))
         key = match_custom_key(name, custom_keys)
         spec = custom_keys[key] if key is not None else {}
-        lr_mult = float(spec.get('lr_mult', 1.0))
-        decay_mult = float(spec.get('decay_mult', 1.0))
+        lr_mult = float(spec.get("lr_mult", 1.0))
+        decay_mult = float(spec.get("decay_mult", 1.0))
         group = groups.get((lr_mult, decay_mult))
         if group is None:
             group = groups[(lr_mult, decay_mult)] = {
-                'params': [], 'names': [], 'lr': base_lr * lr_mult,
-                'weight_decay': base_wd * decay_mult, 'lr_mult': lr_mult,
-                'decay_mult': decay_mult, 'key': key or 'default'}
-        group['params'].append(param)
-        group['names'].append(name)
+                "params": [],
+                "names": [],
+                "lr": base_lr * lr_mult,
+                "weight_decay": base_wd * decay_mult,
+                "lr_mult": lr_mult,
+                "decay_mult": decay_mult,
+                "key": key or "default",
+            }
+        group["params"].append(param)
+        group["names"].append(name)
     if not groups:
-        raise ValueError('The model has no trainable parameters.')
+        raise ValueError("The model has no trainable parameters.")
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module,
-                    cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.AdamW:
     """AdamW over :func:`build_param_groups`.
 
     Args:
@@ -138,41 +141,41 @@ def build_optimizer(model: nn.Module,
             AdamW kernel on CUDA and its foreach implementation elsewhere,
             true/false to force; the update is the same AdamW).
     """
-    optimizer_cfg = cfg['optimizer'] if 'optimizer' in cfg else cfg
-    kind = optimizer_cfg.get('type', 'AdamW')
-    if kind != 'AdamW':
-        raise ValueError(f"optimizer.type must be 'AdamW' (MIC's optimizer), "
-                         f"got {kind!r}.")
-    lr = optimizer_cfg.get('lr')
+    optimizer_cfg = cfg["optimizer"] if "optimizer" in cfg else cfg
+    kind = optimizer_cfg.get("type", "AdamW")
+    if kind != "AdamW":
+        raise ValueError(f"optimizer.type must be 'AdamW' (MIC's optimizer), got {kind!r}.")
+    lr = optimizer_cfg.get("lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f'optimizer.lr must be a positive number, got '
-                         f'{lr!r}.')
+        raise ValueError(f"optimizer.lr must be a positive number, got {lr!r}.")
     groups = build_param_groups(model, optimizer_cfg)
-    on_cuda = all(p.is_cuda for g in groups for p in g['params'])
-    fused = optimizer_cfg.get('fused')
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    fused = optimizer_cfg.get("fused")
     if fused is not None and not isinstance(fused, bool):
-        raise ValueError(f'optimizer.fused must be true, false or null '
-                         f'(fused on CUDA), got {fused!r}.')
+        raise ValueError(f"optimizer.fused must be true, false or null (fused on CUDA), got {fused!r}.")
     if fused is None:
         fused = True if on_cuda else None
-    betas = tuple(float(b) for b in optimizer_cfg.get('betas', (0.9, 0.999)))
+    betas = tuple(float(b) for b in optimizer_cfg.get("betas", (0.9, 0.999)))
     return torch.optim.AdamW(
         groups,
         lr=float(lr),
         betas=betas,  # type: ignore[arg-type]
-        eps=float(optimizer_cfg.get('eps', 1e-8)),
-        weight_decay=float(optimizer_cfg.get('weight_decay', 0.0)),
-        fused=fused or None)
+        eps=float(optimizer_cfg.get("eps", 1e-8)),
+        weight_decay=float(optimizer_cfg.get("weight_decay", 0.0)),
+        fused=fused or None,
+    )
 
 
-def poly_warmup_lr(base_lr: float,
-                   iteration: int,
-                   max_iters: int,
-                   power: float = 1.0,
-                   min_lr: float = 0.0,
-                   warmup: Optional[str] = 'linear',
-                   warmup_iters: int = 0,
-                   warmup_ratio: float = 0.1) -> float:
+def poly_warmup_lr(
+    base_lr: float,
+    iteration: int,
+    max_iters: int,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup: str | None = "linear",
+    warmup_iters: int = 0,
+    warmup_ratio: float = 0.1,
+) -> float:
     """mmcv's poly LR with warmup for iteration ``iteration`` (0-based).
 
     Args:
@@ -186,18 +189,17 @@ def poly_warmup_lr(base_lr: float,
         warmup_ratio: lr factor at iteration 0 of the warmup.
     """
     progress = min(iteration, max_iters) / max_iters
-    regular = (base_lr - min_lr) * (1 - progress)**power + min_lr
+    regular = (base_lr - min_lr) * (1 - progress) ** power + min_lr
     if warmup is None or iteration >= warmup_iters:
         return regular
-    if warmup == 'linear':
+    if warmup == "linear":
         k = (1 - iteration / warmup_iters) * (1 - warmup_ratio)
         return regular * (1 - k)
-    if warmup == 'constant':
+    if warmup == "constant":
         return regular * warmup_ratio
-    if warmup == 'exp':
-        return regular * warmup_ratio**(1 - iteration / warmup_iters)
-    raise ValueError(f"warmup must be 'linear', 'constant', 'exp' or None, "
-                     f"got {warmup!r}.")
+    if warmup == "exp":
+        return regular * warmup_ratio ** (1 - iteration / warmup_iters)
+    raise ValueError(f"warmup must be 'linear', 'constant', 'exp' or None, got {warmup!r}.")
 
 
 class PolyWarmupLR(LRScheduler):
@@ -219,29 +221,25 @@ class PolyWarmupLR(LRScheduler):
         last_epoch: Index of the last iteration done (-1 = fresh start).
     """
 
-    def __init__(self,
-                 optimizer: torch.optim.Optimizer,
-                 max_iters: int,
-                 power: float = 1.0,
-                 min_lr: float = 0.0,
-                 warmup: Optional[str] = 'linear',
-                 warmup_iters: int = 1500,
-                 warmup_ratio: float = 1e-6,
-                 last_epoch: int = -1) -> None:
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or \
-                max_iters < 1:
-            raise ValueError(f'max_iters must be a positive integer, got '
-                             f'{max_iters!r}.')
-        if warmup not in ('linear', 'constant', 'exp', None):
-            raise ValueError(f"lr_config.warmup must be 'linear', 'constant',"
-                             f" 'exp' or null, got {warmup!r}.")
-        if warmup is not None and (not isinstance(warmup_iters, int) or
-                                   warmup_iters < 1):
-            raise ValueError(f'lr_config.warmup_iters must be a positive '
-                             f'integer, got {warmup_iters!r}.')
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_iters: int,
+        power: float = 1.0,
+        min_lr: float = 0.0,
+        warmup: str | None = "linear",
+        warmup_iters: int = 1500,
+        warmup_ratio: float = 1e-6,
+        last_epoch: int = -1,
+    ) -> None:
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}.")
+        if warmup not in ("linear", "constant", "exp", None):
+            raise ValueError(f"lr_config.warmup must be 'linear', 'constant', 'exp' or null, got {warmup!r}.")
+        if warmup is not None and (not isinstance(warmup_iters, int) or warmup_iters < 1):
+            raise ValueError(f"lr_config.warmup_iters must be a positive integer, got {warmup_iters!r}.")
         if not 0 < warmup_ratio <= 1:
-            raise ValueError(f'lr_config.warmup_ratio must be in (0, 1], got '
-                             f'{warmup_ratio!r}.')
+            raise ValueError(f"lr_config.warmup_ratio must be in (0, 1], got {warmup_ratio!r}.")
         self.max_iters = max_iters
         self.power = float(power)
         self.min_lr = float(min_lr)
@@ -253,18 +251,26 @@ class PolyWarmupLR(LRScheduler):
     def lr_at(self, iteration: int) -> list[float]:
         """Every group's lr during iteration ``iteration``."""
         return [
-            poly_warmup_lr(base, iteration, self.max_iters, self.power,
-                           self.min_lr, self.warmup, self.warmup_iters,
-                           self.warmup_ratio) for base in self.base_lrs
+            poly_warmup_lr(
+                base,
+                iteration,
+                self.max_iters,
+                self.power,
+                self.min_lr,
+                self.warmup,
+                self.warmup_iters,
+                self.warmup_ratio,
+            )
+            for base in self.base_lrs
         ]
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return self.lr_at(self.last_epoch)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer,
-                       cfg: Mapping[str, Any],
-                       last_iter: int = -1) -> PolyWarmupLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], last_iter: int = -1
+) -> PolyWarmupLR:
     """:class:`PolyWarmupLR` from a full preset (``lr_config`` and
     ``runner.max_iters``).
 
@@ -274,26 +280,27 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer,
         last_iter: For resuming without a scheduler state: the last
             iteration done (-1 = fresh start). Prefer ``load_state_dict``.
     """
-    lr_cfg = cfg['lr_config']
-    if lr_cfg.get('policy', 'poly') != 'poly':
-        raise ValueError(f"lr_config.policy must be 'poly', got "
-                         f"{lr_cfg['policy']!r}.")
+    lr_cfg = cfg["lr_config"]
+    if lr_cfg.get("policy", "poly") != "poly":
+        raise ValueError(f"lr_config.policy must be 'poly', got {lr_cfg['policy']!r}.")
     if last_iter >= 0:
         for group in optimizer.param_groups:
-            group.setdefault('initial_lr', group['lr'])
-    return PolyWarmupLR(optimizer,
-                        int(cfg['runner']['max_iters']),
-                        power=float(lr_cfg.get('power', 1.0)),
-                        min_lr=float(lr_cfg.get('min_lr', 0.0)),
-                        warmup=lr_cfg.get('warmup', 'linear'),
-                        warmup_iters=int(lr_cfg.get('warmup_iters', 0)),
-                        warmup_ratio=float(lr_cfg.get('warmup_ratio', 0.1)),
-                        last_epoch=last_iter)
+            group.setdefault("initial_lr", group["lr"])
+    return PolyWarmupLR(
+        optimizer,
+        int(cfg["runner"]["max_iters"]),
+        power=float(lr_cfg.get("power", 1.0)),
+        min_lr=float(lr_cfg.get("min_lr", 0.0)),
+        warmup=lr_cfg.get("warmup", "linear"),
+        warmup_iters=int(lr_cfg.get("warmup_iters", 0)),
+        warmup_ratio=float(lr_cfg.get("warmup_ratio", 0.1)),
+        last_epoch=last_iter,
+    )
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """``{group key: lr}`` for logging (``default``, ``head``, ``norm``...)."""
     out: dict[str, float] = {}
     for i, group in enumerate(optimizer.param_groups):
-        out[str(group.get('key', i))] = float(group['lr'])
+        out[str(group.get("key", i))] = float(group["lr"])
     return out

@@ -23,6 +23,7 @@ What the references do, and what is reproduced here:
   loaded MIC model, never updated, ``eval()`` before every use (BatchNorm
   running statistics), pseudo-labels under ``torch.no_grad``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .augment import pseudo_label_and_weight
 
-__all__ = ['Teacher', 'EMATeacher', 'FrozenTeacher', 'ema_alpha',
-           'unwrap_model']
+__all__ = ["Teacher", "EMATeacher", "FrozenTeacher", "ema_alpha", "unwrap_model"]
 
 try:  # timm's stochastic depth, used by the MiT / FAN backbones
     from timm.layers import DropPath as _TimmDropPath
@@ -47,7 +47,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, '_orig_mod', None), nn.Module):
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
             return model
@@ -59,9 +59,11 @@ def ema_alpha(iteration: int, alpha: float) -> float:
 
 
 def _is_stochastic(module: nn.Module) -> bool:
-    return isinstance(module, _DropoutNd) or (
-        bool(_TimmDropPath) and isinstance(module, _TimmDropPath)) or \
-        type(module).__name__ == 'DropPath'
+    return (
+        isinstance(module, _DropoutNd)
+        or (bool(_TimmDropPath) and isinstance(module, _TimmDropPath))
+        or type(module).__name__ == "DropPath"
+    )
 
 
 class Teacher(nn.Module):
@@ -74,16 +76,18 @@ class Teacher(nn.Module):
             :func:`~uda.train.augment.pseudo_label_and_weight`.
     """
 
-    def __init__(self, model: nn.Module, pseudo_threshold: float = 0.968,
-                 weight_reduction: str = 'batch') -> None:
+    def __init__(
+        self, model: nn.Module, pseudo_threshold: float = 0.968, weight_reduction: str = "batch"
+    ) -> None:
         super().__init__()
-        if not hasattr(model, 'generate_pseudo_label'):
-            raise ValueError(f'The teacher must be a segmentor with '
-                             f'generate_pseudo_label (an HRDASegmentor), got '
-                             f'{type(model).__name__}.')
+        if not hasattr(model, "generate_pseudo_label"):
+            raise ValueError(
+                f"The teacher must be a segmentor with "
+                f"generate_pseudo_label (an HRDASegmentor), got "
+                f"{type(model).__name__}."
+            )
         if not 0 <= pseudo_threshold <= 1:
-            raise ValueError(f'pseudo_threshold must be in [0, 1], got '
-                             f'{pseudo_threshold}.')
+            raise ValueError(f"pseudo_threshold must be in [0, 1], got {pseudo_threshold}.")
         self.model = model
         self.pseudo_threshold = float(pseudo_threshold)
         self.weight_reduction = weight_reduction
@@ -100,8 +104,7 @@ class Teacher(nn.Module):
         with torch.no_grad():
             return self.model.generate_pseudo_label(img)
 
-    def pseudo_label(self, img: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pseudo_label(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pseudo-labels and weights of normalised target crops.
 
         Args:
@@ -112,8 +115,7 @@ class Teacher(nn.Module):
             float32 (fraction of confident pixels, broadcast).
         """
         logits = self(img)
-        return pseudo_label_and_weight(logits, self.pseudo_threshold,
-                                       self.weight_reduction)
+        return pseudo_label_and_weight(logits, self.pseudo_threshold, self.weight_reduction)
 
 
 class EMATeacher(Teacher):
@@ -135,25 +137,28 @@ class EMATeacher(Teacher):
         ...     labels, weight = teacher.pseudo_label(target_img)
     """
 
-    def __init__(self, student: nn.Module, alpha: float = 0.999,
-                 pseudo_threshold: float = 0.968,
-                 batchnorm_train: bool = True,
-                 weight_reduction: str = 'batch') -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        alpha: float = 0.999,
+        pseudo_threshold: float = 0.968,
+        batchnorm_train: bool = True,
+        weight_reduction: str = "batch",
+    ) -> None:
         if not 0 <= alpha <= 1:
-            raise ValueError(f'uda.alpha must be in [0, 1], got {alpha}.')
-        super().__init__(copy.deepcopy(unwrap_model(student)),
-                         pseudo_threshold, weight_reduction)
+            raise ValueError(f"uda.alpha must be in [0, 1], got {alpha}.")
+        super().__init__(copy.deepcopy(unwrap_model(student)), pseudo_threshold, weight_reduction)
         self.alpha = float(alpha)
         self.batchnorm_train = bool(batchnorm_train)
 
-    def _pairs(self, student: nn.Module
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _pairs(self, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         mine = dict(self.model.named_parameters())
         theirs = dict(unwrap_model(student).named_parameters())
         if mine.keys() != theirs.keys():
             missing = sorted(set(mine) ^ set(theirs))[:5]
-            raise ValueError(f'The student does not match the EMA teacher '
-                             f'(differing parameters, e.g. {missing}).')
+            raise ValueError(
+                f"The student does not match the EMA teacher (differing parameters, e.g. {missing})."
+            )
         return ([mine[k] for k in mine], [theirs[k].detach() for k in mine])
 
     @torch.no_grad()
@@ -190,7 +195,7 @@ class EMATeacher(Teacher):
             if _is_stochastic(module):
                 module.training = False
 
-    def train(self, mode: bool = True) -> 'EMATeacher':
+    def train(self, mode: bool = True) -> EMATeacher:
         """No-op on the wrapped model: its mode is set for each forward."""
         self.training = mode
         return self
@@ -207,16 +212,16 @@ class FrozenTeacher(Teacher):
         weight_reduction: ``'batch'`` (the original) or ``'image'``.
     """
 
-    def __init__(self, model: nn.Module, pseudo_threshold: float = 0.968,
-                 weight_reduction: str = 'batch') -> None:
-        super().__init__(unwrap_model(model), pseudo_threshold,
-                         weight_reduction)
+    def __init__(
+        self, model: nn.Module, pseudo_threshold: float = 0.968, weight_reduction: str = "batch"
+    ) -> None:
+        super().__init__(unwrap_model(model), pseudo_threshold, weight_reduction)
         self.model.eval()
 
     def _prepare(self) -> None:
         self.model.eval()
 
-    def train(self, mode: bool = True) -> 'FrozenTeacher':
+    def train(self, mode: bool = True) -> FrozenTeacher:
         """Keep the teacher in eval mode whatever the caller asks."""
         self.training = mode
         self.model.eval()
