@@ -38,11 +38,9 @@ import numpy as np
 import torch
 
 from uda.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from uda.data.layouts import ACDC_CONDITIONS
 
 __all__ = ["ACDC_CONDITIONS", "ConfusionMatrix", "SegMetrics", "ConditionTable", "PerConditionMetrics"]
-
-#: ACDC's four adverse conditions, in the dataset's folder order.
-ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 ArrayLike = torch.Tensor | np.ndarray
 

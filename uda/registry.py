@@ -443,8 +443,12 @@ def version_model_id(mv: ModelVersion) -> str | None:
     if getattr(mv, "model_id", None):
         return mv.model_id
     # Versions registered from a logged model's URI keep it as their source.
-    source = str(mv.source or "")
-    return source[len("models:/") :].split("/")[0] if source.startswith("models:/m-") else None
+    return logged_model_id(str(mv.source or ""))
+
+
+def logged_model_id(uri: str) -> str | None:
+    """``m-…`` of a logged-model URI (``models:/m-…[/path]``); None for any other URI."""
+    return uri[len("models:/") :].split("/", 1)[0] if uri.startswith("models:/m-") else None
 
 
 def _logged_model(model_id: str) -> Any:
@@ -719,8 +723,8 @@ def _model_source(model: ModelInfo | str) -> tuple[str, str, str | None]:
     if model.startswith("runs:/"):
         parts = model[len("runs:/") :].split("/", 1)
         return model, parts[0], None
-    if model.startswith("models:/m-"):
-        model_id = model[len("models:/") :].split("/", 1)[0]
+    model_id = logged_model_id(model)
+    if model_id is not None:
         logged = _client().get_logged_model(model_id)
         return model, logged.source_run_id, model_id
     raise ValueError(

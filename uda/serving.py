@@ -96,6 +96,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, UnidentifiedImageError
 
 from uda.data.labels import colorize
+from uda.data.pipelines import IMG_MEAN, IMG_STD
 
 __all__ = [
     "SegmentationModel",
@@ -164,9 +165,9 @@ DEVICE_ENV = "UDA_SERVING_DEVICE"
 #: ``predict`` from Python): no deadline.
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 
-# ImageNet mean/std on 0-255 RGB: the img_norm_cfg of MIC/mmseg pipelines.
-_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
-_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+# ImageNet mean/std on 0-255 RGB: the img_norm_cfg of MIC/mmseg pipelines (one owner).
+_MEAN = np.array(IMG_MEAN, dtype=np.float32)
+_STD = np.array(IMG_STD, dtype=np.float32)
 _DATA_URL_MARK = ";base64,"
 # The model stops this long before the server's timeout (at most 1 s, 10 %
 # of it), so that the client gets this module's 504 message, which says
