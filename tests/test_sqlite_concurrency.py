@@ -73,3 +73,54 @@ def test_a_store_locked_too_long_is_one_error_naming_the_server_setup(tracking_u
     assert "is locked" in errors[0] and "tracking server on PostgreSQL" in errors[0]
     assert "tools/team_services.py" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+_LOG_DATASETS = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import mlflow
+from uda import tracking
+mlflow.set_tracking_uri(sys.argv[2])
+mlflow.set_experiment("datasets-race")
+start = float(sys.argv[3])
+with mlflow.start_run():
+    for k in range(int(sys.argv[5])):  # all processes log dataset k at the same instant
+        while time.time() < start + 0.4 * k:
+            time.sleep(0.0005)
+        tracking.log_dataset_inputs({f"cityscapes/part{k}": sys.argv[4]})
+"""
+
+
+def test_runs_logging_the_same_new_datasets_at_once_all_succeed(tmp_path):
+    """main's teacher and source-only baseline log the same datasets at the same moment:
+    the store's insert of a new dataset races on its unique key (seen in CI as
+    "UNIQUE constraint failed: datasets..." from one of the two)."""
+    import time
+
+    from conftest import PROJECT_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("datasets-race", artifact_location=(tmp_path / "mlruns").as_uri())
+    folder = tmp_path / "data"
+    folder.mkdir()
+    start = time.time() + 8  # both processes imported and inside their runs by then
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOG_DATASETS, str(PROJECT_ROOT), uri, str(start), str(folder), "12"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in processes]
+    for process, (_, err) in zip(processes, outcomes):
+        assert process.returncode == 0, err[-3000:]
+    experiment = client.get_experiment_by_name("datasets-race")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4
+    for run in runs:
+        assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == sorted(
+            f"cityscapes/part{k}" for k in range(12)
+        )

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import subprocess
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -215,7 +216,30 @@ def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training
             # MLflow registers the local-folder source twice and warns that the path is ambiguous.
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(Path(root).resolve()))
-        mlflow.log_input(MetaDataset(source=source, name=name), context=context)
+        _log_input_once(MetaDataset(source=source, name=name), context)
+
+
+def _log_input_once(dataset: Any, context: str, attempts: int = 5) -> None:
+    """``mlflow.log_input``, safe when two runs log the same dataset at once.
+
+    The tracking store inserts a dataset it has not seen yet; two runs doing so
+    together (``main``'s teacher and source-only baseline, a team's runs on one
+    experiment) make the second insert fail on the unique (experiment, name,
+    digest) key, in SQLite as in PostgreSQL. The dataset then exists, and the
+    same call links it to the run.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as err:
+            text = str(err)
+            raced = "UNIQUE constraint failed: datasets" in text or (
+                "duplicate key" in text and "datasets" in text
+            )
+            if not raced or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_dataset_summary(summary, source_root: str | Path, target_root: str | Path) -> None:
