@@ -12,30 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, pipeline, pipeline_summary, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
 from uda.data.summary import summarize  # noqa: E402
-from uda.registry import SOURCE_ONLY_MODEL_NAME, STUDENT_MODEL_NAME, TEACHER_MODEL_NAME  # noqa: E402
+from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
 from uda.soup.promotion import superseded_note  # noqa: E402
-
-
-def _registered_as(steps) -> dict:
-    """``label → "model vN"`` of the version each row of the table stands for."""
-    names = {
-        "source_only": SOURCE_ONLY_MODEL_NAME,
-        "teacher": TEACHER_MODEL_NAME,
-        "distill": STUDENT_MODEL_NAME,
-        "evaluate": STUDENT_MODEL_NAME,
-    }
-    versions = {
-        "source_only": _last(steps["source_only"], SOURCE_ONLY_MODEL_NAME),
-        "teacher": steps["teacher"].version,
-        "distill": steps["distill"].version,
-        "evaluate": steps["soup"].version,
-    }
-    return {k: f"{names[k]} v{v}" for k, v in versions.items() if v}
-
-
-def _last(step, model_name):
-    versions = pipeline.registered_versions(model_name, step.run_id)
-    return str(versions[-1].version) if versions else None
 
 
 def main(argv=None) -> int:
@@ -74,9 +52,9 @@ def main(argv=None) -> int:
             threads=args.threads,
             iterations=int(cfg["runner"]["max_iters"]),
         )
-        summary = pipeline_summary.summarize_pipeline(steps, _registered_as(steps))
-        story = pipeline_summary.format_summary(summary, steps["soup"].version, STUDENT_MODEL_NAME)
-        pipeline_summary.log_summary(summary, story)
+        method = pipeline_summary.summarize_pipeline(steps, pipeline_summary.registered_as(steps))
+        story = pipeline_summary.format_summary(method, steps["soup"].version, STUDENT_MODEL_NAME)
+        pipeline_summary.log_summary(method, story)
     for step in steps.values():
         print(
             f"  {step.entry_point:11s} run {step.run_id}  "

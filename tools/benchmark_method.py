@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uda.data.layouts import ACDC_CONDITIONS  # noqa: E402
+from uda.pipeline_summary import last_miou  # noqa: E402
 
 EXPERIMENT = "method-benchmark"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -84,21 +85,10 @@ def _mlflow_run(store_uri: str, entry_point: str, params: dict[str, str]) -> Non
     print(f"[benchmark] {entry_point} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def _last(client: Any, run_id: str, name: str) -> float:
-    history = client.get_metric_history(run_id, name)
-    return max(history, key=lambda m: (m.step, m.timestamp)).value if history else math.nan
-
-
 def _val(client: Any, run_id: str, prefix: str) -> dict[str, float]:
-    """Target-val mIoU (points) overall (``all``) and per condition of a run."""
-    values = {"all": 100 * _last(client, run_id, f"{prefix}mIoU")}
-    values.update({c: 100 * _last(client, run_id, f"{prefix}mIoU.{c}") for c in ACDC_CONDITIONS})
-    return values
-
-
-def _children(client: Any, experiment_id: str, parent: str) -> dict[str, Any]:
-    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    return {r.info.run_name.split(" · ")[0]: r for r in runs}
+    """Target-val mIoU (points) overall (``all``) and per condition: the run's last validation."""
+    values = last_miou(client, run_id, prefix)
+    return {key: 100 * values.get(key, math.nan) for key in ("all", *ACDC_CONDITIONS)}
 
 
 def _newest(client: Any, experiment_id: str, filter_string: str) -> Any:

@@ -253,6 +253,8 @@ def run_pipeline(
     steps.update(wait_all([pending_teacher, pending_baseline]))
     teacher = _last_version(TEACHER_MODEL, steps["teacher"])
     steps["teacher"].version = str(teacher.version)
+    baseline = registered_versions(SOURCE_ONLY_MODEL, steps["source_only"].run_id)
+    steps["source_only"].version = str(baseline[-1].version) if baseline else None
     steps["distill"] = run_step(
         "distill",
         {**common, **roots, "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},

@@ -28,7 +28,15 @@ import mlflow
 
 from uda.data.layouts import ACDC_CONDITIONS
 
-__all__ = ["MethodRow", "MethodSummary", "summarize_pipeline", "log_summary", "format_summary"]
+__all__ = [
+    "MethodRow",
+    "MethodSummary",
+    "last_miou",
+    "registered_as",
+    "summarize_pipeline",
+    "log_summary",
+    "format_summary",
+]
 
 #: The rows, in the order of the story, with the run metric prefix that holds each one's score.
 _ROWS = (
@@ -64,20 +72,33 @@ class MethodSummary:
         return next((r for r in self.rows if r.key == key), None)
 
 
-def _last_values(client: Any, run_id: str, prefix: str) -> dict[str, float]:
-    """``metric → value at its highest step`` for the run's metrics under ``prefix``."""
-    run = client.get_run(run_id)
-    names = [
-        k
-        for k in run.data.metrics
-        if k == f"{prefix}mIoU" or k in {f"{prefix}mIoU.{c}" for c in ACDC_CONDITIONS}
-    ]
+def last_miou(client: Any, run_id: str, prefix: str) -> dict[str, float]:
+    """A run's last validation: ``{"all": mIoU, <condition>: mIoU, …}`` (fractions), each
+    metric ``<prefix>mIoU[.<condition>]`` at its highest step; missing ones are left out."""
     values = {}
-    for name in names:
+    for key, name in [("all", f"{prefix}mIoU")] + [(c, f"{prefix}mIoU.{c}") for c in ACDC_CONDITIONS]:
         history = client.get_metric_history(run_id, name)
         if history:
-            values[name] = max(history, key=lambda m: (m.step, m.timestamp)).value
+            values[key] = max(history, key=lambda m: (m.step, m.timestamp)).value
     return values
+
+
+def registered_as(steps: Mapping[str, Any]) -> dict[str, str]:
+    """``row → "model vN"``: the registered version each row of the table stands for."""
+    from uda.registry import SOURCE_ONLY_MODEL_NAME, STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+
+    rows = {
+        "source_only": (SOURCE_ONLY_MODEL_NAME, "source_only"),
+        "teacher": (TEACHER_MODEL_NAME, "teacher"),
+        "distill": (STUDENT_MODEL_NAME, "distill"),
+        "evaluate": (STUDENT_MODEL_NAME, "soup"),
+    }
+    shown = {}
+    for row, (name, step) in rows.items():
+        version = getattr(steps.get(step), "version", None)
+        if version:
+            shown[row] = f"{name} v{version}"
+    return shown
 
 
 def summarize_pipeline(
@@ -97,15 +118,15 @@ def summarize_pipeline(
         step = steps.get(key)
         if step is None:
             continue
-        values = _last_values(client, step.run_id, prefix)
+        values = last_miou(client, step.run_id, prefix)
         rows.append(
             MethodRow(
                 key,
                 label,
                 step.run_id,
                 models.get(key, ""),
-                values.get(f"{prefix}mIoU", math.nan),
-                {c: values[f"{prefix}mIoU.{c}"] for c in ACDC_CONDITIONS if f"{prefix}mIoU.{c}" in values},
+                values.get("all", math.nan),
+                {c: values[c] for c in ACDC_CONDITIONS if c in values},
             )
         )
     summary = MethodSummary(rows)
