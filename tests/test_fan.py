@@ -35,15 +35,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from uda.models.builder import build_backbone
+from uda.models.checkpoint import CheckpointMismatchError, load_checkpoint
 from uda.models.checkpoint_files import CheckpointError
-from uda.models.fan import (
-    FAN,
-    FAN_VARIANTS,
-    PositionalEncodingFourier,
-    checkpoint_filter_fn,
-    create_fan,
-    load_pretrained,
-)
+from uda.models.fan import FAN, FAN_VARIANTS, PositionalEncodingFourier, checkpoint_filter_fn, create_fan
 
 DATA = Path(__file__).parent / "data"
 FULL_VARIANTS = [
@@ -306,10 +301,10 @@ def test_fan_large_imagenet_keys_load_key_for_key(imagenet_keys, caplog):
     with torch.device("meta"):
         model = create_fan("fan_large_16_p4_hybrid")
     with caplog.at_level(logging.INFO, logger="uda.models.fan"):
-        report = load_pretrained(model, checkpoint)
-    assert report.unused == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
-    assert report.missing == []
-    assert sorted(report.loaded) == sorted(model.state_dict())
+        loaded = checkpoint_filter_fn(checkpoint, model)
+    unused = sorted(k for k, _ in file_keys if k not in loaded)
+    assert unused == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert sorted(loaded) == sorted(model.state_dict())  # nothing missing
     assert "head.weight" in caplog.text and "classifier-only" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -326,7 +321,7 @@ def test_imagenet_file_roundtrip(tmp_path, wrapper):
     path = tmp_path / "fan_hybrid_nano_in1k.pth.tar"
     torch.save(payload, path)
     torch.manual_seed(123)  # different init, so equality below proves loading
-    model = create_fan("fan_nano_p4_hybrid", pretrained=str(path))
+    model = build_backbone("fan_nano_p4_hybrid", pretrained=str(path))
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
 
@@ -353,29 +348,29 @@ def test_filter_fn_reports_unused_and_splits_fused_qkv(caplog):
 def test_wrong_variant_checkpoint_is_rejected():
     with torch.device("meta"):
         tiny = create_fan("fan_tiny_8_p4_hybrid")
-    with pytest.raises(ValueError, match="another size"):
-        load_pretrained(_nano(), {k: torch.zeros(v.shape) for k, v in tiny.state_dict().items()})
+    with pytest.raises(CheckpointMismatchError, match="another size"):
+        load_checkpoint(_nano(), {k: torch.zeros(v.shape) for k, v in tiny.state_dict().items()})
 
 
 def test_missing_keys_raise_unless_not_strict():
     model = _nano()
     partial_weights = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
-    with pytest.raises(ValueError, match="lacks"):
-        load_pretrained(model, partial_weights)
-    report = load_pretrained(model, partial_weights, strict=False)
+    with pytest.raises(CheckpointMismatchError, match="missing keys, e.g. blocks.1."):
+        load_checkpoint(model, partial_weights)
+    report = load_checkpoint(model, partial_weights, strict=False)
     assert report.missing and all(k.startswith("blocks.1.") for k in report.missing)
 
 
 def test_non_fan_checkpoint_is_rejected():
-    with pytest.raises(ValueError, match="no key of a FAN"):
-        load_pretrained(_nano(), {"backbone.layer1.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match="no key of a FAN"):
+        load_checkpoint(_nano(), {"layer1.weight": torch.zeros(1)})
 
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        create_fan("fan_nano_p4_hybrid", pretrained=str(tmp_path / "absent.pth.tar"))
+        load_checkpoint(_nano(), tmp_path / "absent.pth.tar")
     corrupt = tmp_path / "corrupt.pth.tar"
     corrupt.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: it is a text file") as error:
-        create_fan("fan_nano_p4_hybrid", pretrained=str(corrupt))
+        load_checkpoint(_nano(), corrupt)
     assert "\n" not in str(error.value)  # one sentence, not torch's weights_only essay

@@ -32,6 +32,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from uda.models.builder import build_backbone
+from uda.models.checkpoint import CheckpointMismatchError, load_checkpoint
 from uda.models.checkpoint_files import CheckpointError
 from uda.models.mit import MIT_VARIANTS, MixVisionTransformer, checkpoint_filter_fn, create_mit
 
@@ -270,22 +272,22 @@ def test_pretrained_loads_through_filter(tmp_path: Path, caplog, wrap: str | Non
     path = tmp_path / "mit_nano.pth"
     torch.save(state if wrap is None else {wrap: state}, path)
     with caplog.at_level(logging.WARNING, logger="uda.models.mit"):
-        model = create_mit("mit_nano", pretrained=str(path))
+        model = build_backbone("mit_nano", pretrained=str(path))
     assert "head.weight" in caplog.text
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
 
 
 def test_pretrained_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="pretrained=None"):
-        create_mit("mit_nano", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="model.pretrained=null"):
+        build_backbone("mit_nano", pretrained=str(tmp_path / "missing.pth"))
     partial_state = dict(list(create_mit("mit_nano").state_dict().items())[:5])
     path = tmp_path / "partial.pth"
     torch.save(partial_state, path)
-    with pytest.raises(ValueError, match="lacks"):
-        create_mit("mit_nano", pretrained=str(path))
+    with pytest.raises(CheckpointMismatchError, match="missing keys"):
+        load_checkpoint(create_mit("mit_nano"), path)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint: it is a text file") as error:
-        create_mit("mit_nano", pretrained=str(corrupt))
+        load_checkpoint(create_mit("mit_nano"), corrupt)
     assert "\n" not in str(error.value)  # one sentence, not torch's weights_only essay

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass
 from functools import partial
 from collections.abc import Callable, Mapping
 
@@ -57,13 +55,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models.convnext import ConvNeXtStage
 
-from .checkpoint_files import read_checkpoint
 from .recompute import checkpointed
 
 __all__ = [
     "FAN",
     "FAN_VARIANTS",
-    "PretrainedLoadReport",
     "checkpoint_filter_fn",
     "create_fan",
     "fan_base_16_p4_hybrid",
@@ -71,7 +67,6 @@ __all__ = [
     "fan_nano_p4_hybrid",
     "fan_small_12_p4_hybrid",
     "fan_tiny_8_p4_hybrid",
-    "load_pretrained",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -658,38 +653,35 @@ class FAN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _create(pretrained: str | None, **kwargs) -> FAN:
-    model = FAN(**kwargs)
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
-    return model
+def _create(**kwargs) -> FAN:
+    return FAN(**kwargs)
 
 
-def fan_tiny_8_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
+def fan_tiny_8_p4_hybrid(**kwargs) -> FAN:
     """FAN-T hybrid: 8 blocks of width 192; maps [128, 256, 192, 192]."""
     cfg = dict(conv_depths=(3, 3), conv_dims=(128, 256), embed_dim=192, depth=8, num_heads=8, out_index=7)
-    return _create(pretrained, **{**cfg, **kwargs})
+    return _create(**{**cfg, **kwargs})
 
 
-def fan_small_12_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
+def fan_small_12_p4_hybrid(**kwargs) -> FAN:
     """FAN-S hybrid: 10 blocks of width 384; maps [128, 256, 384, 384]."""
     cfg = dict(conv_depths=(3, 3), conv_dims=(128, 256), embed_dim=384, depth=10, num_heads=8, out_index=9)
-    return _create(pretrained, **{**cfg, **kwargs})
+    return _create(**{**cfg, **kwargs})
 
 
-def fan_base_16_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
+def fan_base_16_p4_hybrid(**kwargs) -> FAN:
     """FAN-B hybrid: 16 blocks of width 448; maps [128, 256, 448, 448]."""
     cfg = dict(conv_depths=(3, 3), conv_dims=(128, 256), embed_dim=448, depth=16, num_heads=8, out_index=15)
-    return _create(pretrained, **{**cfg, **kwargs})
+    return _create(**{**cfg, **kwargs})
 
 
-def fan_large_16_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
+def fan_large_16_p4_hybrid(**kwargs) -> FAN:
     """FAN-L hybrid: 22 blocks of width 480, map 3 from block 18; maps [128, 256, 480, 480]."""
     cfg = dict(conv_depths=(3, 5), conv_dims=(128, 256), embed_dim=480, depth=22, num_heads=10, out_index=18)
-    return _create(pretrained, **{**cfg, **kwargs})
+    return _create(**{**cfg, **kwargs})
 
 
-def fan_nano_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
+def fan_nano_p4_hybrid(**kwargs) -> FAN:
     """Tiny CPU preset for the embedded default (not in the paper): maps [32, 64, 64, 64]."""
     cfg = dict(
         conv_depths=(1, 1),
@@ -701,7 +693,7 @@ def fan_nano_p4_hybrid(pretrained: str | None = None, **kwargs) -> FAN:
         cls_attn_layers=1,
         mlp_ratio=2.0,
     )
-    return _create(pretrained, **{**cfg, **kwargs})
+    return _create(**{**cfg, **kwargs})
 
 
 FAN_VARIANTS: dict[str, Callable[..., FAN]] = {
@@ -713,44 +705,29 @@ FAN_VARIANTS: dict[str, Callable[..., FAN]] = {
 }
 
 
-def create_fan(name: str, pretrained: str | None = None, drop_path_rate: float = 0.0, **kwargs) -> FAN:
-    """Builds a FAN hybrid backbone by preset name.
+def create_fan(name: str, drop_path_rate: float = 0.0, **kwargs) -> FAN:
+    """Builds a FAN hybrid backbone by preset name, randomly initialised.
+
+    ImageNet weights are loaded by :func:`uda.models.checkpoint.load_checkpoint` (through
+    :func:`checkpoint_filter_fn`), the one loader of every checkpoint format.
 
     Args:
         name: One of ``FAN_VARIANTS`` (MIC vocabulary, e.g. ``fan_large_16_p4_hybrid``).
-        pretrained: Optional path of an NVlabs ImageNet checkpoint (``.pth.tar``) to load.
         drop_path_rate: Stochastic depth rate of every FAN block (the reference segmentation
             configs use 0).
         **kwargs: Further ``FAN`` arguments overriding the preset (e.g. ``use_checkpoint``).
 
     Raises:
-        ValueError: Unknown ``name``, or a checkpoint that does not fit the preset.
-        FileNotFoundError: ``pretrained`` does not exist.
+        ValueError: Unknown ``name``.
     """
     if name not in FAN_VARIANTS:
         raise ValueError(f"unknown FAN variant {name!r}; valid variants: {', '.join(sorted(FAN_VARIANTS))}")
-    return FAN_VARIANTS[name](pretrained=pretrained, drop_path_rate=drop_path_rate, **kwargs)
+    return FAN_VARIANTS[name](drop_path_rate=drop_path_rate, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
 # NVlabs ImageNet checkpoints
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PretrainedLoadReport:
-    """What loading a checkpoint into a FAN backbone did.
-
-    Attributes:
-        loaded: Model keys set from the file.
-        unused: File keys the backbone has no place for (normally the classifier's
-            ``norm.*`` and ``head.*``).
-        missing: Model keys the file did not provide.
-    """
-
-    loaded: list[str]
-    unused: list[str]
-    missing: list[str]
 
 
 def _unwrap(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
@@ -840,46 +817,3 @@ def _report_unused(unused: list[str]) -> None:
         )
     if unknown:
         _logger.warning("FAN checkpoint: %d unknown keys unused by the backbone: %s", len(unknown), unknown)
-
-
-def _read_checkpoint(path: str | os.PathLike) -> Mapping:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"FAN checkpoint {os.fspath(path)!r} not found; pass the path of an NVlabs ImageNet file "
-            "such as fan_hybrid_large_in22k_1k.pth.tar"
-        )
-    # One sentence for a damaged file; timm's pickled argparse.Namespace of training
-    # arguments is allowed there.
-    return read_checkpoint(path)
-
-
-def load_pretrained(
-    model: FAN, checkpoint: str | os.PathLike | Mapping, strict: bool = True
-) -> PretrainedLoadReport:
-    """Loads an NVlabs FAN ImageNet checkpoint (path or loaded dict) into ``model``.
-
-    Args:
-        model: Target backbone.
-        checkpoint: File path, or an already loaded checkpoint mapping.
-        strict: Raise if the file leaves any backbone key unset.
-
-    Returns:
-        A report of loaded, unused and missing keys (unused keys are also logged).
-
-    Raises:
-        FileNotFoundError: The path does not exist.
-        ValueError: Unreadable file, wrong variant, or (``strict``) missing backbone keys.
-    """
-    state_dict = checkpoint if isinstance(checkpoint, Mapping) else _read_checkpoint(checkpoint)
-    used, unused = _split_checkpoint(state_dict, model)
-    missing = [k for k in model.state_dict() if k not in used]
-    if strict and missing:
-        raise ValueError(
-            f"FAN checkpoint lacks {len(missing)} backbone keys, e.g. {missing[:5]}; "
-            "pass strict=False to load it partially"
-        )
-    model.load_state_dict(used, strict=False)
-    _report_unused(unused)
-    if missing:
-        _logger.warning("FAN checkpoint: %d backbone keys missing, left at init: %s", len(missing), missing)
-    return PretrainedLoadReport(loaded=sorted(used), unused=sorted(unused), missing=missing)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 
@@ -37,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 
-from .checkpoint_files import read_checkpoint
 from .recompute import checkpointed
 
 __all__ = [
@@ -516,32 +514,6 @@ def _summarise_keys(keys: Sequence[str], limit: int = 10) -> str:
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _load_pretrained(model: MixVisionTransformer, path: str) -> None:
-    """Load ImageNet (or backbone) weights into ``model``, strictly."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"MiT pretrained weights not found: {path!r}. Download "
-            f"SegFormer's ImageNet file (e.g. mit_b5.pth) or pass "
-            f"pretrained=None."
-        )
-    checkpoint = read_checkpoint(path)  # one sentence for a damaged file
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"MiT checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict.")
-    for container in ("state_dict", "model"):
-        if container in checkpoint and isinstance(checkpoint[container], Mapping):
-            checkpoint = checkpoint[container]
-            break
-    state_dict = checkpoint_filter_fn(checkpoint, model)
-    missing = [k for k in model.state_dict() if k not in state_dict]
-    if missing:
-        raise ValueError(
-            f"MiT checkpoint {path!r} lacks {len(missing)} encoder weights "
-            f"({_summarise_keys(missing)}); is it a MiT checkpoint?"
-        )
-    model.load_state_dict(state_dict, strict=True)
-    _logger.info("Loaded MiT weights from %s (%d tensors).", path, len(state_dict))
-
-
 # Architecture of each variant (SegFormer Table 6 / MIC presets). All use
 # qkv_bias=True and LayerNorm eps 1e-6 in blocks, mlp ratio 4, sr 8/4/2/1.
 _MIT_ARCHS: dict[str, dict] = {
@@ -556,17 +528,14 @@ _MIT_ARCHS: dict[str, dict] = {
 }
 
 
-def _create(name: str, pretrained: str | None = None, **kwargs) -> MixVisionTransformer:
+def _create(name: str, **kwargs) -> MixVisionTransformer:
     arch = dict(_MIT_ARCHS[name], mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1], qkv_bias=True)
     clash = sorted(set(arch) & set(kwargs))
     if clash:
         raise ValueError(
             f"{name} fixes {clash}; build MixVisionTransformer directly for a custom architecture."
         )
-    model = MixVisionTransformer(**arch, **kwargs)
-    if pretrained is not None:
-        _load_pretrained(model, pretrained)
-    return model
+    return MixVisionTransformer(**arch, **kwargs)
 
 
 def mit_nano(**kwargs) -> MixVisionTransformer:
@@ -616,15 +585,16 @@ MIT_VARIANTS: dict[str, Callable[..., MixVisionTransformer]] = {
 
 
 def create_mit(name: str, **kwargs) -> MixVisionTransformer:
-    """Build a MiT variant by name.
+    """Build a MiT variant by name, randomly initialised.
+
+    SegFormer's ImageNet weights are loaded by :func:`uda.models.checkpoint.load_checkpoint`
+    (through :func:`checkpoint_filter_fn`), the one loader of every checkpoint format.
 
     Args:
         name: One of :data:`MIT_VARIANTS` (``mit_nano``, ``mit_b0`` ...
             ``mit_b5``).
         **kwargs: Passed to :class:`MixVisionTransformer` (e.g.
-            ``drop_path_rate=0.1``, ``fused_attn``), plus ``pretrained``: a
-            path to SegFormer ImageNet weights (``mit_b5.pth``) or a
-            backbone state dict, loaded through :func:`checkpoint_filter_fn`.
+            ``drop_path_rate=0.1``, ``fused_attn``).
 
     Returns:
         The encoder.
