@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from uda.models import HRDASegmentor, ModelConfigError, build_segmentor, count_parameters, normalize_model_cfg
-from uda.models.hrda import get_crop_bbox, slide_windows
+from uda.models.windows import get_crop_bbox, slide_windows
 from uda.models.losses import cross_entropy_loss
 
 NUM_CLASSES = 5

@@ -402,7 +402,7 @@ def test_odd_sized_image_gives_a_label_map_of_its_size(served, segmentor):
 
 
 def test_serving_runs_the_segmentors_bounded_slide_loop(served, segmentor, monkeypatch):
-    from uda.models.hrda import default_windows_per_batch
+    from uda.models.windows import default_windows_per_batch
 
     # The served model got the CPU default bound at load; the preset's
     # model (and its config) did not change.

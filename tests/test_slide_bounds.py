@@ -18,13 +18,8 @@ import torch.nn.functional as F
 
 from uda.config import load_config
 from uda.models import build_segmentor
-from uda.models.hrda import (
-    CPU_PASS_PIXELS,
-    HRDASegmentor,
-    bounded_slide,
-    default_windows_per_batch,
-    slide_windows,
-)
+from uda.models.hrda import HRDASegmentor, bounded_slide
+from uda.models.windows import CPU_PASS_PIXELS, default_windows_per_batch, slide_windows
 
 NUM_CLASSES = 5
 # Relative/absolute tolerance for "same logits up to batch-size effects".

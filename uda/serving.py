@@ -43,7 +43,7 @@ Bounded cost per request:
   overlapping window logits are averaged in a strip one window high that is
   turned into label-map rows as soon as no later window covers them. The
   model's ``test_cfg.max_windows_per_batch`` is set at load to its device
-  default (:func:`uda.models.hrda.default_windows_per_batch`: on CPU at
+  default (:func:`uda.models.windows.default_windows_per_batch`: on CPU at
   most 2**18 input pixels per backbone pass, so the 9 detail windows of a
   full-recipe window run one per pass; on CUDA unbounded) unless its config
   sets one. So a request costs one batch of windows plus about 4 bytes per
@@ -487,7 +487,7 @@ class _StripStitcher:
     """Averages overlapping window logits into a label map, one strip of
     window height at a time.
 
-    Windows arrive in :func:`uda.models.hrda.slide_windows` order (row-major,
+    Windows arrive in :func:`uda.models.windows.slide_windows` order (row-major,
     rows top-down), so when a window starts lower than the strip's top row,
     the rows above it are final: they are averaged, argmax'ed into the
     uint8 label map and dropped. Sums are added in window order from zero,
@@ -620,7 +620,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         ``test_cfg.batched_slide`` is off. The segmentor's window loop
         (:meth:`~uda.models.hrda.HRDASegmentor.slide_batches`) caps it
         further at the model's ``test_cfg.max_windows_per_batch``."""
-        from uda.models.hrda import windows_for_pixels
+        from uda.models.windows import windows_for_pixels
 
         if not self._segmentor().test_cfg.get("batched_slide", False):
             return 1

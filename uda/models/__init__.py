@@ -11,7 +11,8 @@ from .checkpoint_files import CheckpointError, read_checkpoint
 from .model_cfg import DEFAULT_MODEL_CFG, ModelConfigError, backbone_names, normalize_model_cfg
 from .checkpoint import FORMAT_TAG
 from .daformer_head import DAFormerHead
-from .hrda import HRDAHead, HRDASegmentor
+from .hrda import HRDASegmentor
+from .hrda_head import HRDAHead
 from .losses import cross_entropy_loss, get_loss, logit_constraint_loss
 
 __all__ = [

@@ -31,10 +31,15 @@ Bounded memory: ``test_cfg.max_windows_per_batch`` (null: MIC's behaviour,
 every slide window and every detail window of an image in one forward pass)
 caps the images of one backbone pass: slide windows per forward, and detail
 windows per backbone + head pass. The logits are the same up to float
-batch-size effects. :func:`default_windows_per_batch` is the bound the
+batch-size effects. :func:`~uda.models.windows.default_windows_per_batch` is the bound the
 evaluate and serving paths pick for a device (CPU: a small one; CUDA: none),
 applied with :func:`bounded_slide` or
 :meth:`HRDASegmentor.limit_windows_per_batch` without changing the preset.
+
+Files: the decode head is :mod:`uda.models.hrda_head`, the crop and window geometry
+:mod:`uda.models.windows`. This module is MIC's ``HRDAEncoderDecoder`` alone; it stays
+one file (~540 lines) because training forward and both inference modes share the
+window-batching state of one segmentor.
 """
 
 from __future__ import annotations
@@ -45,26 +50,23 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .daformer_head import DAFormerHead
+from .hrda_head import HRDAHead
 from .losses import IGNORE_INDEX, get_loss, pixel_accuracy
+from .windows import (
+    Box,
+    WindowSums,
+    check_windows_per_batch,
+    crop,
+    default_windows_per_batch,
+    get_crop_bbox,
+    resize_by,
+    resize_to,
+    slide_windows,
+)
 
-__all__ = [
-    "HRDAHead",
-    "HRDASegmentor",
-    "get_crop_bbox",
-    "crop",
-    "slide_windows",
-    "DEFAULT_TEST_CFG",
-    "CPU_PASS_PIXELS",
-    "windows_for_pixels",
-    "check_windows_per_batch",
-    "default_windows_per_batch",
-    "bounded_slide",
-]
+__all__ = ["HRDASegmentor", "DEFAULT_TEST_CFG", "bounded_slide"]
 
-Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), like MIC
 Features = list[torch.Tensor]
 
 #: MIC's HRDA test configuration (gtaHR2csHR_mic_hrda.py).
@@ -78,53 +80,8 @@ DEFAULT_TEST_CFG: dict[str, Any] = {
     "max_windows_per_batch": None,
 }
 
-#: Input pixels per backbone pass that :func:`default_windows_per_batch`
-#: allows off-GPU: one 512x512 image, i.e. one window of the full recipe
-#: (a 1024x1024 window at the context scale 0.5, or one 512x512 detail
-#: window; ~0.4 GB of activations for FAN-L), 64 of the default preset's
-#: (64x64 each). Never less than one window.
-CPU_PASS_PIXELS = 2**18
-
 # "Use test_cfg.max_windows_per_batch" (None already means "no bound").
 _FROM_CFG: Any = object()
-
-
-def windows_for_pixels(pixel_budget: int, window_pixels: int) -> int:
-    """Windows of ``window_pixels`` that fit in ``pixel_budget`` (>= 1)."""
-    return max(1, int(pixel_budget) // max(int(window_pixels), 1))
-
-
-def check_windows_per_batch(value: Any, key: str = "test_cfg.max_windows_per_batch") -> int | None:
-    """``value`` if it is a positive int or None, else a ``ValueError``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{key} must be a positive integer or null (null: "
-            f"every window in one batch, as MIC), got "
-            f"{value!r}."
-        )
-    return int(value)
-
-
-def default_windows_per_batch(
-    device: str | torch.device | None, image_pixels: int | None = None
-) -> int | None:
-    """The ``max_windows_per_batch`` to run inference with on ``device``.
-
-    CUDA: None (MIC's one batch; a 1920x1080 frame of the full recipe fits a
-    32 GB GPU). Any other device (CPU): as many images of ``image_pixels``
-    (the largest input of one backbone pass, see
-    :meth:`HRDASegmentor.device_windows_per_batch`) as fit in
-    :data:`CPU_PASS_PIXELS`: 1 for the full recipe, 64 for the default
-    preset; 1 without ``image_pixels``. All at once costs ~20 GB of RAM per
-    1920x1080 frame of the full recipe.
-    """
-    if device is not None and torch.device(device).type == "cuda":
-        return None
-    if image_pixels is None:
-        return 1
-    return windows_for_pixels(CPU_PASS_PIXELS, image_pixels)
 
 
 @contextlib.contextmanager
@@ -146,252 +103,6 @@ def bounded_slide(model: nn.Module, device: str | torch.device | None) -> Iterat
     bound = model.device_windows_per_batch(device)
     with model.limit_windows_per_batch(bound):
         yield bound
-
-
-def resize_by(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Bilinear resize by a scale factor (``align_corners=False``), like
-    mmseg's ``resize(..., scale_factor=s)``; identity for ``scale == 1``."""
-    if scale == 1:
-        return x
-    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-
-
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize to ``size`` (``align_corners=False``)."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def get_crop_bbox(
-    img_h: int,
-    img_w: int,
-    crop_size: Sequence[int],
-    divisible: int = 1,
-    generator: torch.Generator | None = None,
-) -> Box:
-    """Random crop box whose corner is a multiple of ``divisible``.
-
-    Same distribution as MIC's ``get_crop_bbox``: the offset is
-    ``randint(0, (margin + 1) // divisible) * divisible`` (upper bound
-    exclusive), so the crop always lies inside the image.
-
-    Args:
-        img_h: Image height.
-        img_w: Image width.
-        crop_size: ``(h, w)`` of the crop; larger than the image means the
-            crop is clipped to it.
-        divisible: Corner coordinates are multiples of this.
-        generator: Optional torch RNG for reproducible crops.
-
-    Returns:
-        ``(y1, y2, x1, x2)``.
-    """
-    crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
-    if crop_h <= 0 or crop_w <= 0:
-        raise ValueError(f"crop_size must be positive, got {crop_size}.")
-    if img_h == crop_h and img_w == crop_w:
-        return 0, img_h, 0, img_w
-
-    def offset(margin: int) -> int:
-        choices = max((margin + 1) // divisible, 1)
-        return int(torch.randint(0, choices, (1,), generator=generator)) * divisible
-
-    off_h = offset(max(img_h - crop_h, 0))
-    off_w = offset(max(img_w - crop_w, 0))
-    return off_h, off_h + crop_h, off_w, off_w + crop_w
-
-
-def crop(x: torch.Tensor, box: Box) -> torch.Tensor:
-    """Crop the last two dimensions of ``x`` to ``box = (y1, y2, x1, x2)``."""
-    y1, y2, x1, x2 = box
-    return x[..., y1:y2, x1:x2]
-
-
-def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[Box]:
-    """Overlapping windows covering an image, as mmseg's ``slide_inference``.
-
-    The last window in each direction is shifted back to end at the border;
-    windows larger than the image are clipped to it.
-
-    Args:
-        height: Image height.
-        width: Image width.
-        crop_size: Window ``(h, w)``.
-        stride: Step ``(h, w)`` between window corners.
-
-    Returns:
-        ``(y1, y2, x1, x2)`` per window, row-major.
-    """
-    h_crop, w_crop = int(crop_size[0]), int(crop_size[1])
-    h_stride, w_stride = int(stride[0]), int(stride[1])
-    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
-    boxes = []
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y2 = min(h_idx * h_stride + h_crop, height)
-            x2 = min(w_idx * w_stride + w_crop, width)
-            boxes.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
-    return boxes
-
-
-def _scale_box(box: Box, factor: float) -> Box:
-    """Divide box coordinates by ``factor`` and truncate (MIC ``scale_box``)."""
-    return tuple(int(v / factor) for v in box)  # type: ignore[return-value]
-
-
-class _WindowSums:
-    """Sums of window logits and window counts over a ``(B, C, H, W)`` map,
-    filled batch by batch; :meth:`mean` divides each pixel by the number of
-    windows covering it. Sums are in fp32 even under autocast and are added
-    in window order, so any batching gives the same sums of the same
-    logits."""
-
-    def __init__(self, batch_size: int, channels: int, height: int, width: int, device: torch.device) -> None:
-        self.batch_size = batch_size
-        self.sums = torch.zeros((batch_size, channels, height, width), dtype=torch.float32, device=device)
-        self.count = torch.zeros((batch_size, 1, height, width), dtype=torch.float32, device=device)
-
-    def add(self, boxes: Sequence[Box], logits: torch.Tensor) -> None:
-        """Add window logits held crop-major: rows ``i*B:(i+1)*B`` belong to
-        ``boxes[i]``."""
-        b = self.batch_size
-        for i, (y1, y2, x1, x2) in enumerate(boxes):
-            self.sums[:, :, y1:y2, x1:x2] += logits[i * b : (i + 1) * b]
-            self.count[:, :, y1:y2, x1:x2] += 1
-
-    def mean(self) -> torch.Tensor:
-        if bool((self.count == 0).any()):
-            raise RuntimeError("Slide windows do not cover the whole image; check crop_size and stride.")
-        return self.sums / self.count
-
-
-def _stitch(
-    logits: torch.Tensor, boxes: Sequence[Box], batch_size: int, height: int, width: int
-) -> torch.Tensor:
-    """Average window logits into a ``(B, C, height, width)`` map.
-
-    ``logits`` holds the windows crop-major: rows ``i*B:(i+1)*B`` belong to
-    ``boxes[i]``. Each pixel is divided by the number of windows covering it.
-    """
-    sums = _WindowSums(batch_size, logits.shape[1], height, width, logits.device)
-    sums.add(boxes, logits)
-    return sums.mean()
-
-
-class HRDAHead(nn.Module):
-    """Two-scale decode head with a learned scale attention (MIC ``HRDAHead``).
-
-    Args:
-        in_channels: Backbone output channels (finest first).
-        num_classes: Number of classes.
-        channels: DAFormer width of the segmentation head (256).
-        dilations: Separable-ASPP dilation rates.
-        dropout_ratio: Dropout before each classifier.
-        attention_classwise: One attention map per class (True) or a single
-            map (False).
-        attention_embed_dim: Width of the scale-attention head (MIC: 256).
-        lr_scale: Scale of the context input (0.5).
-        output_stride: Stride of the DAFormer output w.r.t. its input (4).
-    """
-
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        num_classes: int,
-        channels: int = 256,
-        dilations: Sequence[int] = (1, 6, 12, 18),
-        dropout_ratio: float = 0.1,
-        attention_classwise: bool = True,
-        attention_embed_dim: int = 256,
-        lr_scale: float = 0.5,
-        output_stride: int = 4,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.lr_scale = lr_scale
-        self.os = output_stride
-        self.head = DAFormerHead(in_channels, num_classes, channels, dilations, dropout_ratio, fusion="aspp")
-        # MIC builds the attention head as a DAFormerHead whose ASPP fusion
-        # is replaced by a 1x1 ConvModule (hrda_head.py).
-        self.scale_attention = DAFormerHead(
-            in_channels,
-            num_classes if attention_classwise else 1,
-            attention_embed_dim,
-            dilations,
-            dropout_ratio,
-            fusion="conv",
-        )
-
-    def decode_hr(self, hr_input: Features | Mapping[str, Any], batch_size: int) -> torch.Tensor:
-        """Detail logits from whole-input features or from slide windows.
-
-        Args:
-            hr_input: Backbone features of the detail input, or a dict
-                ``{'features': crop-major window features, 'boxes': windows
-                in detail-image pixels}`` (see
-                :meth:`HRDASegmentor.extract_slide_feat`), or ``{'logits':
-                crop-major window logits of :attr:`head`, 'boxes': ...}``
-                (see :meth:`HRDASegmentor.slide_detail_logits`).
-            batch_size: Images per window.
-        """
-        if not isinstance(hr_input, Mapping):
-            return self.head(hr_input)
-        boxes = [_scale_box(b, self.os) for b in hr_input["boxes"]]
-        height = max(b[1] for b in boxes)
-        width = max(b[3] for b in boxes)
-        if "logits" in hr_input:
-            window_logits = hr_input["logits"]
-        else:
-            window_logits = self.head(hr_input["features"])
-        return _stitch(window_logits, boxes, batch_size, height, width)
-
-    def forward(
-        self, lr_features: Features, hr_input: Features | Mapping[str, Any], hr_crop_box: Box | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fuse context and detail predictions.
-
-        Args:
-            lr_features: Backbone features of the context (low-scale) input.
-            hr_input: Detail features (see :meth:`decode_hr`).
-            hr_crop_box: Detail crop in full-resolution pixels (training);
-                None when the detail input covers the whole image.
-
-        Returns:
-            ``(fused, lr_seg, hr_seg)``: fused logits at 1/os of the full
-            resolution, the attention-weighted context logits ``(1 - a) *
-            lr`` at the context resolution (as MIC returns them), and the
-            detail logits.
-        """
-        batch_size = lr_features[0].shape[0]
-        lr_seg = self.head(lr_features)
-        hr_seg = self.decode_hr(hr_input, batch_size)
-        att = torch.sigmoid(self.scale_attention(lr_features))
-        if hr_crop_box is not None:
-            # Attention is only defined where detail exists.
-            mask = lr_seg.new_zeros([lr_seg.shape[0], 1, *lr_seg.shape[2:]])
-            y1, y2, x1, x2 = _scale_box(hr_crop_box, self.os / self.lr_scale)
-            mask[:, :, y1:y2, x1:x2] = 1
-            att = att * mask
-        lr_seg = (1 - att) * lr_seg
-        up_scale = 1 / self.lr_scale
-        up_lr_seg = resize_by(lr_seg, up_scale)
-        att = resize_by(att, up_scale)
-        if hr_crop_box is not None:
-            hr_inserted = torch.zeros_like(up_lr_seg)
-            y1, y2, x1, x2 = _scale_box(hr_crop_box, self.os)
-            hr_inserted[:, :, y1:y2, x1:x2] = hr_seg
-        else:
-            hr_inserted = hr_seg
-            if up_lr_seg.shape[2:] != hr_seg.shape[2:]:
-                # Only for input sizes that are not multiples of 8, where
-                # MIC would fail on the shape mismatch: align the context
-                # terms to the detail grid.
-                up_lr_seg = resize_to(up_lr_seg, hr_seg.shape[2:])
-                att = resize_to(att, hr_seg.shape[2:])
-        fused = att * hr_inserted + up_lr_seg
-        return fused, lr_seg, hr_seg
 
 
 class HRDASegmentor(nn.Module):
@@ -799,7 +510,7 @@ class HRDASegmentor(nn.Module):
         logits are averaged. ``around_batch``: see :meth:`slide_forward`.
         """
         batch_size, _, height, width = img.shape
-        sums = _WindowSums(batch_size, self.num_classes, height, width, img.device)
+        sums = WindowSums(batch_size, self.num_classes, height, width, img.device)
         self.slide_forward(
             height,
             width,
