@@ -22,6 +22,9 @@ for key. Facts matched to that reference:
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``
 (fused kernels on GPU); an explicit softmax path is kept for checking it.
+
+One model family per file, as in timm (~600 lines): blocks, encoder, presets and the
+``checkpoint_filter_fn`` that adapts SegFormer files change together.
 """
 
 from __future__ import annotations
