@@ -25,6 +25,10 @@ registers nothing:
 
 Two imports of the same file at the same moment can both register it (the
 SHA-256 check is not a lock); the next import reuses the older version.
+
+The five stages stay in one file (~490 lines): each is one function, and they share
+the request and plan types above; the conversion itself lives in
+:mod:`uda.models.foreign`, the registration in :mod:`uda.registry`.
 """
 
 from __future__ import annotations
