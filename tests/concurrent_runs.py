@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
 from uda.registry import find_versions, source_run_id
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 STUDENT, TEACHER = "cs2acdc-student", "cs2acdc-teacher"
 # Tiny trainings: 4 iterations, a checkpoint (a version) every 2.
 TINY_DISTILL = [
@@ -31,33 +29,8 @@ TINY_DISTILL = [
 
 
 def env_for(tracking_uri: str, **extra: str) -> dict:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "OMP_NUM_THREADS"):
-        env.pop(leftover, None)  # left behind by in-process runs of other tests; OMP: see
-        # two_distills_at_once (the jobs must share the cores themselves)
-    return {**env, **extra}
-
-
-def command(entry_point: str, experiment: str, *params: str) -> list[str]:
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        entry_point,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        experiment,
-    ]
-    for param in params:
-        cmd += ["-P", param]
-    return cmd
+    # No OMP_NUM_THREADS: see two_distills_at_once (the jobs must share the cores themselves).
+    return process_env(tracking_uri, OMP_NUM_THREADS=None, **extra)
 
 
 def start(tracking_uri: str, experiment: str, log: Path, entry_point: str, *params: str) -> subprocess.Popen:
@@ -65,7 +38,7 @@ def start(tracking_uri: str, experiment: str, log: Path, entry_point: str, *para
     ``log`` (a pipe could fill up and block it)."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            command(entry_point, experiment, *params),
+            mlflow_run_command(entry_point, experiment, params),
             env=env_for(tracking_uri),
             cwd=PROJECT_ROOT,
             stdout=out,

@@ -28,13 +28,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from budgets import TINY_TRAINING_OPTIONS
+from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
 from uda.data import rcs
 from uda.data.layouts import scan_cityscapes
 from uda.data import synthetic
@@ -50,8 +50,6 @@ from uda.data.synthetic import (
 )
 from uda.data.synthetic import main as synthetic_main
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "data-safety"
 
 USER_DATA = SyntheticConfig(
@@ -349,31 +347,11 @@ def store(tmp_path_factory):
 
 
 def _command(store, entry_point: str, params: dict) -> tuple[list[str], dict[str, str]]:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store["uri"],
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "UDA_CACHE_DIR": str(store["cache"]),
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(name, None)
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        entry_point,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        EXPERIMENT,
-    ]
-    for key, value in params.items():
-        if value is not None:
-            cmd += ["-P", f"{key}={value}"]
-    return cmd, env
+    env = process_env(
+        store["uri"], UDA_CACHE_DIR=str(store["cache"]), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"
+    )
+    given = [f"{key}={value}" for key, value in params.items() if value is not None]
+    return mlflow_run_command(entry_point, EXPERIMENT, given), env
 
 
 def mlflow_run(store, entry_point: str, **params: object) -> subprocess.CompletedProcess:

@@ -2,49 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
 from uda.registry import version_model_id
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-VENV_BIN = Path(sys.executable).parent
 
 
 def mlflow_run(entry_point: str, tracking_uri: str, *params: str, timeout: int = 600):
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("MLFLOW_RUN_ID", None)
-    env.pop("MLFLOW_EXPERIMENT_ID", None)  # left behind by in-process runs of other tests
     # MLflow resolves `path` parameters against the working directory, so run from the
     # project (as users do: `mlflow run .`) with the experiment's artifacts in the temp store.
     client = mlflow.MlflowClient(tracking_uri)
     if client.get_experiment_by_name("entrypoint-tests") is None:
         store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
         client.create_experiment("entrypoint-tests", artifact_location=(store_dir / "mlruns").as_uri())
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        entry_point,
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        "entrypoint-tests",
-    ]
-    for p in params:
-        cmd += ["-P", p]
+    cmd = mlflow_run_command(entry_point, "entrypoint-tests", params)
+    env = process_env(tracking_uri)
     return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,12 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
 from uda.config import load_config
 from uda.data.synthetic import ensure_embedded
 from uda.models import build_segmentor, save_checkpoint
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "evaluate-tests"
 
 
@@ -75,33 +74,13 @@ def _main(tracking_uri, monkeypatch, capsys, *argv: str) -> tuple[int, str, str]
 
 @pytest.mark.slow
 def test_mlflow_run_val_end_to_end(tracking_uri, acdc_root, checkpoint):
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("MLFLOW_RUN_ID", None)
+    env = process_env(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     store = Path(tracking_uri.removeprefix("sqlite:///")).parent
     client.create_experiment(EXPERIMENT, artifact_location=(store / "mlruns").as_uri())
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        "evaluate",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        EXPERIMENT,
-        "-P",
-        f"model={checkpoint}",
-        "-P",
-        f"target_root={acdc_root}",
-        "-P",
-        "batch_size=2",
-    ]
+    cmd = mlflow_run_command(
+        "evaluate", EXPERIMENT, [f"model={checkpoint}", f"target_root={acdc_root}", "batch_size=2"]
+    )
     result = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "images/s" in result.stdout + result.stderr

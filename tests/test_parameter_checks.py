@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,12 +21,12 @@ import torch
 
 from budgets import TINY_TRAINING_OPTIONS
 from entry_modules import load_entry_module
+from project_processes import PROJECT_ROOT, entry_point_command, process_env
 from uda import cli
 from uda.config import load_config
 from uda.models import build_segmentor, save_checkpoint
 from uda.registry import log_and_register
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"
 EXPERIMENT = "parameter-checks"
 TEACHER = "cs2acdc-teacher"
@@ -79,18 +77,10 @@ def roots() -> list[str]:
 
 
 def run_entry(store, name: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store["uri"],
-        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "OMP_NUM_THREADS": "2",
-    }
-    for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(leftover, None)
+    env = process_env(store["uri"], MLFLOW_EXPERIMENT_NAME=EXPERIMENT, OMP_NUM_THREADS="2")
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "entrypoints" / f"{name}.py"), *args],
+        entry_point_command(name, *args),
         env=env,
         cwd=store["root"],
         capture_output=True,

@@ -5,7 +5,6 @@ a real SQLite store, with a real SIGKILL of a training run."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from budgets import TINY_TRAINING_OPTIONS
+from project_processes import PROJECT_ROOT, process_env
 from uda.config import load_config
 from uda.models import build_segmentor
 from uda.registry import (
@@ -27,7 +27,6 @@ from uda.registry import (
     set_alias_safely,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"
 NAME = "orphan-student"
 
@@ -175,18 +174,13 @@ def _teacher_args() -> list[str]:
 
 
 def _env(tracking_uri: str, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": "orphans",
-        "OMP_NUM_THREADS": "2",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    return process_env(
+        tracking_uri,
+        MLFLOW_EXPERIMENT_NAME="orphans",
+        OMP_NUM_THREADS="2",
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
         **extra,
-    }
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
-    return env
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 400) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from project_processes import entry_point_command, process_env
 from uda.config import load_config
 from uda.data.layouts import scan_acdc
 from uda.data.synthetic import ensure_embedded
@@ -35,7 +35,6 @@ from uda.soup.step import default_study_storage, make_request, resolve_ingredien
 from uda.tracking import entry_point_run
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NAME = "cs2acdc-student"
 TEACHER = "cs2acdc-teacher"
 ITERATIONS = (20, 40, 80, 120)
@@ -251,9 +250,8 @@ def test_optuna_trials_are_nested_runs_and_the_study_resumes(store, tmp_path):
 
 def _soup_process(store, cwd: Path, experiment: str, storage: str, trials: int) -> subprocess.Popen:
     """The soup entry point in its own process (Optuna search, no promotion)."""
-    cmd = [
-        sys.executable,
-        str(PROJECT_ROOT / "entrypoints" / "soup.py"),
+    cmd = entry_point_command(
+        "soup",
         "--target-root",
         str(store["acdc"]),
         "--cfg-options",
@@ -268,16 +266,8 @@ def _soup_process(store, cwd: Path, experiment: str, storage: str, trials: int) 
         storage,
         "--device",
         "cpu",
-    ]
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-        "MLFLOW_EXPERIMENT_NAME": experiment,
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
+    )
+    env = process_env(mlflow.get_tracking_uri(), MLFLOW_EXPERIMENT_NAME=experiment, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -26,7 +26,6 @@ from concurrent_runs import (
     STUDENT,
     TEACHER,
     assert_aliases_name_complete_versions,
-    command,
     env_for,
     finish,
     kill_group,
@@ -35,6 +34,7 @@ from concurrent_runs import (
     two_distills_at_once,
     two_promotions_at_once,
 )
+from project_processes import mlflow_run_command
 from test_entrypoints import TINY_PIPELINE
 from uda.registry import find_versions, source_run_id
 from test_serving import _post, _request, _Server
@@ -230,7 +230,7 @@ def test_a_distill_killed_while_writing_to_the_server_resumes_cleanly(team, clie
     assert client.get_run(killed_run).info.status == "RUNNING"  # what a kill leaves
 
     again = subprocess.run(
-        command("distill", EXPERIMENT, *params),
+        mlflow_run_command("distill", EXPERIMENT, params),
         env=env_for(team.tracking_uri),
         cwd=PROJECT_ROOT,
         capture_output=True,

@@ -3,10 +3,7 @@ alone logs and registers, and the validation metric is all-reduced."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -18,10 +15,9 @@ from uda.registry import load_segmentor
 from uda.train.data import build_val_dataset, val_loader
 from uda.train.loop import evaluate
 from budgets import TINY_TRAINING_OPTIONS
+from project_processes import PROJECT_ROOT, VENV_BIN, process_env
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
@@ -33,15 +29,7 @@ def test_torchrun_two_cpu_processes_train_and_register_once(tracking_uri, tmp_pa
     teacher = save_checkpoint(
         tmp_path / "teacher.pth", build_segmentor(load_config("default")["teacher"]["model"])
     )
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": "ddp",
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("MLFLOW_RUN_ID", None)
+    env = process_env(tracking_uri, MLFLOW_EXPERIMENT_NAME="ddp", OMP_NUM_THREADS="1")
     cmd = [
         str(VENV_BIN / "torchrun"),
         "--standalone",

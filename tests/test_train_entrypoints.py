@@ -5,10 +5,8 @@ run under `mlflow run`), and clear errors that register nothing."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +20,9 @@ from uda.models import build_segmentor, save_checkpoint
 from uda.registry import load_segmentor
 from budgets import TINY_TRAINING_OPTIONS
 from entry_modules import load_entry_module
+from project_processes import PROJECT_ROOT, entry_point_command, mlflow_run_command, process_env
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"
-VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "train-entrypoints"
 TINY = " ".join(TINY_TRAINING_OPTIONS)
 
@@ -55,23 +52,11 @@ def store(tmp_path_factory):
 
 
 def env_for(store) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store["uri"],
-        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "OMP_NUM_THREADS": "2",
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    # In-process runs of this file leave MLflow's experiment id in the
-    # environment; `mlflow run` refuses it next to --experiment-name.
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(name, None)
-    return env
+    return process_env(store["uri"], MLFLOW_EXPERIMENT_NAME=EXPERIMENT, OMP_NUM_THREADS="2")
 
 
 def entry(name: str, *args: str) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "entrypoints" / f"{name}.py"), *roots(), *args]
+    return entry_point_command(name, *roots(), *args)
 
 
 def run_entry(store, name: str, *args: str, timeout: int = 600):
@@ -341,29 +326,9 @@ def test_sigkilled_distill_resumes_with_identical_losses_and_no_duplicates(store
     assert resume_point in (3, 6)
 
     # Resume under `mlflow run` (resume=auto finds the killed run).
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "run",
-        str(PROJECT_ROOT),
-        "-e",
-        "distill",
-        "--env-manager",
-        "local",
-        "--experiment-name",
-        EXPERIMENT,
-        "-P",
-        f"source_root={EMBEDDED / 'cityscapes'}",
-        "-P",
-        f"target_root={EMBEDDED / 'acdc'}",
-        "-P",
-        "teacher=models:/cs2acdc-teacher@iter-4",
-        "-P",
-        "iterations=9",
-        "-P",
-        "checkpoint_interval=3",
-        "-P",
-        f"cfg_options={DISTILL[-1]}",
-    ]
+    params = [f"source_root={EMBEDDED / 'cityscapes'}", f"target_root={EMBEDDED / 'acdc'}"]
+    params += ["teacher=models:/cs2acdc-teacher@iter-4", "iterations=9", "checkpoint_interval=3"]
+    cmd = mlflow_run_command("distill", EXPERIMENT, [*params, f"cfg_options={DISTILL[-1]}"])
     result = subprocess.run(
         cmd, env=env_for(store), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600
     )
