@@ -7,7 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
-from uda.soup import step  # noqa: E402
+from uda.soup.ingredients import resolve_ingredients  # noqa: E402
+from uda.soup.request import DEFAULT_TEACHER, make_request  # noqa: E402
+from uda.soup.step import run_soup  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", default="")
     parser.add_argument("--objective", default="", help="miou or teacher-agreement")
     parser.add_argument("--promote", default="true", help="true, false or if-better")
-    parser.add_argument("--teacher", default=step.DEFAULT_TEACHER, help="teacher URI for teacher-agreement")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher URI for teacher-agreement")
     parser.add_argument("--study-storage", default="", help="Optuna storage: file or URL (default optuna.db)")
     parser.add_argument("--batch-size", default="", help="images per inference batch (default: by pixels)")
     parser.add_argument("--seed", default="", help="random seed (default: the preset's)")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         soup__trials=cli.optional_int("trials", args.trials, minimum=1),
         soup__objective=args.objective or None,
     )
-    request = step.make_request(
+    request = make_request(
         cfg,
         model_name=args.model_name,
         aliases=aliases,
@@ -56,10 +58,10 @@ def main(argv=None) -> int:
     # the registered model and the aliases of the ingredients.
     if request.objective == "teacher-agreement":
         cli.check_model(request.teacher, "teacher")
-    step.resolve_ingredients(request)
+    resolve_ingredients(request)
     prepare_roots(target_root=request.target_root)
     with tracking.entry_point_run("soup", vars(args), cfg):
-        step.run_soup(request, device=device, batch_size=batch_size)
+        run_soup(request, device=device, batch_size=batch_size)
     return 0
 
 

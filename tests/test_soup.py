@@ -502,7 +502,7 @@ def test_concurrent_searches_run_the_study_total_exactly(tmp_path):
 def test_a_killed_trial_is_failed_and_run_again(tmp_path):
     import optuna
 
-    from uda.soup.search import study_storage
+    from uda.soup.study import study_storage
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     (proc,) = _workers(tmp_path, url, 1, 600.0, 1)  # trial 0 never ends

@@ -31,7 +31,10 @@ from uda.registry import load_segmentor, log_and_register
 from uda.serving import decode_png, example_image_png, input_frame
 from uda.soup import SoupError
 from uda.soup.scoring import ImageCache, SoupScorer, split_tune_report, stratified_subset
-from uda.soup.step import default_study_storage, make_request, resolve_ingredients, run_soup
+from uda.soup.ingredients import resolve_ingredients
+from uda.soup.request import make_request
+from uda.soup.step import run_soup
+from uda.soup.study import default_study_storage
 from uda.tracking import entry_point_run
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -27,6 +27,7 @@ from uda.registry import SOURCE_ONLY_MODEL_NAME as SOURCE_ONLY_MODEL
 from uda.registry import STUDENT_MODEL_NAME as STUDENT_MODEL
 from uda.registry import TEACHER_MODEL_NAME as TEACHER_MODEL
 from uda.registry import find_versions, source_run_id
+from uda.soup.ingredients import last_checkpoints
 from uda.tracking import CODE_VERSION_TAG, code_version
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -263,7 +264,7 @@ def run_pipeline(
     )
     checkpoints = registered_versions(STUDENT_MODEL, steps["distill"].run_id)
     steps["distill"].version = str(checkpoints[-1].version) if checkpoints else None
-    aliases = ",".join(f"iter-{v.tags['iteration']}" for v in checkpoints[-3:])
+    aliases = ",".join(f"iter-{v.tags['iteration']}" for v in last_checkpoints(checkpoints))
     soup_params = {**common, "target_root": target_root, "aliases": aliases, "weights": "optuna"}
     if soup_trials is not None:
         soup_params["trials"] = soup_trials

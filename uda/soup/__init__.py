@@ -2,12 +2,20 @@
 
 * :mod:`uda.soup.mixing` — weights, architecture check, streaming mix (torch
   only);
-* :mod:`uda.soup.search` — greedy soup and the Optuna weight search;
+* :mod:`uda.soup.greedy` — greedy soup;
+* :mod:`uda.soup.search` — the Optuna weight search (its samplers
+  :mod:`uda.soup.samplers`, its storage and name :mod:`uda.soup.study`);
+* :mod:`uda.soup.report` — the comparison table, the study's plots, the
+  summary;
 * :mod:`uda.soup.scoring` — fast evaluation of many mixes on a fixed split;
-* :mod:`uda.soup.step` — the ``soup`` entry point: resolve aliases in the
-  registry, mix, evaluate, register, move ``serving``.
+* the ``soup`` entry point: :mod:`uda.soup.request` (parameters),
+  :mod:`uda.soup.ingredients` (registered versions, their checkpoints),
+  :mod:`uda.soup.session` (one run's scorer and scores),
+  :mod:`uda.soup.tuning` (choosing the weights), :mod:`uda.soup.promotion`
+  (moving ``serving``) and :mod:`uda.soup.step` (the order of it all).
 
-Importing ``uda.soup`` loads only the first two (no MLflow, no data code).
+Importing ``uda.soup`` loads only mixing, the searches and the report
+helpers (no MLflow, no data code).
 """
 
 from .mixing import (
@@ -22,15 +30,9 @@ from .mixing import (
     state_dict_spec,
     uniform_weights,
 )
-from .search import (
-    GreedyResult,
-    GreedyStep,
-    SearchResult,
-    greedy_soup,
-    optuna_search,
-    save_study_plots,
-    weights_from_unit_cube,
-)
+from .greedy import GreedyResult, GreedyStep, greedy_soup
+from .report import save_study_plots
+from .search import SearchResult, optuna_search, weights_from_unit_cube
 
 __all__ = [
     "SoupError",

@@ -5,7 +5,8 @@ several fine-tuned models. The original cs2acdc recipe mixed the 24k/32k/40k
 distill checkpoints 3:3:4. This module is pure torch (no MLflow):
 
 * :func:`parse_weights` / :func:`normalize_weights` — ``"3,3,4"`` →
-  ``[0.3, 0.3, 0.4]`` with clear errors for bad input;
+  ``[0.3, 0.3, 0.4]`` with clear errors for bad input (and
+  :func:`format_weights` back);
 * :func:`check_compatible` / :func:`state_dict_spec` — same keys, shapes and
   dtypes, or an error naming the first mismatch;
 * :func:`mix_state_dicts` — streaming weighted average (peak memory ≈ two
@@ -35,6 +36,7 @@ __all__ = [
     "parse_weights",
     "normalize_weights",
     "uniform_weights",
+    "format_weights",
     "state_dict_spec",
     "check_compatible",
     "mix_state_dicts",
@@ -142,6 +144,11 @@ def uniform_weights(n: int) -> list[float]:
     if n < 1:
         raise SoupError(f"need at least one ingredient, got {n}")
     return [1.0 / n] * n
+
+
+def format_weights(weights: Sequence[float]) -> str:
+    """Weights as tags, params and printouts show them: ``0.3,0.3,0.4`` (6 significant digits)."""
+    return ",".join(f"{w:.6g}" for w in weights)
 
 
 # --------------------------------------------------------------------------

@@ -1,126 +1,36 @@
-"""Choosing soup weights: greedy soup and an Optuna search over the simplex.
+"""The Optuna search for soup weights: points of the simplex, one trial at a time, the study's total exact.
 
-Both are driven by an objective callable supplied by the caller (e.g. the
-mIoU of the mixed model on a tuning split, see :mod:`uda.soup.scoring`), so
-they are independent of MLflow and of the model. Optuna and matplotlib are
-imported only inside the functions that need them.
+Driven by an objective callable supplied by the caller (e.g. the mIoU of the
+mixed model on a tuning split, see :mod:`uda.soup.scoring`), so it is
+independent of MLflow and of the model. Where the study is stored and what
+it is called is :mod:`uda.soup.study`; its samplers are
+:mod:`uda.soup.samplers`. Optuna is imported only inside the functions that
+need it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from .mixing import SoupError, uniform_weights
+from .samplers import make_sampler
+from .study import shown_storage, study_storage
 
 __all__ = [
-    "GreedyStep",
-    "GreedyResult",
-    "greedy_soup",
     "SearchResult",
     "optuna_search",
-    "study_storage",
     "weights_from_unit_cube",
-    "save_study_plots",
-    "HEARTBEAT_S",
-    "GRACE_S",
     "SURPLUS_ATTR",
     "RUN_ID_ATTR",
 ]
 
 
-# --------------------------------------------------------------------------
-# Greedy soup
-# --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GreedyStep:
-    """One candidate considered by :func:`greedy_soup`.
-
-    Attributes:
-        candidate: Index of the ingredient tried.
-        soup: Indices of the soup that was evaluated (current soup + candidate).
-        score: Its score.
-        accepted: Whether the candidate stayed in the soup.
-    """
-
-    candidate: int
-    soup: list[int]
-    score: float
-    accepted: bool
-
-
-@dataclass(frozen=True)
-class GreedyResult:
-    """Outcome of :func:`greedy_soup`.
-
-    Attributes:
-        indices: Chosen ingredients, in the order they were added.
-        weights: One weight per ingredient (all ``n`` of them): uniform over
-            the chosen ones, 0 for the others — ready for
-            :func:`mix_state_dicts`.
-        score: Score of the final soup (for a single ingredient, its own
-            score as given).
-        history: Every candidate tried, in order.
-    """
-
-    indices: list[int]
-    weights: list[float]
-    score: float
-    history: list[GreedyStep] = field(default_factory=list)
-
-
-def greedy_soup(ingredient_scores: Sequence[float], evaluate: Callable[[list[int]], float]) -> GreedyResult:
-    """Greedy soup (Wortsman et al. 2022, Recipe 1).
-
-    As in mlfoundations/model-soups ``main.py``: sort the ingredients by their
-    own held-out score, best first; start the soup with the best one (its
-    given score is the bar, it is not re-evaluated); try each remaining
-    ingredient in that order and keep it only if the uniform soup of the
-    current ingredients plus it scores **strictly higher** than the best so
-    far. Ties in the individual scores keep the given order.
-
-    Args:
-        ingredient_scores: Each ingredient's own score on the tuning split,
-            higher is better (e.g. mIoU).
-        evaluate: Returns the score, on the same split, of the uniform soup of
-            the given ingredient indices.
-
-    Returns:
-        A :class:`GreedyResult`.
-    """
-    scores = [float(s) for s in ingredient_scores]
-    if not scores:
-        raise SoupError("greedy soup needs at least one ingredient score")
-    if not all(math.isfinite(s) for s in scores):
-        raise SoupError(f"ingredient scores must be finite, got {scores}")
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    chosen = [order[0]]
-    best = scores[order[0]]
-    history: list[GreedyStep] = []
-    for candidate in order[1:]:
-        trial = chosen + [candidate]
-        score = float(evaluate(list(trial)))
-        if not math.isfinite(score):
-            raise SoupError(f"evaluate({trial}) returned {score}; the objective must be a finite number")
-        accepted = score > best
-        history.append(GreedyStep(candidate, trial, score, accepted))
-        if accepted:
-            chosen, best = trial, score
-    share = 1.0 / len(chosen)
-    weights = [share if i in chosen else 0.0 for i in range(len(scores))]
-    return GreedyResult(chosen, weights, best, history)
-
-
-# --------------------------------------------------------------------------
-# Optuna weight search
-# --------------------------------------------------------------------------
 #: Value of every unit-cube coordinate that maps to the uniform soup
 #: (``-log(1 - u) = 1``); enqueued as the first trial.
 _UNIFORM_UNIT = 1.0 - math.exp(-1.0)
@@ -179,11 +89,6 @@ class SearchResult:
     study: Any = field(repr=False, compare=False, default=None)
 
 
-#: Optuna heartbeat of a running trial (seconds) and how long a missing
-#: heartbeat is tolerated before another process fails the trial as dead
-#: (a killed run leaves its trial RUNNING for ever otherwise).
-HEARTBEAT_S = 10
-GRACE_S = 30
 #: How often a run whose budget is used up polls the trials that other
 #: processes are still evaluating, and how long it waits for them at least.
 _POLL_S = 0.5
@@ -211,106 +116,6 @@ class _QuietSurplus(logging.Filter):
         return not any(message.startswith(f"Trial {k} failed ") for k in self._numbers)
 
 
-def _trial_seeded(factory: Callable[[int], Any], seed: int):
-    """A sampler that hands each trial to ``factory(s)``, ``s`` derived from
-    ``(seed, trial number)``.
-
-    Why: with one seeded random stream per process, two runs sharing a study
-    (same study name, hence same seed) draw the same start-up points, and a
-    resumed study draws other points than an uninterrupted one. Seeded per
-    trial, trial ``k`` gets the same random numbers whichever process asks it
-    (TPE itself is stateless: it refits on the study's trials every time).
-    """
-    import numpy as np
-    import optuna
-
-    class TrialSeededSampler(optuna.samplers.BaseSampler):
-        def __init__(self) -> None:
-            self._number: int | None = None
-            self._inner: Any = None
-
-        def _for(self, trial) -> Any:
-            if self._number != trial.number or self._inner is None:
-                state = np.random.SeedSequence([seed, trial.number])
-                self._inner = factory(int(state.generate_state(1)[0]))
-                self._number = trial.number
-            return self._inner
-
-        def infer_relative_search_space(self, study, trial):
-            return self._for(trial).infer_relative_search_space(study, trial)
-
-        def sample_relative(self, study, trial, search_space):
-            return self._for(trial).sample_relative(study, trial, search_space)
-
-        def sample_independent(self, study, trial, param_name, param_distribution):
-            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
-
-        def before_trial(self, study, trial) -> None:
-            self._for(trial).before_trial(study, trial)
-
-        def after_trial(self, study, trial, state, values) -> None:
-            self._for(trial).after_trial(study, trial, state, values)
-
-        def reseed_rng(self) -> None:  # deterministic by design
-            pass
-
-    return TrialSeededSampler()
-
-
-def _make_sampler(sampler: str, seed: int, trials: int):
-    import optuna
-
-    if sampler == "tpe":
-        # Optuna's default of 10 random start-up trials would leave no TPE
-        # trials at all in a small budget; use at most half of the budget.
-        startup = max(1, min(10, trials // 2))
-        return _trial_seeded(
-            lambda s: optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=startup), seed
-        )
-    if sampler == "qmc":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Scrambled Sobol': seeded, and does not start at the u = 0 corner.
-            # Its point index comes from the study, not the process.
-            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
-    raise SoupError(f"unknown sampler {sampler!r}; use 'tpe' or 'qmc'")
-
-
-def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
-    """The Optuna ``RDBStorage`` the search uses for an RDB URL.
-
-    With heartbeats: a running trial records one every ``heartbeat_s``
-    seconds; a trial silent for ``grace_s`` seconds (its process was killed)
-    is failed by the next process that looks, and its parameters are queued
-    again once (so a killed uniform trial is still evaluated).
-    """
-    import optuna
-
-    # SQLite: concurrent runs wait for each other's writes instead of failing
-    # with "database is locked" after the driver's default 5 s.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine,
-                    heartbeat_interval=heartbeat_s,
-                    grace_period=grace_s,
-                    heartbeat_stale_trial_callback=retry,
-                )
-        except Exception as error:
-            # Two runs creating the schema of a new database at the same
-            # moment: one fails on Optuna's version row; the tables exist
-            # now, so opening again works.
-            if "UNIQUE constraint" not in str(error) and "already exists" not in str(error) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 #: How long a run that found the study waits for its creator to finish setting it up.
 _CREATOR_WAIT_S = 30.0
 
@@ -334,7 +139,7 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
     except Exception as error:  # sqlalchemy / optuna raise many types here
         raise SoupError(
             f"cannot open Optuna study {study_name!r} in storage "
-            f"{_shown_storage(storage)!r}: {error}. Use a URL such "
+            f"{shown_storage(storage)!r}: {error}. Use a URL such "
             "as 'sqlite:///path/optuna.db'."
         ) from error
     if created:
@@ -351,36 +156,11 @@ def _open_study(storage: Any, study_name: str, sampler_obj: Any, n: int):
         stored_n = study.user_attrs.get("num_ingredients")
         if stored_n is not None and stored_n != n:
             raise SoupError(
-                f"Optuna study {study_name!r} in {_shown_storage(storage)!r} "
+                f"Optuna study {study_name!r} in {shown_storage(storage)!r} "
                 f"searches weights of {stored_n} ingredients, but {n} were "
                 "given; use another study_name"
             )
     return study
-
-
-def _shown_storage(storage: Any) -> str | None:
-    """The storage's URL as runs and messages show it: without its password."""
-    if storage is not None and not isinstance(storage, str):
-        storage = str(getattr(storage, "url", storage))
-    return None if storage is None else redact_url(storage)
-
-
-def redact_url(url: str) -> str:
-    """``postgresql://user:***@host/db`` for a URL with a password.
-
-    MLflow logs every parameter as given, so a team keeps the password out of
-    ``study_storage`` (libpq reads ``PGPASSWORD`` or ``~/.pgpass``); what this
-    project logs or prints itself never holds one either way.
-    """
-    if "@" not in url or "://" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return url
 
 
 def _fail_stale_trials(study) -> None:
@@ -442,7 +222,7 @@ def optuna_search(
       processes are still running (at least a minute, or five times the
       longest trial so far: ``wait_timeout_s``), so concurrent runs end with
       the same best trial; a trial whose process was killed stops sending
-      Optuna heartbeats and is failed after :data:`GRACE_S` seconds; its
+      Optuna heartbeats and is failed after :data:`~uda.soup.study.GRACE_S` seconds; its
       parameters are queued again once and run by whichever process is
       still searching.
 
@@ -457,7 +237,7 @@ def optuna_search(
         trials: Total trials wanted in the study (>= 1).
         seed: Sampler seed.
         storage: Optuna storage URL (made an ``RDBStorage`` with heartbeats
-            by :func:`study_storage`), an Optuna storage object, or None for
+            by :func:`~uda.soup.study.study_storage`), an Optuna storage object, or None for
             an in-memory study.
         study_name: Study name in the storage.
         sampler: ``'tpe'`` (multivariate TPE) or ``'qmc'`` (scrambled Sobol').
@@ -490,7 +270,7 @@ def optuna_search(
 
     TrialState = optuna.trial.TrialState
     counted = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-    sampler_obj = _make_sampler(sampler, seed, trials)
+    sampler_obj = make_sampler(sampler, seed, trials)
     study = _open_study(storage, study_name, sampler_obj, n)
     say = notify or (lambda message: None)
     evaluated: list[int] = []
@@ -596,7 +376,7 @@ def optuna_search(
         uniform_score=(float(uniform_scores[0]) if uniform_scores else math.nan),
         n_trials=len(done),
         study_name=study.study_name,
-        storage=_shown_storage(storage),
+        storage=shown_storage(storage),
         evaluated=evaluated,
         running_elsewhere=running_elsewhere,
         study=study,
@@ -616,56 +396,3 @@ def _default_wait(study) -> float:
         default=0.0,
     )
     return max(_MIN_WAIT_S, 5.0 * longest)
-
-
-def save_study_plots(study, out_dir: str | Path) -> list[Path]:
-    """Saves Optuna's optimisation-history and parameter-importance plots.
-
-    Uses ``optuna.visualization.matplotlib`` on the Agg backend (selected only
-    if pyplot is not imported yet, so an interactive session is left alone).
-    The importance plot needs at least two completed trials with different
-    parameters; when it cannot be computed it is skipped with a warning.
-
-    Args:
-        study: An ``optuna.Study`` (e.g. ``SearchResult.study``).
-        out_dir: Folder for the PNG files (created if needed).
-
-    Returns:
-        Paths of the files written (``optuna_history.png``,
-        ``optuna_importance.png``).
-    """
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as optuna_plots
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    num_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    plots = [
-        ("optuna_history.png", optuna_plots.plot_optimization_history, 1),
-        ("optuna_importance.png", optuna_plots.plot_param_importances, 2),
-    ]
-    written = []
-    for file_name, plot, min_trials in plots:
-        if num_complete < min_trials:
-            warnings.warn(
-                f"{file_name}: skipped, needs {min_trials} completed trial(s), the study has {num_complete}"
-            )
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                axes = plot(study)
-        except (RuntimeError, ValueError, ZeroDivisionError) as error:
-            warnings.warn(f"{file_name}: skipped, Optuna could not draw it: {error}")
-            continue
-        figure = axes.figure
-        path = out_dir / file_name
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        written.append(path)
-    return written
