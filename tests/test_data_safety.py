@@ -37,7 +37,7 @@ import pytest
 from budgets import TINY_TRAINING_OPTIONS
 from uda.data import rcs
 from uda.data.layouts import scan_cityscapes
-from uda.data import synthetic
+from uda.data.synthetic import street as synthetic
 from uda.data.paths import EMBEDDED_ROOT, GENERATED_MARKER, stats_dir
 from uda.data.roots import RootError, classify_root, prepare_roots
 from uda.data.synthetic import (

@@ -48,9 +48,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
-from .labels import IGNORE_INDEX, train_id_to_label_id
-from .layouts import (
+from ...errors import UserError
+from ..labels import IGNORE_INDEX, train_id_to_label_id
+from ..layouts import (
     ACDC_CONDITIONS,
     ACDC_IMG_SUFFIX,
     ACDC_SEG_SUFFIX,
@@ -58,8 +58,8 @@ from .layouts import (
     CITYSCAPES_SEG_SUFFIX,
     scan_cityscapes,
 )
-from .paths import EMBEDDED_ROOT, GENERATED_MARKER, is_marked
-from .rcs import SAMPLES_WITH_CLASS_FILE, STATS_DICT_FILE, STATS_FILE, load_or_compute_class_counts
+from ..paths import EMBEDDED_ROOT, GENERATED_MARKER, is_marked
+from ..rcs import SAMPLES_WITH_CLASS_FILE, STATS_DICT_FILE, STATS_FILE, load_or_compute_class_counts
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -1501,6 +1501,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

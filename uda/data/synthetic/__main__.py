@@ -1,0 +1,7 @@
+"""``python -m uda.data.synthetic``: the generator's command line (``make clean-data`` uses ``--clean``)."""
+
+import sys
+
+from .street import main
+
+sys.exit(main())
