@@ -1,7 +1,7 @@
-"""``python -m uda.data.synthetic``: the generator's command line (``make clean-data`` uses ``--clean``)."""
+"""``python -m uda.data.synthetic``: the generator's command line (``make clean-data`` runs ``--clean``)."""
 
 import sys
 
-from .street import main
+from .cli import main
 
 sys.exit(main())
