@@ -37,7 +37,7 @@ from budgets import TINY_TRAINING_OPTIONS
 from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
 from uda.data import rcs
 from uda.data.layouts import scan_cityscapes
-from uda.data import synthetic
+from uda.data.synthetic import embedded, ownership
 from uda.data.paths import EMBEDDED_ROOT, GENERATED_MARKER, stats_dir
 from uda.data.roots import RootError, classify_root, prepare_roots
 from uda.data.synthetic import (
@@ -230,7 +230,7 @@ def test_generator_refuses_folders_it_did_not_create(user, tmp_path):
 
 def test_files_added_while_generating_stop_the_replacement(tmp_path, monkeypatch):
     ensure_embedded(tmp_path, **SMALL)
-    real_generate = synthetic.generate
+    real_generate = embedded.generate
 
     def generate_then_user_copies_in(root, config, progress=False):
         result = real_generate(root, config, progress)
@@ -238,7 +238,7 @@ def test_files_added_while_generating_stop_the_replacement(tmp_path, monkeypatch
         (tmp_path / "acdc" / "copied-meanwhile.png").write_bytes(b"mine")
         return result
 
-    monkeypatch.setattr(synthetic, "generate", generate_then_user_copies_in)
+    monkeypatch.setattr(embedded, "generate", generate_then_user_copies_in)
     with pytest.raises(NotGeneratedError):
         ensure_embedded(tmp_path, **dict(SMALL, seed=4))
     assert (tmp_path / "acdc" / "copied-meanwhile.png").read_bytes() == b"mine"
@@ -291,7 +291,7 @@ def _legacy_copy(root: Path) -> None:
 
 def test_legacy_copy_in_the_project_folder_is_replaced(tmp_path, monkeypatch):
     """An unmarked copy from an earlier release, in the project's own data/embedded."""
-    monkeypatch.setattr(synthetic, "EMBEDDED_ROOT", tmp_path)
+    monkeypatch.setattr(ownership, "EMBEDDED_ROOT", tmp_path)
     ensure_embedded(tmp_path, **SMALL)
     _legacy_copy(tmp_path)
     assert is_generated(tmp_path / "acdc")

@@ -11,7 +11,8 @@ from PIL import Image
 from uda.data import labels
 from uda.data.layouts import scan_acdc, scan_cityscapes
 from uda.data.paths import EMBEDDED_ROOT
-from uda.data.synthetic import STAMP_FILE, SyntheticConfig, ensure_embedded, generate, main
+from uda.data.synthetic import SyntheticConfig, ensure_embedded, generate, main
+from uda.data.synthetic.stamp import STAMP_FILE
 
 SMALL = dict(
     num_source_train=22,

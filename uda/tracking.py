@@ -196,8 +196,20 @@ def log_model_inputs(model_ids: Iterable[str | None]) -> list[str]:
     return ids
 
 
+#: (run id, root) → digest of the root's file list: a run lists each root once, however many
+#: names and contexts it logs it under (the training target is the evaluation one too).
+_ROOT_DIGESTS: dict[tuple[str, Path], str] = {}
+
+
 def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training") -> None:
     """Log dataset roots as MLflow run inputs (shown in the run's "Datasets used").
+
+    Each input's digest is that of the root's file list (relative names and sizes,
+    :func:`~uda.data.fingerprint.file_list_digest`), not of its path: another tree
+    at the same path (a real ACDC where the embedded one was) is another dataset.
+    MLflow keys a dataset by name and digest within an experiment, so identical
+    copies at two paths are one dataset there, with the source of the first run that
+    logged it; each run's own path stays in its ``cfg.data.*.root`` parameters.
 
     Args:
         roots: Dataset name (``cityscapes/train``) → folder.
@@ -206,17 +218,22 @@ def log_dataset_inputs(roots: Mapping[str, str | Path], context: str = "training
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    from uda.data.fingerprint import file_list_digest
     from uda.data.roots import classify_root
 
     for name, root in roots.items():
         # `data.cityscapes=real|embedded`: whether a run saw synthetic data, searchable in the UI.
         dataset = name.split("/")[0]
         mlflow.set_tag(f"data.{dataset}", classify_root(root, dataset).kind)
+        path = Path(root).resolve()
+        key = (mlflow.active_run().info.run_id, path)
+        if key not in _ROOT_DIGESTS:
+            _ROOT_DIGESTS[key] = file_list_digest(path)
         with warnings.catch_warnings():
             # MLflow registers the local-folder source twice and warns that the path is ambiguous.
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(Path(root).resolve()))
-        _log_input_once(MetaDataset(source=source, name=name), context)
+            source = resolve_dataset_source(str(path))
+        _log_input_once(MetaDataset(source=source, name=name, digest=_ROOT_DIGESTS[key]), context)
 
 
 def _log_input_once(dataset: Any, context: str, attempts: int = 5) -> None:

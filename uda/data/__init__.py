@@ -1,5 +1,6 @@
 """Datasets: Cityscapes/ACDC readers, pipelines, rare-class sampling, labels,
-the synthetic embedded dataset, and the rule of which roots may be written.
+the synthetic embedded dataset, the rule of which roots may be written, and
+the digest of a root's file list that runs log with their dataset inputs.
 
 Submodules are imported lazily, so ``import uda.data.labels`` (serving path)
 pulls in neither torch datasets nor mmseg.
