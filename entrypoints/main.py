@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from uda import cli, pipeline, pipeline_summary, tracking  # noqa: E402
+from uda import cli, tracking, workflow, workflow_summary  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
 from uda.data.summary import summarize  # noqa: E402
 from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         if embedded is not None:
             tracking.mlflow.log_dict(embedded.config.__dict__, "data/embedded_config.json")
         tracking.log_dataset_summary(summary, args.source_root, args.target_root)
-        steps = pipeline.run_pipeline(
+        steps = workflow.run_pipeline(
             preset=args.preset,
             source_root=args.source_root,
             target_root=args.target_root,
@@ -52,9 +52,9 @@ def main(argv=None) -> int:
             threads=args.threads,
             iterations=int(cfg["runner"]["max_iters"]),
         )
-        method = pipeline_summary.summarize_pipeline(steps, pipeline_summary.registered_as(steps))
-        story = pipeline_summary.format_summary(method, steps["soup"].version, STUDENT_MODEL_NAME)
-        pipeline_summary.log_summary(method, story)
+        method = workflow_summary.summarize_pipeline(steps, workflow_summary.registered_as(steps))
+        story = workflow_summary.format_summary(method, steps["soup"].version, STUDENT_MODEL_NAME)
+        workflow_summary.log_summary(method, story)
     for step in steps.values():
         print(
             f"  {step.entry_point:11s} run {step.run_id}  "
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             f"promoted by another run after this pipeline's soup (version {steps['soup'].version})."
         )
     print(story, end="")
-    print(pipeline.next_steps_text())
+    print(workflow.next_steps_text())
     return 0
 
 

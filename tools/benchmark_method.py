@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uda.data.layouts import ACDC_CONDITIONS  # noqa: E402
-from uda.pipeline_summary import last_miou  # noqa: E402
+from uda.workflow_summary import last_miou  # noqa: E402
 
 EXPERIMENT = "method-benchmark"
 DOCS = ROOT / "docs" / "benchmarks.md"

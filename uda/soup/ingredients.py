@@ -3,7 +3,7 @@
 :func:`resolve_ingredients` names them (``-P aliases``, else the preset's
 ``soup.aliases``, else the last three checkpoints of the newest run);
 :func:`last_checkpoints` is the one rule for "the last three checkpoints of
-a run", also used by ``main`` (:mod:`uda.pipeline`) to hand the distill run's
+a run", also used by ``main`` (:mod:`uda.workflow`) to hand the distill run's
 checkpoints to the soup step. :func:`download_ingredients` fetches only
 their checkpoint files and reads them lazily, memory-mapped, so the streaming
 mix holds about one model at a time.

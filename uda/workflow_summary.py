@@ -107,7 +107,7 @@ def summarize_pipeline(
     """Read the table from the child runs.
 
     Args:
-        steps: :class:`~uda.pipeline.StepResult` by label (``source_only``,
+        steps: :class:`~uda.workflow.StepResult` by label (``source_only``,
             ``teacher``, ``distill``, ``soup``, ``evaluate``).
         models: ``label → "name vN"`` shown in the model column.
         client: An ``MlflowClient`` (default: a new one).
