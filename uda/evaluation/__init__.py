@@ -30,7 +30,7 @@ from .inputs import (
     check_split,
     load_model,
 )
-from .prediction import PredictedImage, logits_to_labels, predict_dataset
+from .prediction import PredictedImage, predict_dataset
 from .report import format_table, log_evaluation, log_submission
 from .scoring import EvaluationResult, evaluate
 from .submission import SubmissionResult, save_label_png, submission_filename, write_submission
@@ -47,7 +47,6 @@ __all__ = [
     "check_precision",
     "build_dataset",
     "load_model",
-    "logits_to_labels",
     "predict_dataset",
     "evaluate",
     "submission_filename",

@@ -15,17 +15,17 @@ predictions do not depend on the batch size. They stay on the model's device.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uda import cpu_threads, visualize
 from uda.data.dataset import SegmentationDataset
 from uda.data.layouts import Sample
 from uda.data.pipelines import load_image
+from uda.metrics import logits_to_labels
 from uda.models.hrda import bounded_slide
 from uda.precision import autocast
 
@@ -59,24 +59,6 @@ class PredictedImage:
             label,
             f"{self.sample.condition}: {self.sample.name}",
         )
-
-
-def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Class ids at ``size`` from ``(1, C, h, w)`` or ``(C, h, w)`` logits.
-
-    As mmseg's ``EncoderDecoder.inference(rescale=True)`` + ``simple_test``:
-    bilinear resize (``align_corners=False``) of the logits to the original
-    size, softmax over classes, argmax.
-
-    Returns:
-        ``(H, W)`` int64 tensor on the logits' device.
-    """
-    if logits.dim() == 3:
-        logits = logits[None]
-    logits = logits.float()
-    if tuple(logits.shape[2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-    return F.softmax(logits, dim=1).argmax(dim=1)[0]
 
 
 def _consecutive_batches(items: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
@@ -176,7 +158,7 @@ def predict_dataset(
                 logits = model.inference(imgs, mode)
             for k, item in enumerate(group):
                 size = [int(v) for v in item["ori_size"]]
-                pred = logits_to_labels(logits[k], size)
+                pred = logits_to_labels(logits[k : k + 1], size)[0]
                 label = item["gt"].to(device, non_blocking=True) if "gt" in item else None
                 if label is not None and tuple(label.shape) != tuple(size):
                     raise EvaluationError(
