@@ -1,7 +1,7 @@
-"""Tests of uda.evaluation on real files: a hand-made ACDC root with an oracle
-model (hand-computed metrics), and the embedded synthetic data with a tiny real
-student (mmseg parity, per-condition split, batch-size invariance, submission
-files, MLflow logging)."""
+"""Tests of uda.evaluation (and its figures, drawn by uda.visualize) on real
+files: a hand-made ACDC root with an oracle model (hand-computed metrics), and
+the embedded synthetic data with a tiny real student (mmseg parity,
+per-condition split, batch-size invariance, submission files, MLflow logging)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from uda import evaluation
+from uda import evaluation, visualize
 from uda.config import load_config
 from uda.data.dataset import acdc_dataset
 from uda.data.labels import LABEL_IDS, NUM_CLASSES, train_id_to_label_id
@@ -172,16 +172,6 @@ def test_duplicate_submission_names_are_refused(hand_root, tmp_path):
         evaluation.write_submission(RedChannelOracle(), dataset, tmp_path / "out")
 
 
-def test_logits_are_resized_like_mmseg():
-    mmseg_ops = reference("mmseg.ops")
-    logits = torch.randn(1, NUM_CLASSES, 9, 16, generator=torch.Generator().manual_seed(0))
-    ours = evaluation.logits_to_labels(logits, (27, 50))
-    ref = F.softmax(
-        mmseg_ops.resize(logits, size=(27, 50), mode="bilinear", align_corners=False), dim=1
-    ).argmax(1)[0]
-    assert torch.equal(ours, ref)
-
-
 # ----------------------------------------------------------------------
 # Embedded synthetic data and a tiny real student
 # ----------------------------------------------------------------------
@@ -320,14 +310,14 @@ def test_figures(embedded, student):
 
     dataset = evaluation.build_dataset(embedded.acdc_root, "val", IMG_SCALE)
     result = evaluation.evaluate(student, dataset, num_overlays=0)
-    figure = evaluation.confusion_matrix_figure(result.confusion)
+    figure = visualize.confusion_matrix_figure(result.confusion)
     shown = figure.axes[0].images[0].get_array()
     counts = result.confusion.matrix.double().numpy()
     present = counts.sum(1) > 0
     np.testing.assert_allclose(shown[present].sum(1), 1.0)  # rows are shares
     assert shown.mask[~present].all()  # classes without ground truth stay blank
     plt.close(figure)
-    figure = evaluation.per_class_iou_figure(result.table)
+    figure = visualize.per_class_iou_figure(result.table)
     heights = [bar.get_height() for bar in figure.axes[0].patches]
     np.testing.assert_allclose(heights, np.nan_to_num(result.table.overall.iou))
     plt.close(figure)

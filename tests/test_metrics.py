@@ -1,12 +1,14 @@
-"""Tests of uda.metrics: hand-computed values, mmseg parity, merging."""
+"""Tests of uda.metrics: hand-computed values, mmseg parity (of the metrics and of\nthe class ids made from logits), merging."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from uda.metrics import ConfusionMatrix, PerConditionMetrics
+from uda.data.labels import NUM_CLASSES
+from uda.metrics import ConfusionMatrix, PerConditionMetrics, logits_to_labels
 from references import reference
 
 IGNORE = 255
@@ -111,6 +113,16 @@ def test_matches_mmseg_mean_iou():
     assert cm.mean_accuracy() == pytest.approx(float(np.nanmean(ref["Acc"])))
     # The fixture really exercises both absent-class rules.
     assert np.isnan(ref["IoU"][-1]) and ref["IoU"][-2] == 0
+
+
+def test_logits_are_resized_like_mmseg():
+    mmseg_ops = reference("mmseg.ops")
+    logits = torch.randn(1, NUM_CLASSES, 9, 16, generator=torch.Generator().manual_seed(0))
+    ours = logits_to_labels(logits, (27, 50))[0]
+    ref = F.softmax(
+        mmseg_ops.resize(logits, size=(27, 50), mode="bilinear", align_corners=False), dim=1
+    ).argmax(1)[0]
+    assert torch.equal(ours, ref)
 
 
 def test_merge_equals_accumulating_everything():

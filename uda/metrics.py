@@ -24,6 +24,9 @@ One deliberate difference: mmseg silently drops label values outside
 raises a ``ValueError`` for them, because they are always a mistake (e.g.
 Cityscapes labelIds passed where trainIds are expected).
 
+The class ids counted come from :func:`logits_to_labels` (resize to the label
+size, argmax), in evaluation, training's validation and soup scoring alike.
+
 The module is pure torch + numpy so that training, evaluation and tests can
 use it without mmcv, mmseg or mlflow.
 """
@@ -36,11 +39,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from uda.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from uda.data.layouts import ACDC_CONDITIONS
 
-__all__ = ["ACDC_CONDITIONS", "ConfusionMatrix", "SegMetrics", "ConditionTable", "PerConditionMetrics"]
+__all__ = ["logits_to_labels", "ConfusionMatrix", "SegMetrics", "ConditionTable", "PerConditionMetrics"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -49,6 +53,27 @@ def _nanmean(values: torch.Tensor) -> float:
     """Mean over the non-NaN entries; NaN (no warning) when all are NaN."""
     valid = values[~torch.isnan(values)]
     return float(valid.mean()) if valid.numel() else math.nan
+
+
+def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Class ids at ``size`` from logits, as mmseg 0.30 scores a prediction.
+
+    ``EncoderDecoder.inference(rescale=True)`` + ``simple_test``: bilinear
+    resize (``align_corners=False``, in fp32) to the label's size, argmax.
+    mmseg's softmax before the argmax keeps the classes' order: left out.
+
+    Args:
+        logits: ``(B, C, h, w)`` scores, any float dtype; no gradient flows back.
+        size: ``(H, W)`` of the labels (logits of that size are not resized).
+
+    Returns:
+        ``(B, H, W)`` int64 class ids on the logits' device.
+    """
+    logits = logits.detach().float()
+    size = tuple(int(s) for s in size)
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
 
 
 @dataclass(frozen=True)

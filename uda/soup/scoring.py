@@ -33,12 +33,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from uda import cpu_threads
 from uda.data.labels import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from uda.data.layouts import ACDC_CONDITIONS, Sample
-from uda.metrics import ConditionTable, PerConditionMetrics
+from uda.metrics import ConditionTable, PerConditionMetrics, logits_to_labels
 
 from .mixing import SoupError
 
@@ -276,9 +275,8 @@ class SoupScorer:
         model = self.model if model is None else model
         cpu_threads.rebalance()
         logits = model.inference(batch.images)
-        if batch.labels is not None and tuple(logits.shape[-2:]) != tuple(batch.labels.shape[-2:]):
-            logits = F.interpolate(logits, size=batch.labels.shape[-2:], mode="bilinear", align_corners=False)
-        return logits.argmax(dim=1)
+        size = logits.shape[-2:] if batch.labels is None else batch.labels.shape[-2:]
+        return logits_to_labels(logits, size)
 
     @torch.inference_mode()
     def set_pseudo_labels(self, subset: str, teacher: nn.Module) -> None:

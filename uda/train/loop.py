@@ -60,11 +60,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from uda import cpu_threads
 from uda.errors import UserError
-from uda.metrics import ConditionTable, PerConditionMetrics
+from uda.metrics import ConditionTable, PerConditionMetrics, logits_to_labels
 from uda.precision import PRECISIONS, autocast
 
 from .augment import DACSAugmentation, pseudo_label_and_weight
@@ -195,10 +194,8 @@ class StepOutput:
 
 
 def _prediction(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    logits = F.interpolate(
-        logits[:1].detach().float(), size=tuple(size), mode="bilinear", align_corners=False
-    )
-    return logits.argmax(1)[0].cpu()
+    """The first image's class ids at ``size``, on the CPU (a debug image)."""
+    return logits_to_labels(logits[:1], size)[0].cpu()
 
 
 class UDATrainer:
@@ -542,9 +539,8 @@ def evaluate(
             cpu_threads.rebalance()
             img = item["img"][None].to(device)
             gt = item["gt"].to(device)
-            logits = model.inference(img, mode)
-            logits = F.interpolate(logits, size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)
-            metrics.update(logits.argmax(1)[0], gt, item["condition"])
+            pred = logits_to_labels(model.inference(img, mode), gt.shape[-2:])[0]
+            metrics.update(pred, gt, item["condition"])
     finally:
         model.train(was_training)
     return metrics.all_reduce().compute()
