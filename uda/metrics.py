@@ -59,8 +59,10 @@ def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Class ids at ``size`` from logits, as mmseg 0.30 scores a prediction.
 
     ``EncoderDecoder.inference(rescale=True)`` + ``simple_test``: bilinear
-    resize (``align_corners=False``, in fp32) to the label's size, argmax.
-    mmseg's softmax before the argmax keeps the classes' order: left out.
+    resize (``align_corners=False``, in fp32) to the label's size, softmax,
+    argmax. The softmax keeps the classes' order, but its rounding decides
+    near-ties, so it stays: predictions equal mmseg's pixel for pixel, in the
+    evaluation, the training's validation and soup scoring alike.
 
     Args:
         logits: ``(B, C, h, w)`` scores, any float dtype; no gradient flows back.
@@ -73,7 +75,7 @@ def logits_to_labels(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(logits.shape[-2:]) != size:
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)
+    return F.softmax(logits, dim=1).argmax(dim=1)
 
 
 @dataclass(frozen=True)
