@@ -101,7 +101,7 @@ PIP_REQUIREMENTS = (
     "pyyaml==6.0.4",
 )
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # uda/, logged as the code
 _MODEL_CODE = '''\
 """Pyfunc entry point of a cs2acdc-uda segmentor (models-from-code: MLflow
 runs this file with the logged `uda` package on sys.path; nothing is
