@@ -562,55 +562,6 @@ def _check_kind(kind: str) -> None:
 # Logging
 # ----------------------------------------------------------------------
 @contextmanager
-def _checkpoint_file(
-    checkpoint: str | os.PathLike | nn.Module | Mapping[str, Any],
-    model_cfg: Mapping[str, Any] | None,
-    meta: Mapping[str, Any] | None,
-) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A ``cs2acdc-uda/1`` file of ``checkpoint`` and its model config.
-
-    Our own files are used as they are; a module, a state dict or a foreign
-    checkpoint (MIC / CKD / mmseg) is written to a temporary file that is
-    deleted after logging, so only the logged copy remains.
-    """
-    from uda.models import FORMAT_TAG, normalize_model_cfg, read_checkpoint, save_checkpoint
-    from uda.models.foreign import convert_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as tmp:
-        target = Path(tmp) / "checkpoint.pth"
-        if isinstance(checkpoint, (nn.Module, Mapping)):
-            save_checkpoint(target, checkpoint, model_cfg, meta)
-            cfg = (
-                model_cfg if model_cfg is not None else checkpoint.model_cfg
-            )  # save_checkpoint checked one exists
-            yield target, normalize_model_cfg(cfg)
-            return
-        path = Path(checkpoint)
-        obj = read_checkpoint(path, mmap=True)
-        if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
-            stored = dict(obj["model_cfg"])
-            if model_cfg is not None and normalize_model_cfg(model_cfg) != normalize_model_cfg(stored):
-                raise ValueError(
-                    f"{str(path)!r} describes another model than model_cfg "
-                    f"(backbone {stored.get('backbone')!r}); pass "
-                    f"model_cfg=None to use the one stored in the file."
-                )
-            del obj
-            yield path, stored
-            return
-        if model_cfg is None:
-            raise ValueError(
-                f"{str(path)!r} is not a cs2acdc-uda/1 checkpoint, so it does "
-                f"not say which model it holds; pass model_cfg (the preset's "
-                f"model section) to import it."
-            )
-        del obj
-        converted = convert_checkpoint(path, target, model_cfg, meta=dict(meta or {}))
-        log.info("Imported %s: %s", path, converted.report)
-        yield target, converted.model_cfg
-
-
-@contextmanager
 def _serving_device(device: str) -> Iterator[None]:
     """Run MLflow's input-example check of ``log_model`` on ``device`` (the
     CPU), not on the GPU a training run is using."""
@@ -661,6 +612,7 @@ def log_segmentor(
     """
     from uda.models import FORMAT_TAG
     from uda.models.checkpoint_files import file_sha256
+    from uda.models.foreign import as_checkpoint_file
     from uda.serving import CHECKPOINT_ARTIFACT, example_image_png, input_frame, serving_signature
     from uda.tracking import flatten
 
@@ -680,7 +632,7 @@ def log_segmentor(
         model_tags["preset"] = str(preset)
     model_tags.update({k: str(v) for k, v in (tags or {}).items()})
     with (
-        _checkpoint_file(checkpoint, model_cfg, meta) as (path, cfg),
+        as_checkpoint_file(checkpoint, model_cfg, meta) as (path, cfg),
         tempfile.TemporaryDirectory(prefix="uda-pyfunc-") as tmp,
     ):
         code_file = Path(tmp) / "segmentation_model.py"
