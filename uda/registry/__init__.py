@@ -26,7 +26,7 @@ One concern per module: :mod:`~uda.registry.names` (names and their rules),
 """
 
 from .aliases import set_alias, set_alias_safely
-from .artifacts import version_metadata
+from .artifacts import download_checkpoint, version_metadata
 from .errors import ModelNotFoundError, RegistryError, UnknownModelError
 from .loading import load_segmentor, verify_loadable
 from .names import (
@@ -77,4 +77,5 @@ __all__ = [
     "find_versions",
     "source_run_id",
     "version_metadata",
+    "download_checkpoint",
 ]

@@ -14,7 +14,7 @@ import mlflow
 import torch.nn as nn
 from mlflow.exceptions import MlflowException
 
-from .artifacts import error_cause, verify_artifacts
+from .artifacts import download_model_file, error_cause, verify_artifacts
 from .errors import RegistryError
 from .references import check_model_uri
 from .versions import get_version, ready_logged_model, version_model_id, wait_ready
@@ -53,8 +53,6 @@ def load_segmentor(
             ``FileNotFoundError``) when nothing by that name exists.
         CheckpointError: Bad checkpoint file.
     """
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     from uda.models import build_from_checkpoint
     from uda.models.foreign import load_segmentor_file
 
@@ -65,10 +63,9 @@ def load_segmentor(
     elif reference.kind == "folder":
         model = build_from_checkpoint(Path(reference.uri) / str(reference.checkpoint))
     else:
-        repo = get_artifact_repository(reference.uri)
         with tempfile.TemporaryDirectory(prefix="uda-load-") as tmp:
             try:
-                local = repo.download_artifacts(str(reference.checkpoint), tmp)
+                local = download_model_file(reference.uri, str(reference.checkpoint), tmp)
             except (MlflowException, OSError) as err:
                 raise RegistryError(
                     f"Cannot download the checkpoint of {reference.uri} "

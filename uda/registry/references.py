@@ -261,16 +261,13 @@ def _with_checkpoint(reference: ModelReference, quiet: bool = False) -> ModelRef
     the MLmodel exists and describes a cs2acdc-uda segmentor."""
     from dataclasses import replace
 
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     from uda.tracking import temporary_env
 
     try:
         # No download progress bar for the small MLmodel file of a check.
         with temporary_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-            repo = get_artifact_repository(reference.uri)
             with tempfile.TemporaryDirectory(prefix="uda-check-") as tmp:
-                mlmodel = read_mlmodel(repo, tmp)
+                mlmodel = read_mlmodel(reference.uri, tmp)
     except (MlflowException, OSError) as err:
         if quiet:
             raise _NoModel() from None
