@@ -21,8 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def move_alias(name: str, alias: str, version: str, move: bool = True) -> None:
-    """Point ``alias`` at ``version``; with ``move=False`` an alias that
-    already names another version is left alone."""
+    """Point ``alias`` at ``version`` (no checks; callers verify first).
+
+    Args:
+        name: Registered model name.
+        alias: Alias to set or move (a move is logged as a warning).
+        version: Version number.
+        move: False: an alias that already names another version is left
+            alone (a re-registration never takes an alias back).
+    """
     client = mlflow.MlflowClient()
     current = client.get_registered_model(name).aliases.get(alias)
     if current is not None and str(current) == str(version):
@@ -43,7 +50,16 @@ def move_alias(name: str, alias: str, version: str, move: bool = True) -> None:
 
 def set_alias(name: str, alias: str, version: int | str) -> None:
     """Point ``alias`` at a version that is READY with complete artifacts
-    (without loading it; :func:`set_alias_safely` also runs it once)."""
+    (without loading it; :func:`set_alias_safely` also runs it once).
+
+    Args:
+        name: Registered model name.
+        alias: Alias to set or move.
+        version: Version number.
+
+    Raises:
+        RegistryError: The version is not READY or its artifacts are incomplete.
+    """
     check_name(name)
     version = str(wait_ready(name, str(version)).version)
     verify_artifacts(name, version)
