@@ -267,6 +267,7 @@ def log_and_register(
         source = _find_logged_model(run_id, kind, iteration)
     try:
         if source is None:
+            # Imported here: the registry loads without the served model (uda.serving, Pillow).
             from uda.serving import log_segmentor
 
             source = log_segmentor(
