@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, evaluation, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
 from uda.models.foreign import role_model_cfg  # noqa: E402
+from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -18,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target-root", required=True, help="ACDC root (nested or flattened)")
     parser.add_argument(
         "--model",
-        default="models:/cs2acdc-student@serving",
+        default=f"models:/{STUDENT_MODEL_NAME}@serving",
         help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
         "models:/m-<logged model id>, runs:/RUN_ID/PATH or a checkpoint file",
     )

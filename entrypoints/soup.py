@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
+from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
 from uda.soup.ingredients import resolve_ingredients  # noqa: E402
 from uda.soup.request import DEFAULT_TEACHER, make_request  # noqa: E402
 from uda.soup.step import run_soup  # noqa: E402
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
     cli.add_config_args(parser)
     cli.add_device_arg(parser)
     parser.add_argument("--target-root", required=True)
-    parser.add_argument("--model-name", default="cs2acdc-student")
+    parser.add_argument("--model-name", default=STUDENT_MODEL_NAME)
     parser.add_argument(
         "--aliases", default="", help="comma-separated, e.g. iter-24000,iter-32000,iter-40000"
     )

@@ -6,11 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli  # noqa: E402
+from uda.registry import TEACHER_MODEL_NAME  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    cli.add_training_args(parser, default_model="cs2acdc-teacher")
+    cli.add_training_args(parser, default_model=TEACHER_MODEL_NAME)
     parser.add_argument("--checkpoint", default="", help="MIC checkpoint to import instead of training")
     args = parser.parse_args(argv)
     cfg = cli.training_config(args)

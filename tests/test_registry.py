@@ -16,20 +16,18 @@ from uda.config import load_config
 from uda.errors import UserError
 from uda.models import build_segmentor, save_checkpoint
 from uda.registry import (
-    PIP_REQUIREMENTS,
     RegistryError,
     check_model_uri,
     get_registered_model,
     load_segmentor,
     log_and_register,
-    log_segmentor,
     register_checkpoint,
     resolve_alias,
     set_alias_safely,
     validate_alias,
     validate_model_name,
 )
-from uda.serving import decode_png, example_image_png, input_frame
+from uda.serving import PIP_REQUIREMENTS, decode_png, example_image_png, input_frame, log_segmentor
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,8 @@ from PIL import Image
 from uda.config import load_config
 from uda.data.labels import PALETTE
 from uda.models import build_segmentor, save_checkpoint
-from uda import serving
+from uda.serving import inference as serving_inference
+from uda.serving import request as serving_request
 from uda.serving import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -233,7 +234,7 @@ def test_over_budget_request_is_a_413_before_any_decoding(served, case, monkeypa
     def no_decoding(*args, **kwargs):
         raise AssertionError("pixels were decoded for an over-budget request")
 
-    monkeypatch.setattr(serving, "_decode_image", no_decoding)
+    monkeypatch.setattr(serving_request, "_decode_image", no_decoding)
     monkeypatch.setattr(served, "_segment", no_decoding)
     with pytest.raises(RequestTooLarge) as info:
         served.predict(None, pd.DataFrame({"image": images}))
@@ -253,7 +254,8 @@ def test_requests_exactly_at_the_budgets_pass_the_checks(served):
         [_solid_png(1920, 1080)] * 4,
         [_solid_png(64, 64)] * MAX_IMAGES_PER_REQUEST,
     ):
-        images = served._check_request(pd.DataFrame({"image": [b64(png) for png in pngs]}))
+        frame = pd.DataFrame({"image": [b64(png) for png in pngs]})
+        images = serving_request.open_images(frame, served.max_image_pixels)
         assert len(images) == len(pngs)
         for image in images:
             image.close()
@@ -313,7 +315,7 @@ def test_whole_mode_model_runs_one_pass_with_a_smaller_image_limit(served, segme
 
 def test_deadline_stops_between_window_batches(served, windows, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(serving, "_now", lambda: clock[0])
+    monkeypatch.setattr(serving_inference, "_now", lambda: clock[0])
     windows.on_batch = lambda: clock.__setitem__(0, clock[0] + 1.0)
     monkeypatch.setattr(served, "slide_batch_pixels", 2 * 128 * 128)
     with pytest.raises(RequestTimeout) as info:
@@ -344,7 +346,7 @@ def test_a_waiting_request_gives_up_at_its_deadline(served, windows):
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_device():
-        with served._turns.turn(serving._Deadline(None), "test"):
+        with served._turns.turn(serving_inference.Deadline(None), "test"):
             holding.set()
             release.wait(10)
 

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from uda.data.layouts import ACDC_CONDITIONS  # noqa: E402
+from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
 from uda.workflow_summary import last_miou  # noqa: E402
 
 EXPERIMENT = "method-benchmark"
@@ -146,14 +147,10 @@ def run_seed(store_uri: str, seed: int, cfg_options: str) -> dict[str, Any]:
             f"params.{'method' if 'method' in params else 'weights'}"
             f" = '{next(iter(params.values()))}'",
         )
-        version = soup_run.data.tags["soup.version"]
-        _mlflow_run(
-            store_uri, "evaluate", {"cfg_options": cfg_options, "model": f"models:/cs2acdc-student/{version}"}
-        )
+        model = f"models:/{STUDENT_MODEL_NAME}/{soup_run.data.tags['soup.version']}"
+        _mlflow_run(store_uri, "evaluate", {"cfg_options": cfg_options, "model": model})
         evaluation = _newest(
-            client,
-            experiment_id,
-            f"tags.entry_point = 'evaluate' and params.model = 'models:/cs2acdc-student/{version}'",
+            client, experiment_id, f"tags.entry_point = 'evaluate' and params.model = '{model}'"
         )
         figures["val"][label] = _val(client, evaluation.info.run_id, "")
         if label == "3:3:4 soup":

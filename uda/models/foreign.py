@@ -1,4 +1,5 @@
-"""Checkpoints written by other code, recognised and converted into ours.
+"""Checkpoints written by other code, recognised and converted into ours;
+:func:`as_checkpoint_file` turns any checkpoint into a file of ours before it is logged.
 
 The original solution (leoil/ACDC_UDA_seg) published mmcv runner files of its
 distillation (``fan_iter_24k.pth`` …) and its soup (``soup_fan_334.pth``); MIC
@@ -29,13 +30,16 @@ loaders do (``checkpoint.SUBMODEL_PREFIXES`` lists the others).
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
-import os
+from collections.abc import Iterator, Mapping
 
 import torch.nn as nn
 
@@ -55,6 +59,7 @@ from .checkpoint import (
     unwrap_state_dict,
 )
 from .checkpoint_files import CheckpointError, file_sha256, read_checkpoint
+from .model_cfg import normalize_model_cfg
 
 __all__ = [
     "ROLES",
@@ -71,7 +76,10 @@ __all__ = [
     "describe",
     "load_segmentor_file",
     "convert_checkpoint",
+    "as_checkpoint_file",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Preset sections a foreign file's architecture can come from.
 ROLES = ("student", "teacher")
@@ -192,8 +200,6 @@ def iteration_from_name(name: str) -> int | None:
 
 
 def _architecture(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from .model_cfg import normalize_model_cfg
-
     cfg = normalize_model_cfg(model_cfg)
     arch = {k: cfg[k] for k in _ARCH_KEYS}
     arch.update({f"decode_head.{k}": cfg["decode_head"][k] for k in _HEAD_ARCH_KEYS})
@@ -404,3 +410,64 @@ def convert_checkpoint(
     return ConvertedCheckpoint(
         written, summary, digest, report.prefix, report, dict(model.model_cfg), time.perf_counter() - started
     )
+
+
+@contextmanager
+def as_checkpoint_file(
+    checkpoint: str | os.PathLike | nn.Module | Mapping[str, Any],
+    model_cfg: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A ``cs2acdc-uda/1`` file of any checkpoint, and its model config.
+
+    Our own files are used as they are; a module, a state dict or a foreign
+    checkpoint (MIC / CKD / mmseg) is written to a temporary file that is
+    deleted when the context exits (after logging, so only the logged copy
+    remains).
+
+    Args:
+        checkpoint: Our own file, a foreign file (needs ``model_cfg``), a
+            segmentor module, or a state dict (needs ``model_cfg``).
+        model_cfg: The ``model`` section of a preset, for checkpoints that
+            do not describe themselves; checked against a file that does.
+        meta: Extra checkpoint ``meta`` when the file is written here.
+
+    Yields:
+        ``(path, model_cfg)``: the file and its normalised model config.
+
+    Raises:
+        ValueError: A foreign file without ``model_cfg``, or our own file
+            describing another model than ``model_cfg``.
+    """
+    with tempfile.TemporaryDirectory(prefix="uda-ckpt-") as tmp:
+        target = Path(tmp) / "checkpoint.pth"
+        if isinstance(checkpoint, (nn.Module, Mapping)):
+            save_checkpoint(target, checkpoint, model_cfg, meta)
+            cfg = (
+                model_cfg if model_cfg is not None else checkpoint.model_cfg
+            )  # save_checkpoint checked one exists
+            yield target, normalize_model_cfg(cfg)
+            return
+        path = Path(checkpoint)
+        obj = read_checkpoint(path, mmap=True)
+        if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
+            stored = dict(obj["model_cfg"])
+            if model_cfg is not None and normalize_model_cfg(model_cfg) != normalize_model_cfg(stored):
+                raise ValueError(
+                    f"{str(path)!r} describes another model than model_cfg "
+                    f"(backbone {stored.get('backbone')!r}); pass "
+                    f"model_cfg=None to use the one stored in the file."
+                )
+            del obj
+            yield path, stored
+            return
+        if model_cfg is None:
+            raise ValueError(
+                f"{str(path)!r} is not a cs2acdc-uda/1 checkpoint, so it does "
+                f"not say which model it holds; pass model_cfg (the preset's "
+                f"model section) to import it."
+            )
+        del obj
+        converted = convert_checkpoint(path, target, model_cfg, meta=dict(meta or {}))
+        log.info("Imported %s: %s", path, converted.report)
+        yield target, converted.model_cfg

@@ -167,27 +167,6 @@ def resolve_ingredients(request: SoupRequest) -> tuple[list[IngredientRef], str]
     return refs, source
 
 
-def _download_checkpoint(model_name: str, version: str, folder: Path) -> Path:
-    """Downloads only the checkpoint file (and MLmodel) of a version."""
-    from mlflow.models import Model
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    from uda.serving import CHECKPOINT_ARTIFACT
-
-    uri = f"models:/{model_name}/{version}"
-    folder.mkdir(parents=True, exist_ok=True)
-    repo = get_artifact_repository(uri)
-    mlmodel = Model.load(repo.download_artifacts("MLmodel", str(folder)))
-    entry = ((mlmodel.flavors.get("python_function") or {}).get("artifacts") or {}).get(CHECKPOINT_ARTIFACT)
-    if not entry:
-        raise SoupError(
-            f"{uri} is not a cs2acdc-uda segmentor (no "
-            f"{CHECKPOINT_ARTIFACT!r} artifact); it cannot be an "
-            "ingredient"
-        )
-    return Path(repo.download_artifacts(entry["path"], str(folder)))
-
-
 def _read_checkpoint(path: Path) -> Mapping[str, Any]:
     """Memory-mapped read (tensors stay in the page cache, so loading an
     ingredient again for the next trial costs little and the process holds
@@ -231,9 +210,11 @@ def download_ingredients(model_name: str, ingredients: Sequence[IngredientRef], 
         folder: Where the files go.
 
     Raises:
-        SoupError: a version that is not a cs2acdc-uda segmentor.
+        RegistryError: a version that is not a cs2acdc-uda segmentor, or not fully logged.
     """
-    paths = [_download_checkpoint(model_name, i.version, folder / f"v{i.version}") for i in ingredients]
+    from uda.registry import download_checkpoint
+
+    paths = [download_checkpoint(model_name, i.version, folder / f"v{i.version}") for i in ingredients]
     return Checkpoints(
         paths=paths,
         loaders=[_state_dict_loader(p) for p in paths],

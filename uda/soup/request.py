@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uda.data.paths import EMBEDDED_ROOT
+from uda.registry.names import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 
 from .mixing import SoupError, parse_weights
 
@@ -22,7 +23,7 @@ __all__ = ["METHODS", "OBJECTIVES", "PROMOTE_CHOICES", "DEFAULT_TEACHER", "SoupR
 METHODS = ("optuna", "greedy", "uniform")
 OBJECTIVES = ("miou", "teacher-agreement")
 PROMOTE_CHOICES = ("true", "false", "if-better")
-DEFAULT_TEACHER = "models:/cs2acdc-teacher/latest"
+DEFAULT_TEACHER = f"models:/{TEACHER_MODEL_NAME}/latest"
 #: How ``-P weights`` asks for searched weights instead of fixed ones.
 _SEARCH_WORDS = ("", "optuna", "auto")
 
@@ -80,7 +81,7 @@ def _split_list(text: str | None) -> list[str]:
 
 def make_request(
     cfg: Mapping[str, Any],
-    model_name: str = "cs2acdc-student",
+    model_name: str = STUDENT_MODEL_NAME,
     aliases: Sequence[str] | str | None = None,
     weights: str | None = None,
     method: str | None = None,
@@ -187,8 +188,7 @@ def make_request(
         raise SoupError(f"soup.tune_fraction must lie strictly between 0 and 1, got {tune_fraction}")
     if chosen_objective == "teacher-agreement" and not str(teacher).strip():
         raise SoupError(
-            "objective=teacher-agreement needs a teacher model "
-            "URI (-P teacher=models:/cs2acdc-teacher/latest)"
+            f"objective=teacher-agreement needs a teacher model URI (-P teacher={DEFAULT_TEACHER})"
         )
     target = dict((cfg.get("data") or {}).get("target") or {})
     img_scale = target.get("img_scale")
