@@ -25,10 +25,11 @@ raises a ``ValueError`` for them, because they are always a mistake (e.g.
 Cityscapes labelIds passed where trainIds are expected).
 
 The class ids counted come from :func:`logits_to_labels` (resize to the label
-size, argmax), in evaluation, training's validation and soup scoring alike.
+size, softmax, argmax), in evaluation, training's validation and soup scoring alike.
 
 The module is pure torch + numpy so that training, evaluation and tests can
-use it without mmcv, mmseg or mlflow.
+use it without mmcv, mmseg or mlflow. It stays one file (~460 lines): the
+per-condition table is the confusion matrix kept once per ACDC condition.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ Layouts (:func:`describe`, the ``source_format`` tag of an import):
 
 ``prefix='auto'`` takes ``model.*``, as MIC's test script and the original's
 loaders do (``checkpoint.SUBMODEL_PREFIXES`` lists the others).
+
+One file (~470 lines) for recognising a layout and converting it: both read the
+same layout table above, and :mod:`uda.models.checkpoint` (the formats we load)
+cannot take them without an import cycle.
 """
 
 from __future__ import annotations
