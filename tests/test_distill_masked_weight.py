@@ -13,7 +13,7 @@ import torch
 
 import uda.train.loop as loop
 from uda.models import build_segmentor
-from uda.train.data import seed_everything
+from uda.train.batches import seed_everything
 from uda.train.masking import masked_pseudo_weight
 
 # Tiny trainers and their module fixtures (64-px crops, 4-px MIC blocks).

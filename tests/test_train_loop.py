@@ -12,7 +12,7 @@ import torch
 
 from uda.config import load_config
 from uda.models import build_segmentor
-from uda.train.data import (
+from uda.train.batches import (
     TrainBatches,
     build_train_data,
     build_val_dataset,

@@ -39,7 +39,7 @@ The pseudo-label source is the only difference between the entry points:
 Every random draw of iteration ``i`` (HRDA detail crop, ClassMix classes,
 jitter, blur, masks, dropout) comes from generators reseeded from
 ``(seed, rank, i)`` at the start of the iteration, and the batch of
-iteration ``i`` is built the same way (:mod:`uda.train.data`). A run
+iteration ``i`` is built the same way (:mod:`uda.train.batches`). A run
 resumed from a checkpoint at iteration ``N`` therefore repeats the
 uninterrupted run's losses exactly from ``N`` on, given the model,
 optimizer, scheduler and EMA states.
@@ -68,7 +68,7 @@ from uda.metrics import ConditionTable, PerConditionMetrics
 from uda.precision import PRECISIONS, autocast
 
 from .augment import DACSAugmentation, pseudo_label_and_weight
-from .data import STREAM_STEP, iteration_seed, seed_everything
+from .batches import STREAM_STEP, iteration_seed, seed_everything
 from .distributed import DistContext
 from .feature_distance import ImageNetFeatureDistance
 from .masking import build_mask_generator, mask_mode_uses_aug, masked_pseudo_weight, select_masked_batch
@@ -336,7 +336,7 @@ class UDATrainer:
         Args:
             batch: ``img`` (B, 3, H, W) and ``gt`` (B, H, W) source crops,
                 ``target_img`` (B, 3, H, W) target crops (see
-                :class:`~uda.train.data.TrainBatches`).
+                :class:`~uda.train.batches.TrainBatches`).
             iteration: Iterations done before this one.
             debug: Also return the first image of each stage.
         """
@@ -577,7 +577,7 @@ def fit(
     Args:
         trainer: The trainer.
         batches: Batches of exactly those iterations, in order (e.g.
-            :func:`~uda.train.data.train_loader`).
+            :func:`~uda.train.batches.train_loader`).
         start: First iteration index.
         stop: One past the last.
         hooks: Logging / checkpoint callbacks.

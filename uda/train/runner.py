@@ -24,7 +24,7 @@ registered model versions.
 4. at every ``checkpoint_config.interval`` iterations and at the end:
    register the checkpoint (``iter-<N>`` alias, tags: iteration, run id,
    preset, val mIoU) through :func:`uda.registry.log_and_register`, then
-   write the resume state (:mod:`uda.train.checkpointing`).
+   write the resume state (:mod:`uda.train.resume`).
 
 Importing a published checkpoint instead of training is :mod:`uda.importing`.
 """
@@ -52,8 +52,8 @@ from uda import cpu_threads
 from uda.errors import UserError
 from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 
-from . import checkpointing as ckpt
-from .data import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
+from . import resume
+from .batches import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
 from .distributed import DistContext, configure_threads, init_distributed
 from .loop import FitHooks, LogAccumulator, StepOutput, UDATrainer, check_schedule, evaluate, fit
 
@@ -236,7 +236,7 @@ def _training_run(
         with entry_point_run(entry_point, params, cfg):
             mlflow.set_tags(
                 {
-                    ckpt.TAG_RESUMED_INTO: resume_run_id,
+                    resume.TAG_RESUMED_INTO: resume_run_id,
                     "mlflow.note.content": f"Resumed run {resume_run_id}; training, metrics and "
                     f"model versions continue there.",
                 }
@@ -277,19 +277,19 @@ def _plan(
     from uda.registry import load_segmentor
 
     plan = _Plan()
-    wanted = ckpt.parse_resume(request.resume)
+    wanted = resume.parse_resume(request.resume)
     run = None
     if wanted == "auto":
         experiment_id = _experiment_id()
         if experiment_id is not None:
-            run = ckpt.find_resumable_run(
+            run = resume.find_resumable_run(
                 experiment_id, request.entry_point, print_, exclude=os.environ.get("MLFLOW_RUN_ID")
             )
     elif wanted is not None:
-        run = ckpt.check_resumable(wanted, request.entry_point, print_, flat_cfg)
+        run = resume.check_resumable(wanted, request.entry_point, print_, flat_cfg)
     if run is not None:
         plan.resume_run_id = run.info.run_id
-        plan.resume_state = ckpt.read_resume_state(run.info.run_id)
+        plan.resume_state = resume.read_resume_state(run.info.run_id)
         if plan.resume_state is not None:
             model, _ = load_segmentor(plan.resume_state["model_uri"])
             plan.model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -452,7 +452,7 @@ def _train(request: TrainRequest, ctx: DistContext) -> TrainResult | None:
     model_cfg = cfg[role]["model"]
     seed = int(cfg["seed"])
     max_iters = int(cfg["runner"]["max_iters"])
-    print_ = ckpt.fingerprint(
+    print_ = resume.fingerprint(
         request.entry_point,
         _absolute_roots(cfg),
         {
@@ -517,10 +517,10 @@ def _train(request: TrainRequest, ctx: DistContext) -> TrainResult | None:
     with _training_run(request.entry_point, request.params, cfg, plan.resume_run_id) as run:
         run_id = run.info.run_id
         tags = {
-            ckpt.TAG_FINGERPRINT: print_,
-            ckpt.TAG_STATE: "running",
-            ckpt.TAG_HOST: socket.gethostname(),
-            ckpt.TAG_PID: str(os.getpid()),
+            resume.TAG_FINGERPRINT: print_,
+            resume.TAG_STATE: "running",
+            resume.TAG_HOST: socket.gethostname(),
+            resume.TAG_PID: str(os.getpid()),
             "uda.mode": trainer.mode,
             "uda.model_name": model_name,
             "uda.world_size": str(ctx.world_size),
@@ -528,7 +528,7 @@ def _train(request: TrainRequest, ctx: DistContext) -> TrainResult | None:
         if plan.teacher_uri:
             tags["uda.teacher.uri"] = plan.teacher_uri
         if start:
-            tags[ckpt.TAG_RESUMES] = str(int(run.data.tags.get(ckpt.TAG_RESUMES, "0")) + 1)
+            tags[resume.TAG_RESUMES] = str(int(run.data.tags.get(resume.TAG_RESUMES, "0")) + 1)
         mlflow.set_tags(tags)
         if start == 0 and plan.resume_state is None:
             _log_inputs(cfg, plan.teacher_uri)
@@ -547,7 +547,7 @@ def _train(request: TrainRequest, ctx: DistContext) -> TrainResult | None:
             _fit_and_checkpoint(trainer, loader, vals, conditions, start, cfg, reporter, ctx)
         finally:
             reporter.progress.close()
-        mlflow.set_tag(ckpt.TAG_STATE, "finished")
+        mlflow.set_tag(resume.TAG_STATE, "finished")
     _print_summary(result)
     return result
 
@@ -561,7 +561,7 @@ def _discard_half_logged(run: Any, resumed: bool, entry_point: str, print_: str)
 
     run_id = run.info.run_id
     targets = {run_id: "left by the interrupted process of this run, which was resumed"} if resumed else {}
-    for other in ckpt.interrupted_runs(run.info.experiment_id, entry_point, print_, exclude=run_id):
+    for other in resume.interrupted_runs(run.info.experiment_id, entry_point, print_, exclude=run_id):
         targets[other.info.run_id] = f"left by an interrupted run of this config (found by run {run_id})"
     discarded: list[str] = []
     for target, reason in targets.items():
@@ -699,8 +699,8 @@ class _Reporter:
             world_size=self.trainer.ctx.world_size,
             seed=self.trainer.seed,
         )
-        ckpt.write_resume_state(self.run_id, state)
-        mlflow.set_tag(ckpt.TAG_RESUME_ITERATION, str(done))
+        resume.write_resume_state(self.run_id, state)
+        mlflow.set_tag(resume.TAG_RESUME_ITERATION, str(done))
         self.result.versions[done] = str(version.version)
         self.progress.note(
             f"iter {done}: registered {self.model_name} version {version.version} (alias iter-{done})."
