@@ -67,13 +67,13 @@ from uda.errors import UserError
 from uda.metrics import ConditionTable, PerConditionMetrics
 from uda.precision import PRECISIONS, autocast
 
-from .augment import DACSAugmentation, pseudo_label_and_weight
+from .augment import DACSAugmentation
 from .batches import STREAM_STEP, iteration_seed, seed_everything
 from .distributed import DistContext
 from .feature_distance import ImageNetFeatureDistance
 from .masking import build_mask_generator, mask_mode_uses_aug, masked_pseudo_weight, select_masked_batch
 from .optim import build_lr_scheduler, build_optimizer, current_lrs
-from .teacher import EMATeacher, FrozenTeacher, Teacher, unwrap_model
+from .teacher import EMATeacher, FrozenTeacher, Teacher, pseudo_label_and_weight, unwrap_model
 
 __all__ = [
     "TrainConfigError",
