@@ -20,8 +20,10 @@ from uda.train.batches import (
     train_loader,
     val_loader,
 )
-from uda.train.loop import TrainConfigError, UDATrainer, check_schedule, evaluate, fit
+from uda.train.loop import evaluate, fit
+from uda.train.settings import TrainConfigError, check_schedule
 from uda.train.teacher import ema_alpha
+from uda.train.trainer import UDATrainer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"

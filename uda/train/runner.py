@@ -14,7 +14,7 @@ registered model versions.
    created for this launch is tagged ``uda.resumed_into=<original>`` and
    closed, and training continues in the original run, so versions,
    metrics and the resume state stay with one run id);
-3. train with :class:`~uda.train.loop.UDATrainer` (DDP under torchrun),
+3. train with :class:`~uda.train.trainer.UDATrainer` (DDP under torchrun),
    logging losses, learning rates, pseudo-label confidence and throughput
    every ``log_config.interval`` iterations, debug images every
    ``log_config.img_interval``, ACDC-val mIoU (overall and per condition)
@@ -55,7 +55,9 @@ from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
 from . import resume
 from .batches import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
 from .distributed import DistContext, configure_threads, init_distributed
-from .loop import FitHooks, LogAccumulator, StepOutput, UDATrainer, check_schedule, evaluate, fit
+from .loop import FitHooks, LogAccumulator, evaluate, fit
+from .settings import check_schedule
+from .trainer import StepOutput, UDATrainer
 
 __all__ = [
     "TEACHER_MODEL_NAME",
