@@ -25,28 +25,7 @@ from uda.metrics import ConditionTable, PerConditionMetrics
 from .teacher import unwrap_model
 from .trainer import StepOutput, UDATrainer
 
-__all__ = ["LogAccumulator", "evaluate", "FitHooks", "fit"]
-
-
-class LogAccumulator:
-    """Running sums of scalar log tensors between two log points (no host
-    sync until :meth:`means`)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, values: Mapping[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            value = value.detach().double()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        """Averages since the last reset, then reset."""
-        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return out
+__all__ = ["evaluate", "FitHooks", "fit"]
 
 
 @torch.no_grad()
