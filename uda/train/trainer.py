@@ -1,5 +1,4 @@
-"""One iteration of UDA training: :class:`UDATrainer`, one step for three
-sources of target supervision.
+"""One iteration of UDA training: one step, three sources of target supervision.
 
 :class:`UDATrainer` runs one iteration of MIC's DACS self-training
 (lhoyer/MIC ``seg/mmseg/models/uda/dacs.py`` ``forward_train`` and
