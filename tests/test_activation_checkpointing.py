@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from uda.train.loop import TrainConfigError
+from uda.train.settings import TrainConfigError
 
 # Tiny trainers and their module fixtures (64-px crops).
 from test_train_loop import _trainer, batches, cfg, embedded_roots  # noqa: F401 (fixtures)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import uda.train.loop as loop
+import uda.train.trainer as trainer_module
 from uda.models import build_segmentor
-from uda.train.data import seed_everything
+from uda.train.batches import seed_everything
 from uda.train.masking import masked_pseudo_weight
 
 # Tiny trainers and their module fixtures (64-px crops, 4-px MIC blocks).
@@ -23,7 +23,7 @@ from test_train_loop import _trainer, batches, cfg, embedded_roots  # noqa: F401
 def _spied_step(trainer, batch, monkeypatch) -> dict:
     seen: dict = {}
     real_mix = trainer.augmentation.mix
-    real_select = loop.select_masked_batch
+    real_select = trainer_module.select_masked_batch
 
     def mix(*args, **kwargs):
         out = real_mix(*args, **kwargs)
@@ -44,7 +44,7 @@ def _spied_step(trainer, batch, monkeypatch) -> dict:
         return out
 
     monkeypatch.setattr(trainer.augmentation, "mix", mix)
-    monkeypatch.setattr(loop, "select_masked_batch", select)
+    monkeypatch.setattr(trainer_module, "select_masked_batch", select)
     losses = trainer.train_step(batch, 0).log_vars
     assert "masked.decode.loss_seg" in losses
     assert seen["calls"] == 1

@@ -37,8 +37,9 @@ import torch
 
 from uda.config import load_config
 from uda.models import build_segmentor
-from uda.train.data import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
-from uda.train.loop import FitHooks, UDATrainer, evaluate, fit
+from uda.train.batches import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
+from uda.train.loop import FitHooks, evaluate, fit
+from uda.train.trainer import UDATrainer
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "data" / "embedded"
 ITERATIONS = 240

@@ -6,19 +6,16 @@ import pytest
 import torch
 
 from uda.config import load_config
-from uda.train.augment import (
-    DACSAugmentation,
-    StrongAugParams,
+from uda.train.augment import DACSAugmentation, StrongAugParams, get_class_masks, one_mix
+from uda.train.photometric import (
     _jitter_one,
     blur_kernel_size,
     color_jitter,
     gaussian_blur,
-    get_class_masks,
     hsv_to_rgb,
-    one_mix,
-    pseudo_label_and_weight,
     rgb_to_hsv,
 )
+from uda.train.teacher import pseudo_label_and_weight
 from uda.train.masking import (
     MASK_MODES,
     BlockMaskGenerator,

@@ -12,7 +12,7 @@ import torch
 from uda.config import load_config
 from uda.models import build_segmentor, save_checkpoint
 from uda.registry import load_segmentor
-from uda.train.data import build_val_dataset, val_loader
+from uda.train.batches import build_val_dataset, val_loader
 from uda.train.loop import evaluate
 from budgets import TINY_TRAINING_OPTIONS
 from project_processes import PROJECT_ROOT, VENV_BIN, process_env

@@ -12,7 +12,7 @@ import torch
 
 from uda.config import load_config
 from uda.models import build_segmentor
-from uda.train.data import (
+from uda.train.batches import (
     TrainBatches,
     build_train_data,
     build_val_dataset,
@@ -20,8 +20,10 @@ from uda.train.data import (
     train_loader,
     val_loader,
 )
-from uda.train.loop import TrainConfigError, UDATrainer, check_schedule, evaluate, fit
+from uda.train.loop import evaluate, fit
+from uda.train.settings import TrainConfigError, check_schedule
 from uda.train.teacher import ema_alpha
+from uda.train.trainer import UDATrainer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = PROJECT_ROOT / "data" / "embedded"

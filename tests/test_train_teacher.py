@@ -6,8 +6,7 @@ import torch.nn as nn
 
 from uda.config import load_config
 from uda.models import build_segmentor
-from uda.train.augment import pseudo_label_and_weight
-from uda.train.teacher import EMATeacher, FrozenTeacher, ema_alpha
+from uda.train.teacher import EMATeacher, FrozenTeacher, ema_alpha, pseudo_label_and_weight
 
 
 def tiny_model_cfg():

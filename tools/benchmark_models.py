@@ -158,7 +158,7 @@ def distill_iteration(
 
     Meant to run alone in a fresh process (see :func:`_in_fresh_process`).
     """
-    from uda.train.loop import UDATrainer
+    from uda.train.trainer import UDATrainer
 
     torch.set_num_threads(threads)
     _configure_backends(device)

@@ -8,6 +8,7 @@ grids and captions; matplotlib (Agg, imported by the figures only) draws charts.
 
 from __future__ import annotations
 
+from typing import Any
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -244,3 +245,39 @@ def per_class_iou_figure(table: ConditionTable, title: str | None = None):
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def train_debug_image(debug: Mapping[str, Any], norm: Mapping[str, Any]) -> np.ndarray:
+    """One training step's stages as a captioned grid (the ``train_debug`` image).
+
+    Rows: source (image, label, student prediction); with pseudo-labels the
+    target (image, pseudo-label, overlay) and the ClassMix batch (image,
+    label, student prediction); with MIC masking the masked image (image,
+    pseudo-label, overlay).
+
+    Args:
+        debug: First image of each stage (CPU tensors; see
+            :class:`uda.train.trainer.StepOutput`).
+        norm: ``data.img_norm_cfg`` (``mean``, ``std``).
+    """
+    mean, std = norm["mean"], norm["std"]
+
+    def rgb(key: str) -> np.ndarray:
+        return denormalize(debug[key], mean, std)
+
+    def labels(key: str) -> np.ndarray:
+        return debug[key].numpy().astype(np.int64)
+
+    rows = [[rgb("source_img"), labels("source_gt"), labels("source_pred")]]
+    captions = [["source", "source label", "student prediction"]]
+    if "target_img" in debug:
+        target = rgb("target_img")
+        rows.append([target, labels("pseudo_label"), overlay(target, labels("pseudo_label"))])
+        captions.append(["target", "pseudo-label", "pseudo-label overlay"])
+        rows.append([rgb("mixed_img"), labels("mixed_label"), labels("mixed_pred")])
+        captions.append(["mixed", "mixed label", "student prediction"])
+    if "masked_img" in debug:
+        masked = rgb("masked_img")
+        rows.append([masked, labels("masked_label"), overlay(masked, labels("masked_label"))])
+        captions.append(["masked target", "its pseudo-label", "overlay"])
+    return grid(rows, captions)

@@ -44,6 +44,7 @@ from .registration import discard_unfinished_models, log_and_register, register_
 from .versions import (
     find_versions,
     get_registered_model,
+    logged_model_id,
     resolve_alias,
     source_run_id,
     version_model_id,
@@ -52,6 +53,7 @@ from .versions import (
 __all__ = [
     "RegistryError",
     "version_model_id",
+    "logged_model_id",
     "TEACHER_MODEL_NAME",
     "STUDENT_MODEL_NAME",
     "SOURCE_ONLY_MODEL_NAME",

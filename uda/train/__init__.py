@@ -1,22 +1,15 @@
 """Building blocks of the UDA training loop (MIC / DACS self-training).
 
-* :mod:`.augment` - ClassMix, colour jitter, blur, pseudo-label weights.
+* :mod:`.augment` - the DACS strong augmentation: ClassMix, then
+  :mod:`.photometric` colour jitter and blur.
 * :mod:`.masking` - MIC block masks and the masked training batch.
 * :mod:`.optim` - AdamW with mmcv custom-key multipliers, poly+warmup LR.
-* :mod:`.teacher` - EMA teacher (MIC) and frozen teacher (distillation).
+* :mod:`.teacher` - EMA teacher (MIC) and frozen teacher (distillation),
+  their pseudo-labels and weights.
 * :mod:`.feature_distance` - ImageNet feature distance on thing classes.
 """
 
-from .augment import (
-    DACSAugmentation,
-    MixedBatch,
-    StrongAugParams,
-    color_jitter,
-    gaussian_blur,
-    get_class_masks,
-    one_mix,
-    pseudo_label_and_weight,
-)
+from .augment import DACSAugmentation, MixedBatch, StrongAugParams, get_class_masks, one_mix
 from .feature_distance import ImageNetFeatureDistance, downscale_label_ratio
 from .masking import (
     MASK_MODES,
@@ -33,7 +26,8 @@ from .optim import (
     current_lrs,
     poly_warmup_lr,
 )
-from .teacher import EMATeacher, FrozenTeacher, Teacher, ema_alpha, unwrap_model
+from .photometric import color_jitter, gaussian_blur
+from .teacher import EMATeacher, FrozenTeacher, Teacher, ema_alpha, pseudo_label_and_weight, unwrap_model
 
 __all__ = [
     "DACSAugmentation",

@@ -142,7 +142,7 @@ def masked_pseudo_weight(
     """The target weight the masked (MIC) loss trains with.
 
     Args:
-        teacher_mode: :attr:`uda.train.loop.UDATrainer.mode`: ``'mic'`` (EMA
+        teacher_mode: :attr:`uda.train.trainer.UDATrainer.mode`: ``'mic'`` (EMA
             teacher) or ``'distill'`` (frozen teacher).
         pseudo_weight: ``(B, H, W)`` unmixed pseudo-label weight.
         mixed_weight: ``(B, H, W)`` ClassMix weight of the same batch

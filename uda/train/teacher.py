@@ -5,7 +5,7 @@ Both expose ``pseudo_label(img) -> (labels, weight)``: the teacher's
 ``generate_pseudo_label`` logits of the whole target crop (HRDA
 ``encode_decode``: context at half resolution, detail by overlapping slide of
 ``hr_crop_size`` windows, as MIC's ``ema_model.generate_pseudo_label``),
-then :func:`~uda.train.augment.pseudo_label_and_weight`.
+then :func:`pseudo_label_and_weight`.
 
 What the references do, and what is reproduced here:
 
@@ -22,6 +22,10 @@ What the references do, and what is reproduced here:
 * **Frozen teacher** (leoil/ACDC_UDA_seg ``ckd_single.py``, ``ca_model``): a
   loaded MIC model, never updated, ``eval()`` before every use (BatchNorm
   running statistics), pseudo-labels under ``torch.no_grad``.
+* **Pseudo-label weight** (:func:`pseudo_label_and_weight`, lhoyer/MIC
+  ``dacs.py``, itself from vikolss/DACS): the fraction of pixels whose
+  max-softmax is ``>= pseudo_threshold``, over the *whole batch* in MIC (one
+  number for all images), broadcast to a per-pixel map.
 """
 
 from __future__ import annotations
@@ -31,9 +35,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from .augment import pseudo_label_and_weight
-
-__all__ = ["Teacher", "EMATeacher", "FrozenTeacher", "ema_alpha", "unwrap_model"]
+__all__ = ["Teacher", "EMATeacher", "FrozenTeacher", "ema_alpha", "pseudo_label_and_weight", "unwrap_model"]
 
 try:  # timm's stochastic depth, used by the MiT / FAN backbones
     from timm.layers import DropPath as _TimmDropPath
@@ -58,6 +60,37 @@ def ema_alpha(iteration: int, alpha: float) -> float:
     return min(1 - 1 / (iteration + 1), alpha)
 
 
+def pseudo_label_and_weight(
+    logits: torch.Tensor, threshold: float = 0.968, reduction: str = "batch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels and their confidence weight (DACS/MIC).
+
+    Args:
+        logits: ``(B, C, H, W)`` teacher logits.
+        threshold: Softmax confidence needed to count a pixel as confident
+            (``pseudo_threshold``, 0.968).
+        reduction: ``'batch'``: one weight for the whole batch, the fraction
+            of confident pixels over all images (MIC and the original
+            distillation); ``'image'``: one weight per image.
+
+    Returns:
+        ``(labels, weight)``: ``(B, H, W)`` int64 argmax labels and a
+        ``(B, H, W)`` float32 weight map (constant per image/batch).
+    """
+    if reduction not in ("batch", "image"):
+        raise ValueError(f"reduction must be 'batch' or 'image', got {reduction!r}.")
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    confidence, labels = probs.max(dim=1)
+    confident = confidence >= threshold
+    if reduction == "batch":
+        fraction = confident.sum() / confident.numel()
+        weight = fraction.expand_as(confidence).float()
+    else:
+        fraction = confident.flatten(1).sum(1) / confident[0].numel()
+        weight = fraction.view(-1, 1, 1).expand_as(confidence).float()
+    return labels, weight.contiguous()
+
+
 def _is_stochastic(module: nn.Module) -> bool:
     return (
         isinstance(module, _DropoutNd)
@@ -73,7 +106,7 @@ class Teacher(nn.Module):
         model: The teacher segmentor (has ``generate_pseudo_label``).
         pseudo_threshold: Confidence threshold of the pseudo weight (0.968).
         weight_reduction: ``'batch'`` (MIC) or ``'image'``, see
-            :func:`~uda.train.augment.pseudo_label_and_weight`.
+            :func:`pseudo_label_and_weight`.
     """
 
     def __init__(

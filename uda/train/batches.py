@@ -1,4 +1,5 @@
-"""Training and validation data of the UDA loop, reproducible by construction.
+"""The batches of a training run, reproducible by construction (and the
+validation loader beside them); the datasets themselves are :mod:`uda.data`.
 
 Item ``i`` of :class:`TrainBatches` is the whole batch of iteration ``i``
 (``samples_per_gpu`` source crops picked by rare-class sampling, as many
