@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli  # noqa: E402
-from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME  # noqa: E402
+from uda.registry import DEFAULT_TEACHER_URI, STUDENT_MODEL_NAME  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     cli.add_training_args(parser, default_model=STUDENT_MODEL_NAME)
     parser.add_argument(
         "--teacher",
-        default=f"models:/{TEACHER_MODEL_NAME}/latest",
+        default=DEFAULT_TEACHER_URI,
         help="teacher: models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest, "
         "models:/m-<logged model id>, runs:/RUN_ID/PATH or a MIC checkpoint file",
     )

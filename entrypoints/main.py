@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         if embedded is not None:
             tracking.mlflow.log_dict(embedded.config.__dict__, "data/embedded_config.json")
         tracking.log_dataset_summary(summary, args.source_root, args.target_root)
-        steps = workflow.run_pipeline(
+        steps = workflow.run_workflow(
             preset=args.preset,
             source_root=args.source_root,
             target_root=args.target_root,
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             threads=args.threads,
             iterations=int(cfg["runner"]["max_iters"]),
         )
-        method = workflow_summary.summarize_pipeline(steps, workflow_summary.registered_as(steps))
+        method = workflow_summary.summarize_workflow(steps, workflow_summary.registered_as(steps))
         story = workflow_summary.format_summary(method, steps["soup"].version, STUDENT_MODEL_NAME)
         workflow_summary.log_summary(method, story)
     for step in steps.values():

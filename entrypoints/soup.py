@@ -7,9 +7,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from uda import cli, tracking  # noqa: E402
 from uda.data.roots import prepare_roots  # noqa: E402
-from uda.registry import STUDENT_MODEL_NAME  # noqa: E402
+from uda.registry import DEFAULT_TEACHER_URI, STUDENT_MODEL_NAME  # noqa: E402
 from uda.soup.ingredients import resolve_ingredients  # noqa: E402
-from uda.soup.request import DEFAULT_TEACHER, make_request  # noqa: E402
+from uda.soup.request import make_request  # noqa: E402
 from uda.soup.step import run_soup  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", default="")
     parser.add_argument("--objective", default="", help="miou or teacher-agreement")
     parser.add_argument("--promote", default="true", help="true, false or if-better")
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher URI for teacher-agreement")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER_URI, help="teacher URI for teacher-agreement")
     parser.add_argument("--study-storage", default="", help="Optuna storage: file or URL (default optuna.db)")
     parser.add_argument("--batch-size", default="", help="images per inference batch (default: by pixels)")
     parser.add_argument("--seed", default="", help="random seed (default: the preset's)")

@@ -234,30 +234,16 @@ def test_circular_chains_are_errors(tmp_path):
 
 
 def test_entry_point_prints_a_missing_base_as_one_error_line(tmp_path):
-    import os
     import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    from project_processes import PROJECT_ROOT, entry_point_command, process_env
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("_base_: nowhere\n")
-    env = {
-        **os.environ,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
     proc = subprocess.run(
-        [
-            sys.executable,
-            "entrypoints/evaluate.py",
-            "--preset",
-            str(bad),
-            "--target-root",
-            "data/embedded/acdc",
-        ],
-        cwd=root,
-        env=env,
+        entry_point_command("evaluate", "--preset", str(bad), "--target-root", "data/embedded/acdc"),
+        cwd=PROJECT_ROOT,
+        env=process_env(f"sqlite:///{tmp_path / 'mlflow.db'}"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -4,9 +4,7 @@ test-split submission, a registered model URI, and bad input as one error line."
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from project_processes import PROJECT_ROOT, mlflow_run_command, process_env
+from project_processes import PROJECT_ROOT, entry_point_command, mlflow_run_command, process_env
 from uda.config import load_config
 from uda.data.synthetic import ensure_embedded
 from uda.models import build_segmentor, save_checkpoint
@@ -221,15 +219,8 @@ def test_bad_model_or_data_is_an_error_and_logs_nothing(
 
 def test_bad_input_from_the_command_line(tracking_uri, acdc_root):
     result = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "entrypoints" / "evaluate.py"),
-            "--target-root",
-            str(acdc_root),
-            "--model",
-            "models:/nobody@serving",
-        ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        entry_point_command("evaluate", "--target-root", str(acdc_root), "--model", "models:/nobody@serving"),
+        env=process_env(tracking_uri),
         capture_output=True,
         text=True,
         timeout=300,

@@ -23,6 +23,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from project_processes import process_env
 from uda.config import load_config
 from uda.data.labels import PALETTE
 from uda.models import build_segmentor, save_checkpoint
@@ -567,14 +568,8 @@ class _Server:
     ) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log_path = workdir / f"serve-{timeout_s or 'default'}.log"
-        env = dict(
-            os.environ,
-            MLFLOW_TRACKING_URI=tracking_uri,
-            MLFLOW_DISABLE_TELEMETRY="true",
-            UDA_SERVING_DEVICE="cpu",
-            PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-        )
-        env.pop(TIMEOUT_ENV, None)  # MLflow sets it from -t (default 60)
+        # No request timeout of ours: MLflow sets it from -t (default 60).
+        env = process_env(tracking_uri, UDA_SERVING_DEVICE="cpu", **{TIMEOUT_ENV: None})
         command = [
             sys.executable,
             "-m",

@@ -11,6 +11,7 @@ import sys
 import mlflow
 import pytest
 
+from project_processes import entry_point_command
 from concurrent_runs import (
     PROJECT_ROOT,
     TINY_DISTILL,
@@ -51,13 +52,12 @@ def test_a_store_locked_too_long_is_one_error_naming_the_server_setup(tracking_u
     holder.execute("BEGIN EXCLUSIVE")  # held until the entry point has given up
     try:
         result = subprocess.run(
-            [
-                sys.executable,
-                "entrypoints/teacher.py",
+            entry_point_command(
+                "teacher",
                 "--source-root=data/embedded/cityscapes",
                 "--target-root=data/embedded/acdc",
                 "--iterations=1",
-            ],
+            ),
             env=env_for(tracking_uri, MLFLOW_EXPERIMENT_NAME=EXPERIMENT),
             cwd=PROJECT_ROOT,
             capture_output=True,

@@ -17,8 +17,6 @@ from typing import Any
 from uda.config import load_config, merge_into, parse_overrides
 from uda.errors import UserError  # noqa: F401  (re-exported for entry points)
 
-log = logging.getLogger("uda")
-
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--preset`` and ``--cfg-options`` (mmsegmentation's name for overrides)."""

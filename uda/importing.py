@@ -33,7 +33,6 @@ the request and plan types above; the conversion itself lives in
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 from collections.abc import Mapping, Sequence
 
 from uda.errors import UserError
-from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+from uda.registry import ROLE_MODEL_NAMES
 
 __all__ = [
     "ImportRequestError",
@@ -49,14 +48,8 @@ __all__ = [
     "ImportedVersion",
     "make_request",
     "import_checkpoints",
-    "DEFAULT_MODEL_NAMES",
 ]
 
-log = logging.getLogger(__name__)
-
-#: Registered model of each role (``-P model_name`` overrides): the ones
-#: ``distill`` and ``teacher`` register into.
-DEFAULT_MODEL_NAMES = {"student": STUDENT_MODEL_NAME, "teacher": TEACHER_MODEL_NAME}
 _NO_ALIAS = ("none", "-")
 
 
@@ -189,7 +182,7 @@ def make_request(
             raise ImportRequestError(
                 f"aliases gives {', '.join(twice)} to more than one file; an alias names one version."
             )
-    name = model_name.strip() if model_name and model_name.strip() else DEFAULT_MODEL_NAMES[role]
+    name = model_name.strip() if model_name and model_name.strip() else ROLE_MODEL_NAMES[role]
     name = validate_model_name(name)
     return ImportRequest(tuple(paths), role, normalize_prefix(prefix), chosen, name, dict(cfg))
 
@@ -211,16 +204,9 @@ class _Prepared:
 def _registered_with_sha(model_name: str, sha256: str, prefix: str) -> Any:
     """The oldest complete version of ``model_name`` imported from the
     sub-model ``prefix`` of a file with this SHA-256, or None."""
-    from mlflow.exceptions import MlflowException
-
     from uda.registry import find_versions
 
-    try:
-        found = find_versions(model_name, f"tags.source_sha256 = '{sha256}'")
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    found = find_versions(model_name, f"tags.source_sha256 = '{sha256}'")
     # A version that never became READY is not one to reuse.
     found = [v for v in found if v.status == "READY" and v.tags.get("source_prefix", "") == prefix]
     return found[0] if found else None

@@ -4,6 +4,13 @@ One entry point = one MLflow run with its parameters logged, the resolved
 config logged as ``config.yaml`` and the git commit tagged. Under
 ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and is resumed;
 called directly, a run is created in the ``cs2acdc-uda`` experiment.
+
+Also here, because every entry point's run needs them: the code version tag
+(:func:`code_version`), lineage inputs (:func:`log_model_inputs`: the
+teacher of a distillation, the ingredients of a soup, the evaluated model),
+dataset inputs whose digest is their file list's (:func:`log_dataset_inputs`),
+and the one context manager that sets an environment variable for a block
+(:func:`temporary_env`).
 """
 
 from __future__ import annotations

@@ -23,10 +23,14 @@ from mlflow.entities import Run, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
 from uda.errors import UserError
-from uda.registry import SOURCE_ONLY_MODEL_NAME as SOURCE_ONLY_MODEL
-from uda.registry import STUDENT_MODEL_NAME as STUDENT_MODEL
-from uda.registry import TEACHER_MODEL_NAME as TEACHER_MODEL
-from uda.registry import find_versions, source_run_id
+from uda.registry import (
+    SOURCE_ONLY_MODEL_NAME,
+    STUDENT_MODEL_NAME,
+    TEACHER_MODEL_NAME,
+    iteration_alias,
+    iteration_of,
+    run_versions,
+)
 from uda.soup.ingredients import last_checkpoints
 from uda.tracking import CODE_VERSION_TAG, code_version
 
@@ -172,14 +176,8 @@ def run_step(
     return start_step(entry_point, parameters, experiment_id, reuse=reuse, **names).wait()
 
 
-def registered_versions(model_name: str, run_id: str) -> list:
-    """Versions of ``model_name`` registered by ``run_id``, highest iteration last."""
-    versions = [v for v in find_versions(model_name) if source_run_id(v) == run_id]
-    return sorted(versions, key=lambda v: (int(v.tags.get("iteration", -1)), int(v.version)))
-
-
 def _last_version(model_name: str, step: StepResult) -> Any:
-    versions = registered_versions(model_name, step.run_id)
+    versions = run_versions(model_name, step.run_id)
     if not versions:
         raise UserError(
             f"The {step.entry_point} run {step.run_id} registered no version of "
@@ -189,7 +187,7 @@ def _last_version(model_name: str, step: StepResult) -> Any:
     return versions[-1]
 
 
-def run_pipeline(
+def run_workflow(
     *,
     preset: str,
     source_root: str,
@@ -221,7 +219,7 @@ def run_pipeline(
     """
     run = mlflow.active_run()
     if run is None:
-        raise RuntimeError("run_pipeline needs an active MLflow run (the main entry point's).")
+        raise RuntimeError("run_workflow needs an active MLflow run (the main entry point's).")
     experiment_id = run.info.experiment_id
     common = {
         "preset": preset,
@@ -242,7 +240,7 @@ def run_pipeline(
         {
             **common,
             **roots,
-            "model_name": SOURCE_ONLY_MODEL,
+            "model_name": SOURCE_ONLY_MODEL_NAME,
             # last, so that they win over the user's cfg_options
             "cfg_options": f"{cfg_options} uda.source_only=true "
             f"checkpoint_config.interval={iterations}".strip(),
@@ -252,24 +250,24 @@ def run_pipeline(
         run_name=name("source_only"),
     )
     steps.update(wait_all([pending_teacher, pending_baseline]))
-    teacher = _last_version(TEACHER_MODEL, steps["teacher"])
+    teacher = _last_version(TEACHER_MODEL_NAME, steps["teacher"])
     steps["teacher"].version = str(teacher.version)
-    baseline = registered_versions(SOURCE_ONLY_MODEL, steps["source_only"].run_id)
+    baseline = run_versions(SOURCE_ONLY_MODEL_NAME, steps["source_only"].run_id)
     steps["source_only"].version = str(baseline[-1].version) if baseline else None
     steps["distill"] = run_step(
         "distill",
-        {**common, **roots, "teacher": f"models:/{TEACHER_MODEL}/{teacher.version}"},
+        {**common, **roots, "teacher": f"models:/{TEACHER_MODEL_NAME}/{teacher.version}"},
         experiment_id,
         run_name=name("distill"),
     )
-    checkpoints = registered_versions(STUDENT_MODEL, steps["distill"].run_id)
+    checkpoints = run_versions(STUDENT_MODEL_NAME, steps["distill"].run_id)
     steps["distill"].version = str(checkpoints[-1].version) if checkpoints else None
-    aliases = ",".join(f"iter-{v.tags['iteration']}" for v in last_checkpoints(checkpoints))
+    aliases = ",".join(iteration_alias(iteration_of(v)) for v in last_checkpoints(checkpoints))
     soup_params = {**common, "target_root": target_root, "aliases": aliases, "weights": "optuna"}
     if soup_trials is not None:
         soup_params["trials"] = soup_trials
     steps["soup"] = run_step("soup", soup_params, experiment_id, run_name=name("soup"))
-    soup = _last_version(STUDENT_MODEL, steps["soup"])
+    soup = _last_version(STUDENT_MODEL_NAME, steps["soup"])
     steps["soup"].version = str(soup.version)
     steps["evaluate"] = run_step(
         "evaluate",
@@ -280,7 +278,7 @@ def run_pipeline(
             "threads": threads,
             "target_root": target_root,
             "split": "val",
-            "model": f"models:/{STUDENT_MODEL}/{soup.version}",
+            "model": f"models:/{STUDENT_MODEL_NAME}/{soup.version}",
         },
         experiment_id,
         run_name=name("evaluate"),
@@ -302,7 +300,7 @@ def next_steps_text(port: int = 5000, tracking_uri: str | None = None) -> str:
     return f"""
 Next:
   {ui}
-  mlflow models serve -m models:/{STUDENT_MODEL}@serving --env-manager local -h 127.0.0.1 -p {port + 1}
+  mlflow models serve -m models:/{STUDENT_MODEL_NAME}@serving --env-manager local -h 127.0.0.1 -p {port + 1}
   # then, in another shell (see README, "Serving a model over REST"):
   python -c "from uda.serving import example_image_png; open('image.png', 'wb').write(example_image_png(135, 240))"
   {{ printf '{{"dataframe_split": {{"columns": ["image"], "data": [["'; base64 -w0 image.png; printf '"]]}}}}'; }} > request.json

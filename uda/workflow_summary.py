@@ -33,7 +33,7 @@ __all__ = [
     "MethodSummary",
     "last_miou",
     "registered_as",
-    "summarize_pipeline",
+    "summarize_workflow",
     "log_summary",
     "format_summary",
 ]
@@ -101,7 +101,7 @@ def registered_as(steps: Mapping[str, Any]) -> dict[str, str]:
     return shown
 
 
-def summarize_pipeline(
+def summarize_workflow(
     steps: Mapping[str, Any], models: Mapping[str, str], client: Any = None
 ) -> MethodSummary:
     """Read the table from the child runs.

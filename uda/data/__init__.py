@@ -33,6 +33,8 @@ _EXPORTS = {
     "SegmentationDataset": "dataset",
     "cityscapes_dataset": "dataset",
     "acdc_dataset": "dataset",
+    # the digest of a dataset's file list
+    "file_list_digest": "fingerprint",
     # rare-class sampling
     "RareClassSampler": "rcs",
     "draw_rare_class_sample": "rcs",

@@ -6,7 +6,7 @@ Formats recognised by :func:`load_checkpoint` (``KeyReport.format``):
     Ours: ``{'format': 'cs2acdc-uda/1', 'model_cfg': <model section>,
     'state_dict': <segmentor state dict>, 'meta': {...}}`` (plus an optional
     ``'optimizer'`` entry for resuming); self-describing,
-    so :func:`build_from_checkpoint` rebuilds the model from the file alone.
+    so :func:`~uda.models.builder.build_from_checkpoint` rebuilds the model from the file alone.
 ``mmcv-uda``
     An mmcv training checkpoint of a UDA wrapper (MIC / DAFormer / HRDA, or
     the original CKD distillation): ``{'meta', 'state_dict', 'optimizer'}``

@@ -614,11 +614,6 @@ class FAN(nn.Module):
                     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
                     nn.init.zeros_(conv.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names (prefixes) the reference trains without weight decay."""
-        return {"cls_token", "pos_embed"}
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns [stride-4 conv map, stride-8 conv map, block ``out_index`` map, final map].
 

@@ -131,7 +131,7 @@ class HRDASegmentor(nn.Module):
             overlapping slide of ``hr_crop_size`` windows (stride half the
             window).
         feature_scale: Scale whose backbone features ``forward_train``
-            returns with ``return_feat`` and :meth:`extract_feat` computes
+            returns with ``return_feat``
             (MIC: 0.5, the context features, for the ImageNet feature
             distance).
         test_cfg: ``{'mode': 'slide'|'whole', 'crop_size', 'stride',
@@ -208,11 +208,6 @@ class HRDASegmentor(nn.Module):
     def extract_unscaled_feat(self, img: torch.Tensor) -> Features:
         """Backbone features of ``img`` as it is."""
         return list(self.backbone(img))
-
-    def extract_feat(self, img: torch.Tensor) -> Features:
-        """Backbone features at ``feature_scale`` (the ImageNet feature
-        distance input; MIC ``extract_feat`` with ``feature_scale=0.5``)."""
-        return self.extract_unscaled_feat(resize_by(img, self.feature_scale))
 
     def extract_slide_feat(self, img: torch.Tensor) -> dict[str, Any]:
         """Features of overlapping ``hr_crop_size`` windows (stride = half a

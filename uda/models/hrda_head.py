@@ -73,9 +73,9 @@ class HRDAHead(nn.Module):
             hr_input: Backbone features of the detail input, or a dict
                 ``{'features': crop-major window features, 'boxes': windows
                 in detail-image pixels}`` (see
-                :meth:`HRDASegmentor.extract_slide_feat`), or ``{'logits':
+                :meth:`~uda.models.hrda.HRDASegmentor.extract_slide_feat`), or ``{'logits':
                 crop-major window logits of :attr:`head`, 'boxes': ...}``
-                (see :meth:`HRDASegmentor.slide_detail_logits`).
+                (see :meth:`~uda.models.hrda.HRDASegmentor.slide_detail_logits`).
             batch_size: Images per window.
         """
         if not isinstance(hr_input, Mapping):

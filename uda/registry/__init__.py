@@ -30,8 +30,9 @@ from .artifacts import download_checkpoint, version_metadata
 from .errors import ModelNotFoundError, RegistryError, UnknownModelError
 from .loading import load_segmentor, verify_loadable
 from .names import (
-    CHECKPOINT_TAGS,
+    DEFAULT_TEACHER_URI,
     KINDS,
+    ROLE_MODEL_NAMES,
     SOURCE_ONLY_MODEL_NAME,
     STUDENT_MODEL_NAME,
     TEACHER_MODEL_NAME,
@@ -44,8 +45,10 @@ from .registration import discard_unfinished_models, log_and_register, register_
 from .versions import (
     find_versions,
     get_registered_model,
+    iteration_of,
     logged_model_id,
     resolve_alias,
+    run_versions,
     source_run_id,
     version_model_id,
 )
@@ -58,7 +61,6 @@ __all__ = [
     "STUDENT_MODEL_NAME",
     "SOURCE_ONLY_MODEL_NAME",
     "KINDS",
-    "CHECKPOINT_TAGS",
     "register_checkpoint",
     "log_and_register",
     "discard_unfinished_models",
@@ -78,6 +80,10 @@ __all__ = [
     "get_registered_model",
     "find_versions",
     "source_run_id",
+    "iteration_of",
+    "run_versions",
+    "ROLE_MODEL_NAMES",
+    "DEFAULT_TEACHER_URI",
     "version_metadata",
     "download_checkpoint",
 ]

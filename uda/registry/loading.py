@@ -49,7 +49,7 @@ def load_segmentor(
 
     Raises:
         RegistryError: Unknown model, version, alias, run or logged model
-            (lists what exists); :class:`ModelNotFoundError` (also a
+            (lists what exists); :class:`~uda.registry.errors.ModelNotFoundError` (also a
             ``FileNotFoundError``) when nothing by that name exists.
         CheckpointError: Bad checkpoint file.
     """

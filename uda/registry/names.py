@@ -16,12 +16,13 @@ __all__ = [
     "STUDENT_MODEL_NAME",
     "SOURCE_ONLY_MODEL_NAME",
     "KINDS",
-    "CHECKPOINT_TAGS",
     "iteration_alias",
     "validate_model_name",
     "validate_alias",
     "check_name",
     "check_kind",
+    "ROLE_MODEL_NAMES",
+    "DEFAULT_TEACHER_URI",
 ]
 
 #: The registered models a training run (or an import of that role)
@@ -30,10 +31,12 @@ TEACHER_MODEL_NAME = "cs2acdc-teacher"
 STUDENT_MODEL_NAME = "cs2acdc-student"
 #: The baseline main trains beside the teacher: the teacher's architecture on the source only.
 SOURCE_ONLY_MODEL_NAME = "cs2acdc-source-only"
+#: Where each role's versions go by default (``teacher`` / ``distill`` training, ``import``).
+ROLE_MODEL_NAMES = {"teacher": TEACHER_MODEL_NAME, "student": STUDENT_MODEL_NAME}
+#: The teacher a distillation (and a soup scored by teacher agreement) uses by default.
+DEFAULT_TEACHER_URI = f"models:/{TEACHER_MODEL_NAME}/latest"
 #: What a registered version holds (its ``kind`` tag).
 KINDS = ("checkpoint", "soup", "import")
-#: Tags every version gets; ``run_id`` + ``kind`` + ``iteration`` identify it.
-CHECKPOINT_TAGS = ("run_id", "kind", "iteration", "preset")
 _MAX_NAME_LENGTH = 256  # the name column of MLflow's SQL registry
 _MAX_ALIAS_LENGTH = 255  # MLflow's MAX_REGISTERED_MODEL_ALIAS_LENGTH
 _ALIAS_PATTERN = re.compile(r"^[\w\-]+$")  # MLflow's alias rule

@@ -103,7 +103,7 @@ def register_checkpoint(
         metrics: e.g. ``{'val_mIoU': 61.2}``, stored as version tags.
         alias: Alias to point at the version; ``'auto'`` = ``iter-<N>``
             when ``iteration`` is given, None = no alias.
-        kind: One of :data:`KINDS`.
+        kind: One of :data:`~uda.registry.names.KINDS`.
         preset: Preset name (tag ``preset``).
         extra_tags: More version tags (e.g. soup ingredients and weights).
         description: Description of the registered model if it is created.

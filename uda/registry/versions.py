@@ -28,6 +28,8 @@ __all__ = [
     "resolve_alias",
     "wait_ready",
     "source_run_id",
+    "iteration_of",
+    "run_versions",
     "version_model_id",
     "logged_model_id",
     "ready_logged_model",
@@ -68,13 +70,19 @@ def find_versions(
 ) -> list[ModelVersion]:
     """Every version of ``name`` matching ``filter_extra`` (MLflow's
     search syntax, e.g. ``tags.kind = 'soup'``), all pages, oldest first;
-    through ``client`` (default: the current tracking URI's)."""
+    through ``client`` (default: the current tracking URI's). A model that
+    does not exist has no versions (some stores raise instead)."""
     client = client or mlflow.MlflowClient()
     query = f"name='{name}'" + (f" and {filter_extra}" if filter_extra else "")
     found: list[ModelVersion] = []
     token = None
     while True:
-        page = client.search_model_versions(query, page_token=token)
+        try:
+            page = client.search_model_versions(query, page_token=token)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return []
+            raise
         found.extend(page)
         token = page.token
         if not token:
@@ -109,14 +117,31 @@ def source_run_id(version: ModelVersion) -> str | None:
     return version.tags.get("run_id") or version.run_id
 
 
+def iteration_of(version: ModelVersion) -> int | None:
+    """The training iteration of a registered version (its ``iteration`` tag), or None."""
+    try:
+        return int(version.tags.get("iteration"))
+    except (TypeError, ValueError):
+        return None
+
+
+def run_versions(name: str, run_id: str, kind: str | None = None) -> list[ModelVersion]:
+    """The versions of ``name`` that run ``run_id`` registered (``kind`` ones only, if
+    given), by (iteration, version number): highest iteration last, versions without
+    an iteration first."""
+    versions = [
+        v
+        for v in find_versions(name)
+        if source_run_id(v) == run_id and (kind is None or v.tags.get("kind") == kind)
+    ]
+    return sorted(
+        versions, key=lambda v: (iteration_of(v) if iteration_of(v) is not None else -1, int(v.version))
+    )
+
+
 def find_run_version(name: str, run_id: str, kind: str, iteration: int | None) -> ModelVersion | None:
     """The version registered before for ``(run_id, kind, iteration)``."""
-    try:
-        candidates = find_versions(name, f"run_id='{run_id}'")
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    candidates = find_versions(name, f"run_id='{run_id}'")
     wanted = None if iteration is None else str(int(iteration))
     matches = [
         v

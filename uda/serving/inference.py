@@ -10,12 +10,12 @@ fair, batch-by-batch turns of requests on the device (:class:`FairTurns`).
   overlapping window logits are averaged in a strip one window high that is
   turned into label-map rows as soon as no later window covers them. The
   model's ``test_cfg.max_windows_per_batch`` is set at load to its device
-  default (:func:`uda.models.hrda.default_windows_per_batch`: on CPU at
+  default (:func:`uda.models.windows.default_windows_per_batch`: on CPU at
   most 2**18 input pixels per backbone pass, so the 9 detail windows of a
   full-recipe window run one per pass; on CUDA unbounded) unless its config
   sets one. So a request costs one batch of windows plus about 4 bytes per
   pixel (RGB + label map) and one strip, whatever the image size; the label
-  map equals ``model(img).argmax(1)`` (same windows, sums in the same
+  map equals :func:`uda.metrics.logits_to_labels` of ``model(img)`` (same windows, sums in the same
   order) up to last-bit differences of the window logits between batch
   sizes, which can only flip near-tied pixels.
 * **Deadline.** Under ``mlflow models serve`` the model reads the server's
@@ -46,6 +46,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
 
 from uda.data.pipelines import IMG_MEAN, IMG_STD
+from uda.metrics import logits_to_labels
 
 __all__ = [
     "SLIDE_BATCH_PIXELS",
@@ -188,7 +189,7 @@ class StripStitcher:
     """Averages overlapping window logits into a label map, one strip of
     window height at a time.
 
-    Windows arrive in :func:`uda.models.hrda.slide_windows` order (row-major,
+    Windows arrive in :func:`uda.models.windows.slide_windows` order (row-major,
     rows top-down), so when a window starts lower than the strip's top row,
     the rows above it are final: they are averaged, argmax'ed into the
     uint8 label map and dropped. Sums are added in window order from zero,
@@ -239,4 +240,5 @@ class StripStitcher:
                 "Slide windows do not cover the whole image; check test_cfg crop_size and stride."
             )
         mean = self.sums[:, :rows] / count
-        self.label_map[self.top : self.top + rows] = mean.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        labels = logits_to_labels(mean[None], mean.shape[-2:])[0]
+        self.label_map[self.top : self.top + rows] = labels.to(torch.uint8).cpu().numpy()

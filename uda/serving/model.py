@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from uda.data.labels import colorize
+from uda.metrics import logits_to_labels
 
 from .inference import (
     SLIDE_BATCH_PIXELS,
@@ -154,7 +155,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 if deadline.expired():
                     raise deadline.error(f"before {name}")
                 logits = model(to_tensor(rgb, self.device))
-                return logits[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+                return logits_to_labels(logits, logits.shape[-2:])[0].to(torch.uint8).cpu().numpy()
         height, width = rgb.shape[:2]
         # Clipped to the image when a window is larger than it.
         window_h = min(int(model.test_cfg["crop_size"][0]), height)
@@ -205,8 +206,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
         Raises:
             MlflowException: ``INVALID_PARAMETER_VALUE`` (HTTP 400) for a
-                malformed request; :class:`RequestTooLarge` (HTTP 413) for
-                one over a budget; :class:`RequestTimeout` (HTTP 504) when
+                malformed request; :class:`~uda.serving.request.RequestTooLarge` (HTTP 413) for
+                one over a budget; :class:`~uda.serving.inference.RequestTimeout` (HTTP 504) when
                 the server's request timeout ran out. Each message says
                 what to change.
         """

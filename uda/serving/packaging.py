@@ -88,7 +88,7 @@ def log_segmentor(
         model_cfg: The ``model`` section of a preset, for checkpoints that
             do not describe themselves; checked against a file that does.
         iteration: Training iteration (logged-model tag and ``step``).
-        kind: One of :data:`KINDS`.
+        kind: One of :data:`~uda.registry.names.KINDS`.
         preset: Preset name, tagged.
         tags: Extra logged-model tags.
         meta: Extra checkpoint ``meta`` when the file is written here.

@@ -41,7 +41,7 @@ class GreedyResult:
         indices: Chosen ingredients, in the order they were added.
         weights: One weight per ingredient (all ``n`` of them): uniform over
             the chosen ones, 0 for the others — ready for
-            :func:`mix_state_dicts`.
+            :func:`~uda.soup.mixing.mix_state_dicts`.
         score: Score of the final soup (for a single ingredient, its own
             score as given).
         history: Every candidate tried, in order.

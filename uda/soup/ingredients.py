@@ -24,7 +24,6 @@ from .request import SoupRequest
 __all__ = [
     "NUM_DEFAULT_INGREDIENTS",
     "IngredientRef",
-    "iteration_of",
     "last_checkpoints",
     "resolve_ingredients",
     "Checkpoints",
@@ -67,14 +66,6 @@ def _registered_model(name: str):
     )
 
 
-def iteration_of(version: Any) -> int | None:
-    """The training iteration of a registered version (tag ``iteration``), or None."""
-    try:
-        return int(version.tags.get("iteration"))
-    except (TypeError, ValueError):
-        return None
-
-
 def last_checkpoints(versions: Iterable[Any], count: int = NUM_DEFAULT_INGREDIENTS) -> list[Any]:
     """The ``count`` versions of highest training iteration, highest last.
 
@@ -86,6 +77,8 @@ def last_checkpoints(versions: Iterable[Any], count: int = NUM_DEFAULT_INGREDIEN
         Those versions, sorted by (iteration, version number); versions
         without an ``iteration`` tag are left out.
     """
+    from uda.registry import iteration_of
+
     with_iteration = [v for v in versions if iteration_of(v) is not None]
     with_iteration.sort(key=lambda v: (iteration_of(v), int(v.version)))
     return with_iteration[-count:]
@@ -93,21 +86,27 @@ def last_checkpoints(versions: Iterable[Any], count: int = NUM_DEFAULT_INGREDIEN
 
 def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]) -> list[IngredientRef]:
     """The last three checkpoints of the newest run that registered any."""
-    from uda.registry import find_versions, version_model_id
+    from uda.registry import (
+        find_versions,
+        iteration_alias,
+        iteration_of,
+        run_versions,
+        source_run_id,
+        version_model_id,
+    )
 
-    checkpoints = [v for v in find_versions(name) if v.tags.get("kind") == "checkpoint"]
+    checkpoints = find_versions(name, "tags.kind = 'checkpoint'")
     if not checkpoints:
         raise SoupError(
             f"{name!r} has no checkpoint versions (tag kind=checkpoint) to "
             f"make a soup of; run distill first or pass -P aliases=..."
         )
-    newest = checkpoints[-1]
-    run_id = newest.tags.get("run_id") or newest.run_id
-    chosen = last_checkpoints(v for v in checkpoints if (v.tags.get("run_id") or v.run_id) == run_id)
+    run_id = source_run_id(checkpoints[-1])
+    chosen = last_checkpoints(run_versions(name, run_id, kind="checkpoint"))
     by_version = {str(v): a for a, v in sorted(aliases.items())}
     refs = []
     for v in chosen:
-        wanted = f"iter-{iteration_of(v)}"
+        wanted = iteration_alias(iteration_of(v))
         label = (
             wanted
             if str(aliases.get(wanted)) == str(v.version)
@@ -142,7 +141,7 @@ def resolve_ingredients(request: SoupRequest) -> tuple[list[IngredientRef], str]
         RegistryError: unknown model or alias (lists the existing aliases).
         SoupError: no usable checkpoints.
     """
-    from uda.registry import resolve_alias, version_model_id
+    from uda.registry import iteration_of, resolve_alias, source_run_id, version_model_id
 
     registered = _registered_model(request.model_name)
     aliases = {a: str(v) for a, v in (registered.aliases or {}).items()}
@@ -159,7 +158,7 @@ def resolve_ingredients(request: SoupRequest) -> tuple[list[IngredientRef], str]
             IngredientRef(
                 alias,
                 str(version.version),
-                version.tags.get("run_id") or version.run_id,
+                source_run_id(version),
                 iteration_of(version),
                 version_model_id(version),
             )

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from uda.data.paths import EMBEDDED_ROOT
-from uda.registry.names import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+from uda.registry.names import DEFAULT_TEACHER_URI, STUDENT_MODEL_NAME
 
 from .mixing import SoupError, parse_weights
 
-__all__ = ["METHODS", "OBJECTIVES", "PROMOTE_CHOICES", "DEFAULT_TEACHER", "SoupRequest", "make_request"]
+__all__ = ["METHODS", "OBJECTIVES", "PROMOTE_CHOICES", "SoupRequest", "make_request"]
 
 METHODS = ("optuna", "greedy", "uniform")
 OBJECTIVES = ("miou", "teacher-agreement")
 PROMOTE_CHOICES = ("true", "false", "if-better")
-DEFAULT_TEACHER = f"models:/{TEACHER_MODEL_NAME}/latest"
 #: How ``-P weights`` asks for searched weights instead of fixed ones.
 _SEARCH_WORDS = ("", "optuna", "auto")
 
@@ -88,7 +87,7 @@ def make_request(
     trials: int | None = None,
     objective: str | None = None,
     promote: str = "true",
-    teacher: str = DEFAULT_TEACHER,
+    teacher: str = DEFAULT_TEACHER_URI,
     study_storage: str | None = None,
 ) -> SoupRequest:
     """Validates the soup parameters against each other and the preset.
@@ -188,7 +187,7 @@ def make_request(
         raise SoupError(f"soup.tune_fraction must lie strictly between 0 and 1, got {tune_fraction}")
     if chosen_objective == "teacher-agreement" and not str(teacher).strip():
         raise SoupError(
-            f"objective=teacher-agreement needs a teacher model URI (-P teacher={DEFAULT_TEACHER})"
+            f"objective=teacher-agreement needs a teacher model URI (-P teacher={DEFAULT_TEACHER_URI})"
         )
     target = dict((cfg.get("data") or {}).get("target") or {})
     img_scale = target.get("img_scale")

@@ -7,6 +7,17 @@
 * :mod:`.teacher` - EMA teacher (MIC) and frozen teacher (distillation),
   their pseudo-labels and weights.
 * :mod:`.feature_distance` - ImageNet feature distance on thing classes.
+
+The training job itself (what ``teacher`` and ``distill`` run):
+
+* :mod:`.trainer` - one iteration (``UDATrainer``); :mod:`.loop` - the fit
+  and its validation; :mod:`.settings` - the checks of a preset that cannot train.
+* :mod:`.runner` - the job: request, result, orchestration; :mod:`.teacher_source`
+  - which teacher a ``-P teacher`` URI means; :mod:`.tracked_run` - which MLflow
+  run to train in (new or resumed); :mod:`.reporting` - progress, metrics,
+  images, validation and checkpoint registration.
+* :mod:`.resume` - a run's resume state; :mod:`.batches` - its reproducible
+  batches; :mod:`.distributed` - torchrun; :mod:`.draws` - seeded draws.
 """
 
 from .augment import DACSAugmentation, MixedBatch, StrongAugParams, get_class_masks, one_mix

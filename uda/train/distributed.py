@@ -146,8 +146,3 @@ def init_distributed(device: str) -> DistContext:
             backend, timeout=_COLLECTIVE_TIMEOUT, **({"device_id": torch_device} if backend == "nccl" else {})
         )
     return DistContext(rank, world_size, local_rank, local_world_size, torch_device)
-
-
-def main_process_only(ctx: DistContext | None) -> bool:
-    """True when ``ctx`` is None (no distribution) or rank 0."""
-    return ctx is None or ctx.is_main

@@ -154,7 +154,7 @@ def color_jitter(
 ) -> torch.Tensor:
     """Colour-jitter normalised images, one random draw per image.
 
-    The caller decides *whether* to jitter (see :class:`DACSAugmentation`);
+    The caller decides *whether* to jitter (see :class:`~uda.train.augment.DACSAugmentation`);
     this always jitters.
 
     Args:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 
 from uda import cpu_threads
 from uda.errors import UserError
-from uda.registry import STUDENT_MODEL_NAME, TEACHER_MODEL_NAME
+from uda.registry import ROLE_MODEL_NAMES
 
 from . import resume
 from .batches import build_train_data, build_val_dataset, seed_everything, train_loader, val_loader
@@ -61,7 +61,7 @@ __all__ = ["TrainRequest", "TrainResult", "train"]
 log = logging.getLogger(__name__)
 
 # Registered model of each entry point (``--model-name`` overrides).
-_ROLES = {"teacher": ("teacher", TEACHER_MODEL_NAME), "distill": ("student", STUDENT_MODEL_NAME)}
+_ROLES = {"teacher": "teacher", "distill": "student"}  # entry point -> the role it trains
 
 
 @dataclass
@@ -156,8 +156,8 @@ def _train(request: TrainRequest, ctx: DistContext) -> TrainResult | None:
     from uda.tracking import flatten
 
     cfg = request.cfg
-    role, default_name = _ROLES[request.entry_point]
-    model_name = request.model_name or default_name
+    role = _ROLES[request.entry_point]
+    model_name = request.model_name or ROLE_MODEL_NAMES[role]
     source_only = bool(request.source_only or cfg["uda"].get("source_only", False))
     distill = request.entry_point == "distill" and not source_only
     model_cfg = cfg[role]["model"]

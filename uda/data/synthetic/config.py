@@ -66,7 +66,7 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class EmbeddedDataset:
-    """Where :func:`ensure_embedded` put the two datasets."""
+    """Where :func:`~uda.data.synthetic.embedded.ensure_embedded` put the two datasets."""
 
     cityscapes_root: Path
     acdc_root: Path
