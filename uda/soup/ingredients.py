@@ -90,7 +90,6 @@ def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]) -> list[Ingre
         find_versions,
         iteration_alias,
         iteration_of,
-        run_versions,
         source_run_id,
         version_model_id,
     )
@@ -102,7 +101,8 @@ def _latest_run_checkpoints(name: str, aliases: Mapping[str, str]) -> list[Ingre
             f"make a soup of; run distill first or pass -P aliases=..."
         )
     run_id = source_run_id(checkpoints[-1])
-    chosen = last_checkpoints(run_versions(name, run_id, kind="checkpoint"))
+    # The checkpoints are already here: pick the run's without asking the store again.
+    chosen = last_checkpoints(v for v in checkpoints if source_run_id(v) == run_id)
     by_version = {str(v): a for a, v in sorted(aliases.items())}
     refs = []
     for v in chosen:
