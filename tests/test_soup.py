@@ -499,6 +499,60 @@ def test_concurrent_searches_run_the_study_total_exactly(tmp_path):
     assert len({tuple(t.user_attrs["weights"]) for t in complete}) == trials
 
 
+_QUEUE_WORKER = textwrap.dedent("""
+    import json, os, sys, time, warnings
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import optuna
+    from uda.soup.study import study_storage
+    url, ready, workers, queued = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore")  # heartbeats outside optimize(): said once per ask
+    study = optuna.load_study(study_name="queue", storage=study_storage(url))
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < workers:
+        time.sleep(0.001)
+    claimed = []
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial = study.ask()
+        if trial.number < queued:  # a queued trial, not a new one
+            claimed.append(trial.number)
+    print(json.dumps(claimed))
+""")
+
+
+def test_a_queued_trial_is_claimed_by_one_process_only(tmp_path):
+    """SQLite ignores Optuna's ``SELECT … FOR UPDATE``: without a write lock
+    at the start of each transaction, two processes read the same WAITING
+    trial and both run it (about 15 of 100 here). The search's storage takes
+    that lock."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="queue", storage=url)
+    queued = 100
+    for number in range(queued):
+        study.enqueue_trial({"queued": float(number)})
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    workers = 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _QUEUE_WORKER, str(REPO), url, str(ready), str(workers), str(queued)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    claimed = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        claimed += json.loads(out.strip().splitlines()[-1])
+    assert sorted(claimed) == list(range(queued))
+
+
 def test_a_killed_trial_is_failed_and_run_again(tmp_path):
     import optuna
 

@@ -57,13 +57,16 @@ def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine,
                     heartbeat_interval=heartbeat_s,
                     grace_period=grace_s,
                     heartbeat_stale_trial_callback=retry,
                 )
+            if url.startswith("sqlite"):
+                _lock_sqlite_transactions(storage.engine)
+            return storage
         except Exception as error:
             # Two runs creating the schema of a new database at the same
             # moment: one fails on Optuna's version row; the tables exist
@@ -72,6 +75,31 @@ def study_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _lock_sqlite_transactions(engine: Any) -> None:
+    """Makes every transaction on a SQLite engine take the write lock at its start.
+
+    Optuna claims a queued trial by reading its state and then setting it to
+    RUNNING, relying on ``SELECT … FOR UPDATE``, which SQLite ignores; and
+    Python's sqlite3 driver only begins a transaction at the first write. So
+    two processes could both read WAITING and both run the same trial (the
+    uniform soup, trial 0, twice, one of them then refused at ``tell``).
+    ``BEGIN IMMEDIATE`` makes the read and the write one step: the second
+    process waits for the first to commit and then sees RUNNING. This is
+    SQLAlchemy's documented recipe for serialisable pysqlite transactions.
+    """
+    from sqlalchemy import event
+
+    def driver_begins_nothing(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", driver_begins_nothing)
+    event.listen(engine, "begin", begin_immediate)
+    engine.dispose()  # connections opened while Optuna set up the schema lack the first hook
 
 
 def shown_storage(storage: Any) -> str | None:
