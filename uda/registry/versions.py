@@ -125,15 +125,11 @@ def iteration_of(version: ModelVersion) -> int | None:
         return None
 
 
-def run_versions(name: str, run_id: str, kind: str | None = None) -> list[ModelVersion]:
-    """The versions of ``name`` that run ``run_id`` registered (``kind`` ones only, if
-    given), by (iteration, version number): highest iteration last, versions without
-    an iteration first."""
-    versions = [
-        v
-        for v in find_versions(name)
-        if source_run_id(v) == run_id and (kind is None or v.tags.get("kind") == kind)
-    ]
+def run_versions(name: str, run_id: str) -> list[ModelVersion]:
+    """The versions of ``name`` that run ``run_id`` registered, by (iteration, version
+    number): highest iteration last, versions without an iteration first."""
+    # Filtered here, not with the store's run_id filter: the project's run_id tag wins over MLflow's field.
+    versions = [v for v in find_versions(name) if source_run_id(v) == run_id]
     return sorted(
         versions, key=lambda v: (iteration_of(v) if iteration_of(v) is not None else -1, int(v.version))
     )
